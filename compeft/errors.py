@@ -1,0 +1,55 @@
+"""The one exception hierarchy of compeft.
+
+Every failure a user can cause (a malformed file, a bad argument, a base that does not match)
+raises a subclass of :class:`CompeftError` whose message names the file and the problem.
+"""
+
+from __future__ import annotations
+
+
+class CompeftError(Exception):
+    """Base class of every error compeft raises on purpose."""
+
+    def __init__(self, message: str, path: object | None = None) -> None:
+        self.path = None if path is None else str(path)
+        super().__init__(f"{self.path}: {message}" if self.path else message)
+
+
+class InvalidArgumentError(CompeftError, ValueError):
+    """An argument is outside its documented range (e.g. a density outside (0, 1])."""
+
+
+class NotACompeftFileError(CompeftError):
+    """The file does not start with the compeft magic bytes."""
+
+
+class UnsupportedVersionError(CompeftError):
+    """The file's format version (or a flag or encoding) is unknown to this reader."""
+
+
+class TruncatedFileError(CompeftError):
+    """The file is shorter (or longer) than its preamble and header declare."""
+
+
+class HeaderError(CompeftError):
+    """The header is too large, is not valid JSON, or breaks a rule of spec/FORMAT.md."""
+
+
+class LayoutError(HeaderError):
+    """Payload offsets overlap, leave holes, or point outside the file."""
+
+
+class ChecksumError(CompeftError):
+    """A CRC-32 stored in the file does not match the bytes it covers."""
+
+
+class CorruptPayloadError(CompeftError):
+    """A payload passed its checksum but its content contradicts the header."""
+
+
+class SourceError(CompeftError):
+    """An input adapter, model directory or tensor mapping cannot be read or is inconsistent."""
+
+
+class BaseMismatchError(CompeftError):
+    """The base weights do not match the expert (names, shapes, dtypes or fingerprint)."""

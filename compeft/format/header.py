@@ -1,0 +1,314 @@
+"""The container's preamble and JSON header (spec/FORMAT.md sections 2-4): model, encoding, validation.
+
+Pure standard library on purpose: ``compeft inspect`` reads headers without importing numpy's
+heavier neighbours, torch or numba.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+from ..errors import HeaderError, LayoutError, NotACompeftFileError, TruncatedFileError, UnsupportedVersionError
+
+MAGIC = b"\x89CPEFT\r\n"
+FORMAT_VERSION = 1
+PREAMBLE = struct.Struct("<8sHHIIIQ")  # magic, version, flags, header_length, header_crc32, reserved, file_length
+PREAMBLE_SIZE = PREAMBLE.size  # 32
+DATA_ALIGNMENT = 64  # the data section starts at a multiple of this
+PAYLOAD_ALIGNMENT = 8  # every payload starts at a multiple of this inside the data section
+
+# Limits (spec/FORMAT.md section 6). Readers reject files beyond them before allocating anything.
+MAX_HEADER_BYTES = 64 * 1024 * 1024
+MAX_TENSORS = 1 << 20
+MAX_NAME_BYTES = 1024
+MAX_NDIM = 16
+MAX_NUMEL = 1 << 48
+MAX_CHUNK_SIZE = 1 << 20
+MAX_GOLOMB_M = 1 << 48
+MAX_JSON_DEPTH = 64
+
+ENCODING_DENSE = "dense"
+ENCODING_GOLOMB = "ternary-golomb"
+ENCODINGS = (ENCODING_DENSE, ENCODING_GOLOMB)
+COMPRESSIBLE_DTYPES = ("F32", "F16", "BF16")
+DTYPE_SIZES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2,
+    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
+}
+SOURCES = ("peft", "full", "tensors")
+SCOPES = ("global", "tensor")
+ROLES = ("delta", "value")
+
+
+def round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def golomb_width(m: int) -> int:
+    """b = ceil(log2 m): the longest remainder field of Golomb parameter m."""
+    return (m - 1).bit_length()
+
+
+def golomb_payload_length(nnz: int, chunk_size: int, unary_bits: int, remainder_bits: int) -> int:
+    n_chunks = -(-nnz // chunk_size)
+    words = 3 * n_chunks + -(-unary_bits // 64) + -(-remainder_bits // 64) + -(-nnz // 64)
+    return 8 * words
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of the header. ``offset`` is relative to the start of the data section."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    encoding: str
+    role: str
+    offset: int
+    length: int
+    crc32: int
+    init: float | None = None
+    nnz: int = 0
+    scale: float = 0.0
+    golomb_m: int = 1
+    chunk_size: int = 0
+    unary_bits: int = 0
+    remainder_bits: int = 0
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def n_chunks(self) -> int:
+        return -(-self.nnz // self.chunk_size) if self.chunk_size else 0
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "name": self.name, "dtype": self.dtype, "shape": list(self.shape),
+            "encoding": self.encoding, "role": self.role, "init": self.init,
+            "offset": self.offset, "length": self.length, "crc32": self.crc32,
+        }
+        if self.encoding == ENCODING_GOLOMB:
+            out.update(nnz=self.nnz, scale=self.scale, golomb_m=self.golomb_m,
+                       chunk_size=self.chunk_size, unary_bits=self.unary_bits,
+                       remainder_bits=self.remainder_bits)
+        return out
+
+
+@dataclass(frozen=True)
+class Header:
+    """The parsed, validated header plus where the data section starts."""
+
+    metadata: dict[str, Any]
+    tensors: tuple[TensorEntry, ...]
+    data_start: int = 0
+    file_length: int = 0
+    version: int = FORMAT_VERSION
+    by_name: dict[str, TensorEntry] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.by_name:
+            self.by_name.update((t.name, t) for t in self.tensors)
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+
+
+def encode_header(metadata: Mapping[str, Any], tensors: Sequence[TensorEntry], data_length: int) -> bytes:
+    """Preamble + padded header bytes for a data section of ``data_length`` bytes (unpadded end)."""
+    doc = {
+        "format": "compeft",
+        "format_version": FORMAT_VERSION,
+        "metadata": dict(metadata),
+        "tensors": [t.to_json() for t in tensors],
+    }
+    text = json.dumps(doc, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
+    header_length = round_up(PREAMBLE_SIZE + len(text), DATA_ALIGNMENT) - PREAMBLE_SIZE
+    text = text + b" " * (header_length - len(text))
+    file_length = PREAMBLE_SIZE + header_length + round_up(data_length, PAYLOAD_ALIGNMENT)
+    preamble = PREAMBLE.pack(MAGIC, FORMAT_VERSION, 0, header_length, zlib.crc32(text), 0, file_length)
+    return preamble + text
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+
+
+def parse_preamble(raw: bytes, path: object, actual_size: int | None) -> tuple[int, int, int]:
+    """Check the 32-byte preamble; return (header_length, header_crc32, file_length)."""
+    if len(raw) < len(MAGIC) or raw[: len(MAGIC)] != MAGIC:
+        if len(raw) < PREAMBLE_SIZE and MAGIC.startswith(raw[: len(MAGIC)]):
+            raise TruncatedFileError(f"file is {len(raw)} bytes, shorter than the {PREAMBLE_SIZE}-byte preamble", path)
+        raise NotACompeftFileError("not a compeft file (wrong magic bytes)", path)
+    if len(raw) < PREAMBLE_SIZE:
+        raise TruncatedFileError(f"file is {len(raw)} bytes, shorter than the {PREAMBLE_SIZE}-byte preamble", path)
+    magic, version, flags, header_length, header_crc, reserved, file_length = PREAMBLE.unpack(raw[:PREAMBLE_SIZE])
+    if version != FORMAT_VERSION:
+        raise UnsupportedVersionError(
+            f"format version {version} is not supported (this compeft reads version {FORMAT_VERSION})", path)
+    if flags != 0 or reserved != 0:
+        raise UnsupportedVersionError(f"unknown flags {flags:#x} / reserved field {reserved:#x} in the preamble", path)
+    if header_length > MAX_HEADER_BYTES:
+        raise HeaderError(f"header of {header_length} bytes exceeds the limit of {MAX_HEADER_BYTES}", path)
+    if (PREAMBLE_SIZE + header_length) % DATA_ALIGNMENT:
+        raise LayoutError(f"header length {header_length} does not align the data section to {DATA_ALIGNMENT}", path)
+    if file_length < PREAMBLE_SIZE + header_length:
+        raise LayoutError(f"declared file length {file_length} is shorter than preamble + header", path)
+    if actual_size is not None and actual_size != file_length:
+        kind = "truncated" if actual_size < file_length else "has trailing bytes"
+        raise TruncatedFileError(f"file {kind}: {actual_size} bytes present, {file_length} declared", path)
+    return header_length, header_crc, file_length
+
+
+def _json_depth(value: Any, depth: int = 0) -> int:
+    if depth > MAX_JSON_DEPTH:
+        return depth
+    if isinstance(value, dict):
+        return max((_json_depth(v, depth + 1) for v in value.values()), default=depth + 1)
+    if isinstance(value, list):
+        return max((_json_depth(v, depth + 1) for v in value), default=depth + 1)
+    return depth
+
+
+def _reject_constant(token: str) -> None:
+    raise ValueError(f"{token} is not allowed in a compeft header")
+
+
+def parse_header(text: bytes, header_crc: int, data_start: int, file_length: int, path: object) -> Header:
+    """Verify the header's CRC, parse its JSON and validate every field and the layout."""
+    if zlib.crc32(text) != header_crc:
+        raise HeaderError("header checksum mismatch (the header bytes are corrupt)", path)
+    try:
+        doc = json.loads(text.decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise HeaderError(f"header is not valid UTF-8 JSON ({exc})", path) from None
+    if _json_depth(doc) > MAX_JSON_DEPTH:
+        raise HeaderError(f"header JSON nests deeper than {MAX_JSON_DEPTH} levels", path)
+    if not isinstance(doc, dict) or doc.get("format") != "compeft":
+        raise HeaderError('header is not a JSON object with "format": "compeft"', path)
+    if doc.get("format_version") != FORMAT_VERSION:
+        raise UnsupportedVersionError(f"header format_version {doc.get('format_version')!r} is not {FORMAT_VERSION}", path)
+    metadata = doc.get("metadata")
+    raw_tensors = doc.get("tensors")
+    if not isinstance(metadata, dict) or not isinstance(raw_tensors, list):
+        raise HeaderError('header needs a "metadata" object and a "tensors" array', path)
+    _check_metadata(metadata, path)
+    if len(raw_tensors) > MAX_TENSORS:
+        raise HeaderError(f"{len(raw_tensors)} tensors exceed the limit of {MAX_TENSORS}", path)
+    tensors = tuple(_parse_entry(raw, i, path) for i, raw in enumerate(raw_tensors))
+    _check_layout(tensors, data_start, file_length, path)
+    return Header(metadata=metadata, tensors=tensors, data_start=data_start, file_length=file_length)
+
+
+def _check_metadata(meta: Mapping[str, Any], path: object) -> None:
+    density = meta.get("density")
+    if density is not None:
+        if not isinstance(density, (int, float)) or isinstance(density, bool) or not 0 < density <= 1:
+            raise HeaderError(f"metadata density {density!r} is outside (0, 1]", path)
+    if meta.get("scope") not in (None, *SCOPES):
+        raise HeaderError(f"metadata scope {meta.get('scope')!r} is not one of {SCOPES}", path)
+    if meta.get("source") not in (None, *SOURCES):
+        raise HeaderError(f"metadata source {meta.get('source')!r} is not one of {SOURCES}", path)
+    user = meta.get("user", {})
+    if not isinstance(user, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in user.items()):
+        raise HeaderError("metadata user must map strings to strings", path)
+    config = meta.get("adapter_config")
+    if config is not None and not isinstance(config, dict):
+        raise HeaderError("metadata adapter_config must be a JSON object or null", path)
+
+
+def _nonneg_int(raw: Mapping[str, Any], key: str, where: str, path: object, limit: int = 1 << 62) -> int:
+    value = raw.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= limit:
+        raise HeaderError(f"{where}: field {key!r} must be an integer in [0, {limit}], got {value!r}", path)
+    return value
+
+
+def _parse_entry(raw: Any, index: int, path: object) -> TensorEntry:
+    where = f"tensor #{index}"
+    if not isinstance(raw, dict):
+        raise HeaderError(f"{where} is not a JSON object", path)
+    name = raw.get("name")
+    if not isinstance(name, str) or not name or len(name.encode("utf-8")) > MAX_NAME_BYTES:
+        raise HeaderError(f"{where}: name must be a non-empty string of at most {MAX_NAME_BYTES} bytes", path)
+    where = f"tensor {name!r}"
+    dtype = raw.get("dtype")
+    if dtype not in DTYPE_SIZES:
+        raise HeaderError(f"{where}: unknown dtype {dtype!r}", path)
+    shape = raw.get("shape")
+    if (not isinstance(shape, list) or len(shape) > MAX_NDIM
+            or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_NUMEL for d in shape)):
+        raise HeaderError(f"{where}: shape must be a list of at most {MAX_NDIM} non-negative integers", path)
+    numel = math.prod(shape)
+    if numel > MAX_NUMEL:
+        raise HeaderError(f"{where}: {numel} elements exceed the limit of {MAX_NUMEL}", path)
+    encoding = raw.get("encoding")
+    if encoding not in ENCODINGS:
+        raise UnsupportedVersionError(f"{where}: unknown encoding {encoding!r}", path)
+    role = raw.get("role")
+    if role not in ROLES:
+        raise HeaderError(f"{where}: role {role!r} is not one of {ROLES}", path)
+    init = raw.get("init")
+    if init is not None and (not isinstance(init, (int, float)) or isinstance(init, bool) or not math.isfinite(init)):
+        raise HeaderError(f"{where}: init must be a finite number or null", path)
+    offset = _nonneg_int(raw, "offset", where, path)
+    length = _nonneg_int(raw, "length", where, path)
+    crc = _nonneg_int(raw, "crc32", where, path, 0xFFFFFFFF)
+    common = dict(name=name, dtype=dtype, shape=tuple(shape), encoding=encoding, role=role,
+                  init=None if init is None else float(init), offset=offset, length=length, crc32=crc)
+    if encoding == ENCODING_DENSE:
+        expected = numel * DTYPE_SIZES[dtype]
+        if length != expected:
+            raise HeaderError(f"{where}: dense payload of {length} bytes, shape and dtype need {expected}", path)
+        return TensorEntry(**common)
+    if dtype not in COMPRESSIBLE_DTYPES:
+        raise HeaderError(f"{where}: encoding {encoding} needs a floating dtype, not {dtype}", path)
+    if role != "delta":
+        raise HeaderError(f"{where}: encoding {encoding} stores a delta, its role must be 'delta'", path)
+    nnz = _nonneg_int(raw, "nnz", where, path)
+    m = _nonneg_int(raw, "golomb_m", where, path, MAX_GOLOMB_M)
+    chunk_size = _nonneg_int(raw, "chunk_size", where, path, MAX_CHUNK_SIZE)
+    unary_bits = _nonneg_int(raw, "unary_bits", where, path)
+    remainder_bits = _nonneg_int(raw, "remainder_bits", where, path)
+    scale = raw.get("scale")
+    if (not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale) or scale < 0
+            or struct.unpack("<f", struct.pack("<f", scale))[0] != scale):
+        raise HeaderError(f"{where}: scale {scale!r} must be a finite, non-negative float32 value", path)
+    if nnz > numel:
+        raise HeaderError(f"{where}: nnz {nnz} exceeds the {numel} elements of shape {list(shape)}", path)
+    if m < 1 or chunk_size < 1:
+        raise HeaderError(f"{where}: golomb_m and chunk_size must be at least 1", path)
+    width = golomb_width(m)
+    if not nnz <= unary_bits <= nnz + numel // m:
+        raise HeaderError(f"{where}: unary_bits {unary_bits} is impossible for nnz {nnz} and {numel} elements", path)
+    if not nnz * max(width - 1, 0) <= remainder_bits <= nnz * width:
+        raise HeaderError(f"{where}: remainder_bits {remainder_bits} is impossible for nnz {nnz} and m {m}", path)
+    expected = golomb_payload_length(nnz, chunk_size, unary_bits, remainder_bits)
+    if length != expected:
+        raise HeaderError(f"{where}: payload of {length} bytes, its stream sizes need {expected}", path)
+    return TensorEntry(**common, nnz=nnz, scale=float(scale), golomb_m=m, chunk_size=chunk_size,
+                       unary_bits=unary_bits, remainder_bits=remainder_bits)
+
+
+def _check_layout(tensors: Sequence[TensorEntry], data_start: int, file_length: int, path: object) -> None:
+    """Names strictly increasing; payloads in name order, each at the next aligned offset."""
+    expected = 0
+    previous = None
+    for t in tensors:
+        if previous is not None and not t.name > previous:
+            raise LayoutError(f"tensor names must be unique and sorted: {t.name!r} follows {previous!r}", path)
+        previous = t.name
+        if t.offset != expected:
+            raise LayoutError(f"tensor {t.name!r}: payload at offset {t.offset}, expected {expected} "
+                              "(payloads must follow each other without holes or overlaps)", path)
+        expected = round_up(t.offset + t.length, PAYLOAD_ALIGNMENT)
+    if data_start + expected != file_length:
+        raise LayoutError(f"payloads end at {data_start + expected} but the file is {file_length} bytes "
+                          "(the file must be covered exactly)", path)
