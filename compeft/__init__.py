@@ -1,1 +1,35 @@
-"""compeft"""
+"""compeft: compressed fine-tuning residuals (ComPEFT) in a documented container.
+
+The public API is small: :func:`compress`, :func:`open`, :func:`apply`, :func:`decompress` and
+:class:`CompressedExpert`, plus the :class:`CompeftError` hierarchy. Attributes load lazily so that
+``compeft inspect`` starts without importing torch or numba.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+__all__ = ["compress", "open", "apply", "decompress", "CompressedExpert", "CompeftError", "__version__"]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .api import apply, compress, decompress, open
+    from .errors import CompeftError
+    from .expert import CompressedExpert
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("compress", "open", "apply", "decompress"):
+        from . import api
+        return getattr(api, name)
+    if name == "CompressedExpert":
+        from .expert import CompressedExpert
+        return CompressedExpert
+    if name == "CompeftError":
+        from .errors import CompeftError
+        return CompeftError
+    if name == "errors":
+        from . import errors
+        return errors
+    raise AttributeError(f"module 'compeft' has no attribute {name!r}")

@@ -1,0 +1,334 @@
+"""The public verbs: ``compress``, ``open``, ``apply`` and ``decompress``."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import os
+import shutil
+import zlib
+from pathlib import Path
+from typing import Any, Iterable, Mapping, MutableMapping, Sequence
+
+import numpy as np
+import torch
+
+from . import __version__
+from .codec import golomb, kernels
+from .encode import Selection, select, ternary_scale
+from .errors import BaseMismatchError, CompeftError, InvalidArgumentError, SourceError
+from .expert import _ADD_MODE, CompressedExpert, flat_bits, kept_value
+from .format import (ENCODING_DENSE, ENCODING_GOLOMB, BytesReader, FileReader, TensorEntry, atomic_write,
+                     encode_header)
+from .format.header import MAX_CHUNK_SIZE, PAYLOAD_ALIGNMENT, SCOPES, round_up
+from .progress import progress_bar
+from .sources import (ADAPTER_CONFIG, DTYPE_TO_TORCH, Source, SourceTensor, dtype_code, fingerprint, from_finetuned, from_mapping,
+                      from_peft_dir, safetensors_files, safetensors_tensors)
+
+PathLike = str | os.PathLike[str]
+TensorSource = Mapping[str, torch.Tensor] | PathLike
+
+
+def _check_arguments(density: float, alpha: float, scope: str, chunk_size: int) -> None:
+    if not isinstance(density, (int, float)) or not 0 < density <= 1:
+        raise InvalidArgumentError(f"density must be in (0, 1], got {density!r}")
+    if not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha < 0:
+        raise InvalidArgumentError(f"alpha must be a finite number >= 0, got {alpha!r}")
+    if scope not in SCOPES:
+        raise InvalidArgumentError(f"scope must be one of {SCOPES}, got {scope!r}")
+    if not isinstance(chunk_size, int) or not 1 <= chunk_size <= MAX_CHUNK_SIZE:
+        raise InvalidArgumentError(f"chunk_size must be an integer in [1, {MAX_CHUNK_SIZE}], got {chunk_size!r}")
+
+
+def _resolve_source(source: TensorSource, base: PathLike | None) -> Source:
+    if isinstance(source, Mapping):
+        if base is not None:
+            raise InvalidArgumentError("base is only used with a fine-tuned model path, not a tensor mapping")
+        return from_mapping(source)
+    path = Path(source)
+    if not path.exists():
+        raise SourceError("no such file or directory", path)
+    if base is not None:
+        return from_finetuned(path, base)
+    if (path / ADAPTER_CONFIG).is_file():
+        return from_peft_dir(path)
+    raise SourceError(f"not a PEFT adapter directory (no {ADAPTER_CONFIG}); a fine-tuned model also needs a base",
+                      path)
+
+
+def _flat_f32(t: SourceTensor) -> np.ndarray:
+    tensor = t.load().detach()
+    if tuple(tensor.shape) != t.shape:
+        raise SourceError(f"tensor {t.name!r} changed shape while being read")
+    return tensor.to("cpu", torch.float32).contiguous().reshape(-1).numpy()
+
+
+def compress(source: TensorSource, *, base: PathLike | None = None, density: float = 0.1, alpha: float = 1.0,
+             scope: str = "global", keep_dense: Sequence[str] = (), chunk_size: int = golomb.DEFAULT_CHUNK_SIZE,
+             metadata: Mapping[str, str] | None = None, progress: bool = False) -> CompressedExpert:
+    """Compress a task vector with ComPEFT (top-``density`` of |τ| kept as ±``alpha``·σ(τ)).
+
+    Parameters
+    ----------
+    source
+        A mapping name -> torch tensor holding τ itself; a PEFT adapter directory; or a
+        fine-tuned model directory / ``.safetensors`` file (then ``base`` is required).
+    base
+        The base model (directory or file) a full fine-tune is measured from: τ = fine-tuned − base.
+    density
+        k in (0, 1]: the fraction of entries kept, per scope.
+    alpha
+        The multiplier of σ(τ) (unbiased std over the scope's entries).
+    scope
+        ``"global"``: one threshold and σ over all compressed tensors (reference ComPEFT);
+        ``"tensor"``: each tensor on its own.
+    keep_dense
+        Glob patterns (``fnmatch``) of tensor names stored verbatim, uncompressed.
+    chunk_size
+        Kept entries per chunk of the code: the unit of parallel decoding.
+    metadata
+        User metadata (str -> str) stored in the header.
+    progress
+        Show progress bars.
+
+    Returns
+    -------
+    CompressedExpert
+        The container, in memory; ``.save(path)`` writes it.
+
+    Examples
+    --------
+    >>> import torch, compeft
+    >>> tv = {"layer.weight": torch.randn(256, 256)}
+    >>> expert = compeft.compress(tv, density=0.1, alpha=1.0)
+    >>> int((expert.to_dense("layer.weight") != 0).sum())
+    6553
+    """
+    _check_arguments(density, alpha, scope, chunk_size)
+    user = dict(metadata or {})
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in user.items()):
+        raise InvalidArgumentError("metadata must map strings to strings")
+    src = _resolve_source(source, base)
+    compressed = [t for t in src.tensors
+                  if t.floating and not any(fnmatch.fnmatchcase(t.name, p) for p in keep_dense)]
+    selections: dict[str, Selection] = {}
+    meta: dict[str, Any] = {"created_by": f"compeft {__version__}", "source": src.kind, "density": float(density),
+                            "alpha": float(alpha), "scope": scope}
+    if scope == "global":
+        bar = progress_bar(2 * len(compressed), "selecting", progress)
+
+        def arrays() -> Iterable[tuple[str, np.ndarray]]:
+            for t in compressed:
+                yield t.name, _flat_f32(t)
+                bar.update()
+
+        chosen = select(arrays, density)
+        bar.close()
+        selections = {t.name: chosen for t in compressed}
+        meta.update(sigma=chosen.sigma, threshold=chosen.threshold)
+    meta.update(base_fingerprint=src.base_fingerprint, adapter_config=src.adapter_config, user=user)
+
+    entries: list[TensorEntry] = []
+    parts: list[bytes | memoryview] = []
+    offset = 0
+    names = {t.name for t in compressed}
+    for t in progress_bar(src.tensors, "encoding", progress):
+        if t.name in names:
+            values = _flat_f32(t)
+            chosen = selections.get(t.name) or select(lambda v=values, n=t.name: [(n, v)], density)
+            streams = golomb.encode(values, chosen.threshold, chunk_size)
+            pieces = streams.payload_parts()
+            entry = dict(encoding=ENCODING_GOLOMB, role="delta", init=t.init, nnz=streams.nnz,
+                         scale=ternary_scale(alpha, chosen.sigma), golomb_m=streams.golomb_m,
+                         chunk_size=chunk_size, unary_bits=streams.unary_bits,
+                         remainder_bits=streams.remainder_bits)
+        else:
+            value = (t.load() if src.kind == "tensors" and t.floating else t.load_value()).detach().cpu()
+            pieces = [memoryview(value.contiguous().reshape(-1).view(torch.uint8).numpy())] if value.numel() else []
+            role = "delta" if src.kind == "tensors" and t.floating else "value"
+            entry = dict(encoding=ENCODING_DENSE, role=role, init=None)
+        length = sum(len(p) for p in pieces)
+        crc = 0
+        for p in pieces:
+            crc = zlib.crc32(p, crc)
+        entries.append(TensorEntry(name=t.name, dtype=dtype_code(t.dtype, t.name), shape=t.shape, offset=offset,
+                                   length=length, crc32=crc, **entry))
+        parts.extend(pieces)
+        padded = round_up(offset + length, PAYLOAD_ALIGNMENT)
+        if padded > offset + length:
+            parts.append(bytes(padded - offset - length))
+        offset = padded
+    blob = b"".join([encode_header(meta, entries, offset), *parts])
+    return CompressedExpert(BytesReader(blob, name="<in-memory expert>"))
+
+
+def open(path: PathLike) -> CompressedExpert:  # noqa: A001 - mirrors safetensors.safe_open / builtins.open
+    """Open a ``.cpeft`` file lazily: reads and validates the preamble and header only.
+
+    Examples
+    --------
+    >>> import compeft, torch, tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), "e.cpeft")
+    >>> compeft.compress({"w": torch.randn(8, 8)}).save(path)
+    >>> compeft.open(path).names
+    ['w']
+    """
+    return CompressedExpert(FileReader(path))
+
+
+def _as_expert(expert: CompressedExpert | PathLike) -> CompressedExpert:
+    return expert if isinstance(expert, CompressedExpert) else open(expert)
+
+
+def _check_base(expert: CompressedExpert, state: Mapping[str, torch.Tensor], check_base: bool) -> None:
+    missing = [n for n in expert.names if n not in state]
+    if missing:
+        raise BaseMismatchError(f"{len(missing)} tensors of the expert are not in the base (e.g. {missing[:3]})",
+                                expert.path)
+    for name in expert.names:
+        e, w = expert.entry(name), state[name]
+        if tuple(w.shape) != e.shape:
+            raise BaseMismatchError(f"tensor {name!r}: expert shape {list(e.shape)}, base shape {list(w.shape)}",
+                                    expert.path)
+        if e.role == "delta" and not w.is_floating_point():
+            raise BaseMismatchError(f"tensor {name!r}: cannot add a delta into a {w.dtype} weight", expert.path)
+    wanted = expert.metadata.get("base_fingerprint")
+    if check_base and wanted:
+        got = fingerprint((n, state[n]) for n in expert.names)
+        if got != wanted:
+            raise BaseMismatchError("the base is not the one this expert was made from (fingerprint "
+                                    f"{got[:22]}… ≠ {wanted[:22]}…); pass check_base=False / --force to apply anyway",
+                                    expert.path)
+
+
+@torch.no_grad()
+def apply(expert: CompressedExpert | PathLike, state_dict: MutableMapping[str, torch.Tensor], *,
+          scale: float = 1.0, check_base: bool = True, progress: bool = False) -> None:
+    """Add ``scale`` × τ̃ into the weights of ``state_dict`` in place (no dense copy of τ̃).
+
+    Every kept entry does ``w = dtype(float32(w) + float32(scale) * float32(v))`` where ``v`` is the
+    entry's decoded value; ``value`` tensors are copied over their weights. Everything is read and
+    verified before the first weight changes, so a corrupt expert leaves the weights untouched.
+
+    Examples
+    --------
+    >>> import torch, compeft
+    >>> base = {"w": torch.zeros(4, 4, dtype=torch.bfloat16)}
+    >>> compeft.apply(compeft.compress({"w": torch.eye(4)}, density=0.25), base, scale=0.5)
+    >>> int((base["w"] != 0).sum())
+    4
+    """
+    expert = _as_expert(expert)
+    if not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise InvalidArgumentError(f"scale must be a finite number, got {scale!r}")
+    _check_base(expert, state_dict, check_base)
+    _apply(expert, state_dict, expert.names, scale, progress)
+
+
+def _apply(expert: CompressedExpert, state_dict: MutableMapping[str, torch.Tensor], names: Sequence[str],
+           scale: float, progress: bool) -> None:
+    prepared: list[tuple[str, Any]] = []
+    for name in names:  # phase 1: read and verify everything
+        e = expert.entry(name)
+        prepared.append((name, expert._dense_payload(e) if e.encoding == ENCODING_DENSE else expert.streams(name)))
+    for name, payload in progress_bar(prepared, "applying", progress):  # phase 2: write
+        e, w = expert.entry(name), state_dict[name]
+        if isinstance(payload, torch.Tensor):
+            if e.role == "value":
+                w.copy_(payload)
+            else:
+                w.copy_((w.float() + float(np.float32(scale)) * payload.float()).to(w.dtype))
+            continue
+        delta = np.float32(np.float32(scale) * np.float32(kept_value(e.scale, DTYPE_TO_TORCH[e.dtype])))
+        target = w.detach()
+        if target.device.type == "cpu" and target.is_contiguous() and target.dtype in _ADD_MODE:
+            golomb.decode(payload, e.numel, _ADD_MODE[target.dtype], flat_bits(target), delta=float(delta),
+                          where=f"tensor {name!r}", path=expert.path)
+        else:  # other devices or layouts: decode densely, then add with the same float32 rule
+            dense = expert.to_dense(name).to(target.device)
+            target.copy_((target.float() + float(np.float32(scale)) * dense.float()).to(target.dtype))
+
+
+def _restored(expert: CompressedExpert, name: str) -> torch.Tensor:
+    """A PEFT adapter tensor: init + τ̃ (τ̃ alone when init is 0 or absent)."""
+    e = expert.entry(name)
+    value = expert.to_dense(name)
+    if e.role == "delta" and e.init:
+        value = (value.float() + e.init).to(value.dtype)
+    return value
+
+
+from safetensors import safe_open  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+
+def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    from safetensors.torch import save
+    atomic_write(path, [save(tensors, metadata=metadata)])
+
+
+def decompress(expert: CompressedExpert | PathLike, output: PathLike, *, base: PathLike | None = None,
+               force: bool = False, progress: bool = False) -> Path:
+    """Write an expert back out.
+
+    - ``output`` ending in ``.safetensors`` without ``base``: the dense task vector (τ̃ per delta
+      tensor, the value per value tensor);
+    - an expert made from a PEFT adapter, to a directory: the adapter directory
+      (``adapter_config.json`` + ``adapter_model.safetensors``) that PEFT loads;
+    - with ``base`` (a model directory or ``.safetensors`` file): base + τ̃ with the base's sharding
+      and every other file of the base directory copied.
+
+    Returns the path written.
+    """
+    expert = _as_expert(expert)
+    out = Path(output)
+    if base is not None:
+        return _decompress_onto_base(expert, Path(base), out, force, progress)
+    if out.suffix == ".safetensors":
+        tensors = {n: expert.to_dense(n).contiguous() for n in progress_bar(expert.names, "decoding", progress)}
+        _save_safetensors(tensors, out)
+        return out
+    if expert.metadata.get("source") != "peft":
+        raise InvalidArgumentError("this expert is not a PEFT adapter: write a .safetensors task vector or pass a base",
+                                   expert.path)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {n: _restored(expert, n).contiguous() for n in progress_bar(expert.names, "decoding", progress)}
+    _save_safetensors(tensors, out / "adapter_model.safetensors", {"format": "pt"})
+    config = expert.metadata.get("adapter_config") or {}
+    atomic_write(out / ADAPTER_CONFIG, [json.dumps(config, indent=2, sort_keys=True).encode()])
+    return out
+
+
+def _decompress_onto_base(expert: CompressedExpert, base: Path, out: Path, force: bool, progress: bool) -> Path:
+    files = [base] if base.is_file() else safetensors_files(base)
+    located = safetensors_tensors(files)
+    missing = [n for n in expert.names if n not in located]
+    if missing:
+        raise BaseMismatchError(f"{len(missing)} tensors of the expert are not in the base (e.g. {missing[:3]})", base)
+    wanted = expert.metadata.get("base_fingerprint")
+    if wanted and not force:
+        got = fingerprint((n, located[n][1].get_tensor(n)) for n in expert.names)
+        if got != wanted:
+            raise BaseMismatchError("the base is not the one this expert was made from; pass --force to apply anyway",
+                                    base)
+    expert.verify()  # every payload checked before the first file is written
+    targets: list[tuple[Path, Path]]
+    if base.is_file():
+        targets = [(base, out if out.suffix == ".safetensors" else out / base.name)]
+    else:
+        targets = [(f, out / f.name) for f in files]
+    for _, dest in targets:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    for source_file, dest in progress_bar(targets, "writing shards", progress):
+        with safe_open(str(source_file), framework="pt") as handle:
+            shard_meta = handle.metadata()
+        shard = load_file(str(source_file))
+        _apply(expert, shard, [n for n in expert.names if n in shard], 1.0, False)
+        _save_safetensors(shard, dest, shard_meta)
+    if base.is_dir():
+        weight_names = {f.name for f in files}
+        for item in base.iterdir():
+            if item.is_file() and item.name not in weight_names:
+                shutil.copy2(item, out / item.name)
+    return out

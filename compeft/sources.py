@@ -1,0 +1,242 @@
+"""Where task vectors come from: a tensor mapping, a PEFT adapter directory, or a fine-tuned model
+beside its base. Each source lists its tensors and produces one residual at a time, so two full
+models are never held in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+
+from .errors import BaseMismatchError, SourceError
+
+TORCH_TO_DTYPE = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+for _name, _code in (("uint16", "U16"), ("uint32", "U32"), ("uint64", "U64")):
+    if hasattr(torch, _name):
+        TORCH_TO_DTYPE[getattr(torch, _name)] = _code
+DTYPE_TO_TORCH = {code: dtype for dtype, code in TORCH_TO_DTYPE.items()}
+COMPRESSIBLE = (torch.float32, torch.float16, torch.bfloat16)
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+def dtype_code(dtype: torch.dtype, where: str) -> str:
+    try:
+        return TORCH_TO_DTYPE[dtype]
+    except KeyError:
+        raise SourceError(f"{where}: dtype {dtype} is not supported") from None
+
+
+@dataclass(frozen=True)
+class SourceTensor:
+    """One tensor of a source. ``load()`` returns the residual τ (role 'delta') or the value."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    init: float | None  # the constant τ is measured from (PEFT), or None: a base model's tensor
+    load: Callable[[], torch.Tensor]
+    load_value: Callable[[], torch.Tensor]  # the tensor itself, stored verbatim when kept dense
+
+    @property
+    def floating(self) -> bool:
+        return self.dtype in COMPRESSIBLE
+
+
+@dataclass(frozen=True)
+class Source:
+    kind: str  # "tensors" | "peft" | "full"
+    tensors: tuple[SourceTensor, ...]  # sorted by name
+    adapter_config: dict[str, Any] | None = None
+    base_fingerprint: str | None = None
+    files: tuple[str, ...] = ()  # the fine-tuned model's shard names (full), for restoring its layout
+
+
+def _check_tensor(name: str, value: Any, where: object) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise SourceError(f"tensor {name!r} is a {type(value).__name__}, not a torch.Tensor", where)
+    if value.is_sparse or value.is_complex():
+        raise SourceError(f"tensor {name!r}: sparse and complex tensors are not supported", where)
+    dtype_code(value.dtype, f"tensor {name!r}")
+    return value
+
+
+def from_mapping(tensors: Mapping[str, torch.Tensor]) -> Source:
+    """A task vector given as tensors: each tensor is τ itself (relative to some base model)."""
+    items = []
+    for name in sorted(tensors):
+        if not isinstance(name, str) or not name:
+            raise SourceError(f"tensor names must be non-empty strings, got {name!r}")
+        value = _check_tensor(name, tensors[name], None).detach()
+        items.append(SourceTensor(name, value.dtype, tuple(value.shape), None,
+                                  (lambda v=value: v), (lambda v=value: v)))
+    return Source("tensors", tuple(items))
+
+
+# ---------------------------------------------------------------------------------------------
+# safetensors files
+
+
+def _open_safetensors(path: Path) -> Any:
+    from safetensors import SafetensorError, safe_open
+    try:
+        return safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise SourceError(f"not a readable safetensors file ({exc})", path) from None
+
+
+def safetensors_files(directory: Path) -> list[Path]:
+    """The weight files of a model directory: the index's shards, or every *.safetensors file."""
+    index = directory / SAFETENSORS_INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise SourceError(f"bad safetensors index ({exc})", index) from None
+        files = [directory / n for n in names]
+    else:
+        files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise SourceError("no *.safetensors weights found", directory)
+    for f in files:
+        if not f.is_file() or f.resolve().parent != directory.resolve():
+            raise SourceError(f"weight file {f.name!r} is missing or outside the model directory", directory)
+    return files
+
+
+def safetensors_tensors(paths: list[Path]) -> dict[str, tuple[Path, Any]]:
+    """name -> (file, open handle) over one or several safetensors files (names must not repeat)."""
+    located: dict[str, tuple[Path, Any]] = {}
+    for path in paths:
+        handle = _open_safetensors(path)
+        for name in handle.keys():
+            if name in located:
+                raise SourceError(f"tensor {name!r} appears in two weight files", path)
+            located[name] = (path, handle)
+    return located
+
+
+def _dtype_shape(handle: Any, name: str, path: Path) -> tuple[torch.dtype, tuple[int, ...]]:
+    sl = handle.get_slice(name)
+    code = sl.get_dtype()
+    if code not in DTYPE_TO_TORCH:
+        raise SourceError(f"tensor {name!r}: dtype {code} is not supported", path)
+    return DTYPE_TO_TORCH[code], tuple(sl.get_shape())
+
+
+# ---------------------------------------------------------------------------------------------
+# PEFT adapters
+
+
+def from_peft_dir(directory: str | os.PathLike[str]) -> Source:
+    """A PEFT adapter directory: ``adapter_config.json`` + ``adapter_model.safetensors`` (or a
+    ``.bin`` read with ``torch.load(weights_only=True)``). LoRA-style weights are residuals from 0;
+    (IA)³ scaling vectors from 1."""
+    root = Path(directory)
+    config_path = root / ADAPTER_CONFIG
+    try:
+        config = json.loads(config_path.read_text())
+    except FileNotFoundError:
+        raise SourceError(f"not a PEFT adapter directory (no {ADAPTER_CONFIG})", root) from None
+    except ValueError as exc:
+        raise SourceError(f"invalid JSON ({exc})", config_path) from None
+    if not isinstance(config, dict):
+        raise SourceError("adapter config is not a JSON object", config_path)
+    peft_type = str(config.get("peft_type", "")).upper()
+    weights = next((root / n for n in ADAPTER_WEIGHTS if (root / n).is_file()), None)
+    if weights is None:
+        raise SourceError(f"no adapter weights ({' or '.join(ADAPTER_WEIGHTS)})", root)
+    if weights.suffix == ".safetensors":
+        located = safetensors_tensors([weights])
+        entries = {n: _dtype_shape(h, n, p) for n, (p, h) in located.items()}
+        loader = {n: (lambda n=n, h=h: h.get_tensor(n)) for n, (p, h) in located.items()}
+    else:
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises many kinds here; none may escape unexplained
+            raise SourceError(f"cannot read adapter weights safely ({exc})", weights) from None
+        if not isinstance(state, dict):
+            raise SourceError("adapter weights are not a tensor dictionary", weights)
+        entries, loader = {}, {}
+        for n, v in state.items():
+            v = _check_tensor(n, v, weights)
+            entries[n] = (v.dtype, tuple(v.shape))
+            loader[n] = (lambda v=v: v)
+    items = []
+    for name in sorted(entries):
+        dtype, shape = entries[name]
+        init = 1.0 if peft_type == "IA3" and "ia3_l" in name else 0.0
+        value = loader[name]
+
+        def residual(value: Callable[[], torch.Tensor] = value, init: float = init) -> torch.Tensor:
+            v = value()
+            return v if init == 0.0 else v.float() - init
+
+        items.append(SourceTensor(name, dtype, shape, init, residual, value))
+    return Source("peft", tuple(items), adapter_config=config)
+
+
+# ---------------------------------------------------------------------------------------------
+# full fine-tunes
+
+
+def fingerprint_update(digest: Any, name: str, tensor: torch.Tensor) -> None:
+    """Add one base tensor to a base fingerprint: name, dtype, shape and a CRC-32 of its bytes."""
+    data = tensor.detach().contiguous().cpu().view(torch.uint8).numpy() if tensor.numel() else b""
+    record = [name, dtype_code(tensor.dtype, name), list(tensor.shape), zlib.crc32(data)]
+    digest.update(json.dumps(record, separators=(",", ":")).encode() + b"\n")
+
+
+def fingerprint(tensors: Iterator[tuple[str, torch.Tensor]]) -> str:
+    """``cpeft-fp1:`` + SHA-256 over the records of ``fingerprint_update``, in name order."""
+    digest = hashlib.sha256()
+    for name, tensor in tensors:
+        fingerprint_update(digest, name, tensor)
+    return "cpeft-fp1:" + digest.hexdigest()
+
+
+def from_finetuned(finetuned: str | os.PathLike[str], base: str | os.PathLike[str]) -> Source:
+    """A fine-tuned model directory (or .safetensors file) and its base: τ = fine-tuned − base,
+    computed in float32 one tensor at a time."""
+    ft_root, base_root = Path(finetuned), Path(base)
+    ft_files = [ft_root] if ft_root.is_file() else safetensors_files(ft_root)
+    base_files = [base_root] if base_root.is_file() else safetensors_files(base_root)
+    ft = safetensors_tensors(ft_files)
+    bs = safetensors_tensors(base_files)
+    missing, extra = sorted(set(ft) - set(bs)), sorted(set(bs) - set(ft))
+    if missing or extra:
+        detail = (f"{len(missing)} only in the fine-tune (e.g. {missing[:3]})" if missing else "") + \
+                 (f"; {len(extra)} only in the base (e.g. {extra[:3]})" if extra else "")
+        raise BaseMismatchError(f"fine-tune and base hold different tensors: {detail.strip('; ')}", base_root)
+    items = []
+    for name in sorted(ft):
+        path, handle = ft[name]
+        bpath, bhandle = bs[name]
+        dtype, shape = _dtype_shape(handle, name, path)
+        bdtype, bshape = _dtype_shape(bhandle, name, bpath)
+        if shape != bshape:
+            raise BaseMismatchError(f"tensor {name!r}: fine-tune shape {list(shape)}, base shape {list(bshape)}",
+                                    bpath)
+
+        def residual(h: Any = handle, bh: Any = bhandle, n: str = name) -> torch.Tensor:
+            return h.get_tensor(n).float() - bh.get_tensor(n).float()
+
+        items.append(SourceTensor(name, dtype, shape, None, residual,
+                                  (lambda h=handle, n=name: h.get_tensor(n))))
+    print_fp = fingerprint((n, bs[n][1].get_tensor(n)) for n in sorted(bs))
+    return Source("full", tuple(items), base_fingerprint=print_fp,
+                  files=tuple(p.name for p in ft_files) if ft_root.is_dir() else ())
