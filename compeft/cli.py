@@ -1,0 +1,162 @@
+"""The ``compeft`` command: parse arguments, call the public API, print. Errors are one line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Sequence
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _parse_meta(items: Sequence[str]) -> dict[str, str]:
+    from .errors import InvalidArgumentError
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InvalidArgumentError(f"--meta expects KEY=VALUE, got {item!r}")
+        out[key] = value
+    return out
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    import compeft
+    expert = compeft.compress(args.source, base=args.base, density=args.density, alpha=args.alpha, scope=args.scope,
+                              keep_dense=args.keep_dense or (), chunk_size=args.chunk_size,
+                              metadata=_parse_meta(args.meta or ()), progress=not args.quiet)
+    expert.save(args.output)
+    if not args.quiet:
+        from .report import describe
+        totals = describe(expert.header)["totals"]
+        print(f"wrote {args.output}: {len(expert)} tensors, {totals['parameters']:,} parameters, "
+              f"{_size(totals['file_bytes'])}, {totals['bits_per_param']:.3f} bits/param, "
+              f"{totals['ratio_vs_16bit']:.1f}x smaller than 16-bit")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    # Header only: neither torch nor numba is imported here.
+    from .format import FileReader, read_header
+    from .report import describe
+    summary = describe(read_header(FileReader(args.file)))
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    m = summary["metadata"]
+    print(f"{args.file}: compeft format v{summary['format_version']}, source={m.get('source')}, "
+          f"scope={m.get('scope')}, density={m.get('density')}, alpha={m.get('alpha')}")
+    rows = summary["tensors"]
+    width = max([len("name"), *(len(r["name"]) for r in rows)])
+    print(f"{'name':<{width}}  {'dtype':<5} {'shape':<18} {'encoding':<15} {'nnz':>12} {'bytes':>12} {'bits/param':>10}")
+    for r in rows:
+        shape = "x".join(map(str, r["shape"])) or "scalar"
+        print(f"{r['name']:<{width}}  {r['dtype']:<5} {shape:<18} {r['encoding']:<15} {r['nnz']:>12,} "
+              f"{r['bytes']:>12,} {r['bits_per_param']:>10.3f}")
+    t = summary["totals"]
+    print(f"total: {t['tensors']} tensors, {t['parameters']:,} parameters, {_size(t['file_bytes'])}, "
+          f"{t['bits_per_param']:.3f} bits/param, {t['ratio_vs_16bit']:.1f}x vs 16-bit, "
+          f"{t['ratio_vs_original']:.1f}x vs original dtypes")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    import compeft
+    expert = compeft.open(args.file)
+    expert.verify()
+    if not args.quiet:
+        print(f"{args.file}: OK ({len(expert)} tensors, every checksum and structure verified)")
+    return 0
+
+
+def cmd_decompress(args: argparse.Namespace) -> int:
+    import compeft
+    out = compeft.decompress(args.file, args.output, base=args.base, force=args.force, progress=not args.quiet)
+    if not args.quiet:
+        print(f"wrote {out}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+    run_demo(quiet=args.quiet, density=args.density)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+    parser = argparse.ArgumentParser(prog="compeft", description="Compress fine-tuning residuals (ComPEFT).")
+    parser.add_argument("--version", action="version", version=f"compeft {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("compress", help="compress a PEFT adapter dir, a fine-tune (with --base) into a .cpeft")
+    p.add_argument("source", help="PEFT adapter directory, or fine-tuned model directory / .safetensors file")
+    p.add_argument("-o", "--output", required=True, help="the .cpeft file to write")
+    p.add_argument("--base", help="base model directory or .safetensors file (for full fine-tunes)")
+    p.add_argument("--density", type=float, default=0.1, help="fraction k of entries kept, in (0, 1] (default 0.1)")
+    p.add_argument("--alpha", type=float, default=1.0, help="kept entries become ±alpha·std(τ) (default 1.0)")
+    p.add_argument("--scope", choices=("global", "tensor"), default="global",
+                   help="one threshold over all tensors (global, reference ComPEFT) or per tensor")
+    p.add_argument("--keep-dense", action="append", metavar="PATTERN",
+                   help="glob of tensor names stored verbatim (repeatable), e.g. '*classifier*'")
+    p.add_argument("--chunk-size", type=int, default=16384, help="kept entries per chunk (parallel decode unit)")
+    p.add_argument("--meta", action="append", metavar="KEY=VALUE", help="user metadata (repeatable)")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("inspect", help="show tensors, shapes, nnz, bits/param and ratios (reads the header only)")
+    p.add_argument("file")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("verify", help="check every checksum and the structure of every payload")
+    p.add_argument("file")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("decompress", help="restore a PEFT adapter dir, a dense task vector, or base + τ̃")
+    p.add_argument("file")
+    p.add_argument("-o", "--output", required=True,
+                   help="adapter directory, .safetensors task vector, or (with --base) model directory")
+    p.add_argument("--base", help="base model directory or .safetensors file: write base + τ̃")
+    p.add_argument("--force", action="store_true", help="apply even if the base fingerprint differs")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_decompress)
+
+    p = sub.add_parser("demo", help="fine-tune a small model in-process, compress, save, reopen, restore, report")
+    p.add_argument("--density", type=float, default=0.1)
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .errors import CompeftError
+    try:
+        return int(args.func(args))
+    except CompeftError as exc:
+        print(f"compeft: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # e.g. an unwritable output directory
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        print(f"compeft: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("compeft: interrupted", file=sys.stderr)
+        return 130
+
+
+def entry_point() -> Any:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry_point()
