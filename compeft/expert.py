@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Iterator
 
@@ -24,6 +25,14 @@ def flat_bits(tensor: torch.Tensor) -> np.ndarray:
     """A flat numpy view of a contiguous CPU float32/float16/bfloat16 tensor's bits (uint32/uint16)."""
     int_dtype, np_dtype = _BITS_VIEW[tensor.dtype]
     return tensor.detach().view(int_dtype).reshape(-1).numpy().view(np_dtype)
+
+
+def zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A zero tensor from calloc (numpy): large ones are fresh pages the OS zeroes lazily, so
+    decoding need not write the zeros itself (measured faster than torch.empty + fill)."""
+    int_dtype, np_dtype = _BITS_VIEW[dtype]
+    flat = np.zeros(math.prod(shape), dtype=np_dtype)
+    return torch.from_numpy(flat.view(np.int32 if np_dtype == np.uint32 else np.int16)).view(dtype).reshape(shape)
 
 
 def kept_value(scale: float, dtype: torch.dtype) -> float:
@@ -130,13 +139,13 @@ class CompressedExpert:
             out = self._dense_payload(e)
         else:
             tdtype = DTYPE_TO_TORCH[e.dtype]
-            out = torch.empty(e.shape, dtype=tdtype)
+            out = zeros(e.shape, tdtype)
             positive, negative = value_patterns(e.scale, tdtype)
             s = golomb.parse_payload(self._payload(e), nnz=e.nnz, numel=e.numel, golomb_m=e.golomb_m,
                                      chunk_size=e.chunk_size, unary_bits=e.unary_bits,
                                      remainder_bits=e.remainder_bits, where=f"tensor {name!r}", path=self.path)
             bits = flat_bits(out) if e.numel else np.empty(0, np.uint16)
-            golomb.decode(s, e.numel, kernels.MODE_DENSE, bits, positive=positive, negative=negative,
+            golomb.decode(s, e.numel, kernels.MODE_SCATTER, bits, positive=positive, negative=negative,
                           where=f"tensor {name!r}", path=self.path)
             self._checked.add(name)
         return out if dtype is None else out.to(dtype)

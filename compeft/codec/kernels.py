@@ -41,6 +41,7 @@ MODE_DENSE = 1  # zero-fill the chunk's range of ``out`` and write the value pat
 MODE_ADD_F32 = 2  # out (float32) += ±delta
 MODE_ADD_BF16 = 3  # out (uint16 holding bfloat16) = bf16(f32(out) ± delta)
 MODE_ADD_F16 = 4  # out (uint16 holding float16) = f16(f32(out) ± delta)
+MODE_SCATTER = 5  # like MODE_DENSE into an output known to be zero: no zero-fill pass
 
 F16_TO_F32 = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
 
@@ -305,9 +306,10 @@ def decode_golomb(table, qwords, rwords, swords, nnz, numel, m, chunk_size, qbit
             status[c] = ERR_BOUNDS
             continue
         first = c * chunk_size
-        if mode == MODE_DENSE:
-            for p in range(start, end):
-                out[p] = 0
+        if mode == MODE_DENSE or mode == MODE_SCATTER:
+            if mode == MODE_DENSE:
+                for p in range(start, end):
+                    out[p] = 0
             for i in range(count):
                 e = first + i
                 if (swords[e >> 6] >> np.uint64(e & 63)) & np.uint64(1):
