@@ -85,9 +85,10 @@ def parse_payload(payload: bytes | bytearray | memoryview | np.ndarray, *, nnz: 
                   chunk_size: int, unary_bits: int, remainder_bits: int, where: str, path: object) -> GolombStreams:
     """Split a payload into its streams and check the chunk table (no kernel runs here)."""
     expected = golomb_payload_length(nnz, chunk_size, unary_bits, remainder_bits)
+    size = memoryview(payload).nbytes
+    if size != expected:
+        raise CorruptPayloadError(f"{where}: payload is {size} bytes, expected {expected}", path)
     words = np.frombuffer(payload, dtype="<u8") if not isinstance(payload, np.ndarray) else payload.view("<u8")
-    if words.size * 8 != expected:
-        raise CorruptPayloadError(f"{where}: payload is {words.size * 8} bytes, expected {expected}", path)
     n_chunks = -(-nnz // chunk_size)
     sizes = [3 * n_chunks, -(-unary_bits // 64), -(-remainder_bits // 64), -(-nnz // 64)]
     bounds = np.cumsum([0, *sizes])
@@ -107,9 +108,18 @@ def _check_table(s: GolombStreams, numel: int, where: str, path: object) -> None
     counts[-1] = s.nnz - s.chunk_size * (base.size - 1)
     q_end = np.append(qoff[1:], s.unary_bits)
     r_end = np.append(roff[1:], s.remainder_bits)
+    # Ranges first, so that the differences below cannot overflow int64 on hostile values.
+    in_range = [
+        (bool(np.any(base < 0)) or bool(np.any(base >= numel)), "a chunk base lies outside the tensor"),
+        (bool(np.any(qoff < 0)) or bool(np.any(qoff > s.unary_bits)), "a unary offset lies outside its stream"),
+        (bool(np.any(roff < 0)) or bool(np.any(roff > s.remainder_bits)),
+         "a remainder offset lies outside its stream"),
+    ]
+    for bad, message in in_range:
+        if bad:
+            raise CorruptPayloadError(f"{where}: chunk table invalid: {message}", path)
     problems = [
         (base[0] != 0 or qoff[0] != 0 or roff[0] != 0, "the first chunk does not start at zero"),
-        (bool(np.any(base < 0)) or bool(np.any(base >= numel)), "a chunk base lies outside the tensor"),
         (bool(np.any(np.diff(base) < 1)), "chunk bases are not strictly increasing"),
         (bool(np.any(np.diff(base) < counts[:-1])), "a chunk spans fewer positions than entries"),
         (bool(np.any(q_end - qoff < counts)), "a chunk has fewer unary bits than entries"),

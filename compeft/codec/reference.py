@@ -24,6 +24,7 @@ entry ``i`` is ``p_i - p_(i-1) - 1`` (``p_0`` for the first); ``q = g // m``, ``
 from __future__ import annotations
 
 import math
+import operator
 import struct
 from typing import Sequence
 
@@ -166,10 +167,10 @@ def decode_positions_signs(payload: bytes, *, nnz: int, numel: int, golomb_m: in
     encoder would have written at that point. Raises :class:`CorruptPayloadError` on any
     inconsistency. With ``strict_padding`` the padding bits after each stream must be zero.
     """
-    for name, value in (("nnz", nnz), ("numel", numel), ("unary_bits", unary_bits),
-                        ("remainder_bits", remainder_bits)):
-        if not isinstance(value, int) or value < 0:
-            raise _fail(f"{name} must be a non-negative integer, got {value!r}")
+    nnz, numel, golomb_m, chunk_size, unary_bits, remainder_bits = (
+        operator.index(x) for x in (nnz, numel, golomb_m, chunk_size, unary_bits, remainder_bits))
+    if min(nnz, numel, unary_bits, remainder_bits) < 0:
+        raise _fail("negative count in the header")
     if golomb_m < 1 or chunk_size < 1:
         raise _fail("golomb_m and chunk_size must be at least 1")
     if nnz > numel:
@@ -239,6 +240,8 @@ def decode_dense(payload: bytes, *, nnz: int, numel: int, golomb_m: int, chunk_s
                  remainder_bits: int, scale: float, dtype: str, strict_padding: bool = True) -> np.ndarray:
     """The dense tensor: kept entries are ``±dtype(scale)``, the rest zero; float32[numel] holding
     the dtype-rounded values."""
+    if dtype not in _FORMATS:
+        raise ValueError(f"unsupported dtype {dtype!r}")
     positions, signs = decode_positions_signs(
         payload, nnz=nnz, numel=numel, golomb_m=golomb_m, chunk_size=chunk_size, unary_bits=unary_bits,
         remainder_bits=remainder_bits, strict_padding=strict_padding)
