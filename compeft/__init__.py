@@ -30,6 +30,6 @@ def __getattr__(name: str) -> Any:
         from .errors import CompeftError
         return CompeftError
     if name == "errors":
-        from . import errors
-        return errors
+        import importlib
+        return importlib.import_module(".errors", __name__)
     raise AttributeError(f"module 'compeft' has no attribute {name!r}")

@@ -102,8 +102,8 @@ def compress(source: TensorSource, *, base: PathLike | None = None, density: flo
     >>> import torch, compeft
     >>> tv = {"layer.weight": torch.randn(256, 256)}
     >>> expert = compeft.compress(tv, density=0.1, alpha=1.0)
-    >>> int((expert.to_dense("layer.weight") != 0).sum())
-    6553
+    >>> int((expert.to_dense("layer.weight") != 0).sum())  # floor(d·k) + 1: ranks d−floor(d·k) … d
+    6554
     """
     _check_arguments(density, alpha, scope, chunk_size)
     user = dict(metadata or {})

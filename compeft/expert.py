@@ -160,6 +160,10 @@ class CompressedExpert:
         for start in range(0, size, _COPY_BLOCK):
             yield self._reader.read(start, min(_COPY_BLOCK, size - start))
 
+    def to_bytes(self) -> bytes:
+        """The whole container as bytes."""
+        return b"".join(self._file_blocks())
+
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the container to ``path`` atomically (temporary file + rename)."""
         atomic_write(path, self._file_blocks())

@@ -355,10 +355,12 @@ def histogram_high(values, hist, blocks):
             s += v
             blocks[j, (np.float32(abs(v)).view(np.uint32) >> np.uint32(16))] += 1
         sums[j] = s
-    for j in range(t):
+    total = 0.0
+    for j in range(t):  # sequential on purpose: the same float sum for every thread count
+        total += sums[j]
         for k in range(65536):
             hist[k] += blocks[j, k]
-    return sums.sum()
+    return total
 
 
 @njit(cache=True, parallel=True)
@@ -382,7 +384,9 @@ def histogram_low(values, high, mean, hist, blocks):
             if (bits >> np.uint32(16)) == high:
                 blocks[j, bits & np.uint32(0xFFFF)] += 1
         sq[j] = s
-    for j in range(t):
+    total = 0.0
+    for j in range(t):  # sequential on purpose, as in histogram_high
+        total += sq[j]
         for k in range(65536):
             hist[k] += blocks[j, k]
-    return sq.sum()
+    return total

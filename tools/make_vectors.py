@@ -1,0 +1,602 @@
+#!/usr/bin/env python3
+"""Build the compeft format-v1 test vectors under spec/vectors/ (deterministically).
+
+Every vector NAME is made of
+
+- ``NAME.input.safetensors``    the task-vector mapping given to :func:`compeft.compress`;
+- ``NAME.cpeft``                the container ``compeft.compress(inputs, **params).save()`` writes;
+- ``NAME.expected.safetensors`` ``compeft.open(NAME.cpeft).to_dense(name)`` of every tensor;
+
+and ``invalid/*.cpeft`` are valid vectors with one precise edit each (see ``invalid/README.md``).
+Both README files are generated here too, from the same tables that drive the build, so the
+recipes they print are exactly the code that ran.
+
+Inputs come only from ``torch.Generator().manual_seed(seed)`` (never the global RNG). Each input
+tensor is given as a Python expression, evaluated with ``torch`` and ``g = lambda seed:
+torch.Generator().manual_seed(seed)`` in scope.
+
+Usage::
+
+    python tools/make_vectors.py             # (re)write spec/vectors/
+    python tools/make_vectors.py --check     # rebuild in a temp dir, compare byte for byte (exit 1 on difference)
+    python tools/make_vectors.py --out DIR   # write somewhere else
+"""
+
+from __future__ import annotations
+
+import argparse
+import filecmp
+import json
+import math
+import struct
+import sys
+import tempfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+import compeft
+
+ROOT = Path(__file__).resolve().parent.parent
+VECTORS_DIR = ROOT / "spec" / "vectors"
+
+PREAMBLE = struct.Struct("<8sHHIIIQ")  # magic, version, flags, header_length, header_crc32, reserved, file_length
+PREAMBLE_SIZE = PREAMBLE.size  # 32
+DATA_ALIGNMENT = 64
+
+
+def g(seed: int) -> torch.Generator:
+    """The only source of randomness: a fresh, seeded CPU generator."""
+    return torch.Generator().manual_seed(seed)
+
+
+def _evaluate(expr: str) -> torch.Tensor:
+    value = eval(expr, {"torch": torch, "g": g})  # noqa: S307 - constant recipes below
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"recipe {expr!r} did not produce a tensor")
+    return value.contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# the valid vectors
+
+
+@dataclass(frozen=True)
+class Vector:
+    name: str
+    inputs: dict[str, str]  # tensor name -> Python expression (see the module docstring)
+    params: dict[str, Any]  # keyword arguments of compeft.compress
+    exercises: str
+
+    def make_inputs(self) -> dict[str, torch.Tensor]:
+        return {name: _evaluate(expr) for name, expr in self.inputs.items()}
+
+
+VECTORS: tuple[Vector, ...] = (
+    Vector(
+        "f32_global",
+        {
+            "layer0.attn.weight": "torch.randn(16, 24, generator=g(101))",
+            "layer0.attn.bias": "torch.randn(24, generator=g(102)) * 1.5",
+            "layer1.mlp.weight": "torch.randn(12, 16, generator=g(103)) * 1.25",
+            "layer1.mlp.bias": "torch.randn(16, generator=g(104)) * 0.05",
+        },
+        dict(density=0.1, alpha=1.0, scope="global",
+             metadata={"purpose": "compeft test vector", "note": "UTF-8 ✓ ÄÖÜ, quotes \" and \\ backslash"}),
+        "Several fp32 tensors at very different scales sharing one global threshold and one sigma "
+        "(metadata.threshold/sigma present, every tensor has the same scale); the 0.05-scaled bias falls "
+        "entirely below the threshold (nnz 0) while the others keep entries at different rates, so their "
+        "golomb_m differ. User metadata with non-ASCII "
+        "text, a quote and a backslash (the header is UTF-8 JSON, ensure_ascii=False).",
+    ),
+    Vector(
+        "bf16_fp16_tensor_scope",
+        {
+            "enc.weight": "torch.randn(20, 12, generator=g(201)).to(torch.bfloat16)",
+            "enc.bias": "(torch.randn(12, generator=g(202)) * 0.5).to(torch.bfloat16)",
+            "dec.weight": "(torch.randn(12, 20, generator=g(203)) * 0.02).to(torch.float16)",
+            "dec.bias": "torch.randn(20, generator=g(204)).to(torch.float16)",
+        },
+        dict(density=0.15, alpha=2.5, scope="tensor"),
+        "bfloat16 and float16 inputs, scope 'tensor' (each tensor its own threshold and sigma, no "
+        "metadata.threshold/sigma), alpha 2.5: the float32 scale alpha*sigma is rounded to the tensor's "
+        "dtype on decode (bf16 / f16 bit patterns of ±scale).",
+    ),
+    Vector(
+        "empty_and_scalar",
+        {
+            "empty": "torch.zeros(0, 5)",
+            "empty_bf16": "torch.zeros(0, dtype=torch.bfloat16)",
+            "scalar": "torch.tensor(-4.0)",
+            "w": "torch.randn(10, 10, generator=g(301))",
+        },
+        dict(density=0.25, alpha=1.0, scope="global"),
+        "A 0-element fp32 tensor of shape [0, 5], a 0-element bf16 tensor of shape [0], a 0-d (shape []) "
+        "tensor whose |value| is the largest of the scope (so it is kept), among an ordinary tensor. "
+        "Empty tensors have nnz 0 and a 0-byte payload at the same offset as the next tensor.",
+    ),
+    Vector(
+        "nnz_zero",
+        {
+            "a.zeros": "torch.zeros(8, 8).index_fill_(1, torch.tensor([1, 5]), -0.0)",
+            "b.live": "torch.randn(8, 8, generator=g(401))",
+        },
+        dict(density=0.1, alpha=1.0, scope="tensor"),
+        "Scope 'tensor' with a tensor that is all zeros (two of its columns are -0.0, which is zero too): "
+        "its threshold is 0, sigma 0, scale 0, nnz 0, a 0-byte payload (crc32 0) and golomb_m 1; it "
+        "decodes to +0.0 everywhere. The second tensor is ordinary.",
+    ),
+    Vector(
+        "density_one",
+        {
+            "w": "torch.randn(6, 10, generator=g(501)).index_fill_(1, torch.tensor([0, 3, 7]), 0.0)",
+            "v": "torch.randn(40, generator=g(502)).to(torch.bfloat16).index_fill_(0, torch.tensor([2, 3, 39]), 0.0)",
+        },
+        dict(density=1.0, alpha=1.0, scope="global"),
+        "density 1.0: the threshold is 0 and every non-zero entry is kept (nnz = number of non-zeros), "
+        "exact zeros are not kept (decode to 0). Gaps are mostly 0, so golomb_m is 1 (no remainder bits).",
+    ),
+    Vector(
+        "dense_passthrough",
+        {
+            "mask": "torch.tensor([True, False, True, True, False])",
+            "norm.bias": "torch.randn(3, generator=g(601)).to(torch.float16)",
+            "norm.weight": "torch.randn(5, generator=g(602))",
+            "proj.weight": "torch.randn(8, 12, generator=g(603))",
+            "step": "torch.tensor([7, -1, 1 << 40], dtype=torch.int64)",
+        },
+        dict(density=0.2, alpha=1.0, scope="global", keep_dense=["norm.*"]),
+        "Encoding 'dense': the int64 and bool tensors are not floating, so they are stored verbatim with "
+        "role 'value'; the fp16 and fp32 'norm.*' tensors are excluded by the keep_dense glob and stored "
+        "verbatim with role 'delta'; only 'proj.weight' is ternary-golomb (the global scope is that tensor "
+        "alone). 'mask' (5 bytes) and 'norm.bias' (6 bytes) are followed by zero padding to the next "
+        "multiple of 8.",
+    ),
+    Vector(
+        "small_chunks",
+        {
+            "w": "torch.randn(10, 30, generator=g(7))",
+        },
+        dict(density=0.2, alpha=1.0, scope="global", chunk_size=7),
+        "chunk_size 7: nnz 61 gives 9 chunks (the last one partial), so the chunk table has several rows "
+        "with non-zero unary/remainder bit offsets. golomb_m is 3, not a power of two, so remainders use "
+        "the truncated-binary code (1 short field, 2 long ones).",
+    ),
+    Vector(
+        "ties_at_threshold",
+        {
+            "w": "torch.randint(1, 5, (12, 16), generator=g(801)).float() * 0.125 "
+                 "* (torch.randint(0, 2, (12, 16), generator=g(802)).float() * 2 - 1)",
+            "h": "(torch.randint(1, 4, (40,), generator=g(803)).float() * 0.25).to(torch.float16)",
+        },
+        dict(density=0.1, alpha=1.0, scope="global"),
+        "Magnitudes take only a few values (multiples of 0.125, all exactly representable), so many entries "
+        "have exactly the threshold's magnitude: every one of them is kept (|v| >= threshold), so nnz is far "
+        "above count - rank + 1 = 232 - 209 + 1 = 24. Exercises tie handling of the exact two-pass "
+        "histogram selection.",
+    ),
+)
+
+
+def compress_bytes(inputs: dict[str, torch.Tensor], params: dict[str, Any]) -> bytes:
+    """The container bytes of ``compeft.compress(inputs, **params)``."""
+    return compeft.compress(inputs, **params).to_bytes()
+
+
+def build_vector(vector: Vector, out: Path, inputs: dict[str, torch.Tensor] | None = None) -> None:
+    """Write NAME.input.safetensors, NAME.cpeft and NAME.expected.safetensors into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    if inputs is None:
+        inputs = vector.make_inputs()
+    (out / f"{vector.name}.input.safetensors").write_bytes(st_save(inputs))
+    path = out / f"{vector.name}.cpeft"
+    compeft.compress(inputs, **vector.params).save(path)
+    expert = compeft.open(path)
+    expected = {name: expert.to_dense(name).contiguous() for name in expert.names}
+    (out / f"{vector.name}.expected.safetensors").write_bytes(st_save(expected))
+
+
+def load_inputs(directory: Path, vector: Vector) -> dict[str, torch.Tensor]:
+    return st_load((directory / f"{vector.name}.input.safetensors").read_bytes())
+
+
+# ---------------------------------------------------------------------------------------------
+# container surgery (independent of compeft's own writer)
+
+
+def split(blob: bytes) -> tuple[tuple[Any, ...], bytes, bytes]:
+    """(preamble fields, header bytes incl. padding, data section)."""
+    fields = PREAMBLE.unpack_from(blob, 0)
+    header_length = fields[3]
+    return fields, blob[PREAMBLE_SIZE:PREAMBLE_SIZE + header_length], blob[PREAMBLE_SIZE + header_length:]
+
+
+def header_doc(blob: bytes) -> dict[str, Any]:
+    return json.loads(split(blob)[1].decode("utf-8"))
+
+
+def data_start(blob: bytes) -> int:
+    return PREAMBLE_SIZE + split(blob)[0][3]
+
+
+def join(fields: tuple[Any, ...], header: bytes, data: bytes, *, fix_crc: bool = True) -> bytes:
+    """Reassemble; ``fix_crc`` recomputes the header CRC and re-pads the header, keeping file_length consistent."""
+    magic, version, flags, header_length, crc, reserved, file_length = fields
+    if fix_crc:
+        text = header.rstrip(b" ")
+        new_length = -(-(PREAMBLE_SIZE + len(text)) // DATA_ALIGNMENT) * DATA_ALIGNMENT - PREAMBLE_SIZE
+        header = text + b" " * (new_length - len(text))
+        file_length += new_length - header_length
+        header_length, crc = new_length, zlib.crc32(header)
+    return PREAMBLE.pack(magic, version, flags, header_length, crc, reserved, file_length) + header + data
+
+
+def dump_json(doc: dict[str, Any]) -> bytes:
+    # The same serialisation compeft writes (compact, UTF-8).
+    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
+
+
+def edit_doc(blob: bytes, change: Callable[[dict[str, Any]], None]) -> bytes:
+    """Change the parsed header, re-serialise it and fix up the header CRC (and lengths if it grew)."""
+    fields, _, data = split(blob)
+    doc = header_doc(blob)
+    change(doc)
+    return join(fields, dump_json(doc), data)
+
+
+def tensor(doc: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(t for t in doc["tensors"] if t["name"] == name)
+
+
+def set_bytes(blob: bytes, offset: int, new: bytes) -> bytes:
+    return blob[:offset] + new + blob[offset + len(new):]
+
+
+# ---------------------------------------------------------------------------------------------
+# the invalid vectors
+
+
+@dataclass(frozen=True)
+class Invalid:
+    name: str
+    source: str  # the valid vector it is derived from
+    error: str  # class name in compeft.errors (raised exactly, not a subclass)
+    stage: str  # "open" | "verify" (verify also implies to_dense of ``tensor`` raises when given)
+    edit: Callable[[bytes], tuple[bytes, str]]  # -> (new bytes, precise description)
+    tensor: str | None = None  # for stage "verify": a tensor whose to_dense raises too
+
+
+def _bad_magic(blob: bytes) -> tuple[bytes, str]:
+    return set_bytes(blob, 1, b"X"), "byte 1 (magic 'C', 0x43) replaced by 'X' (0x58)"
+
+
+def _version_2(blob: bytes) -> tuple[bytes, str]:
+    return set_bytes(blob, 8, struct.pack("<H", 2)), "preamble version u16 at byte 8 set to 2"
+
+
+def _flags(blob: bytes) -> tuple[bytes, str]:
+    return set_bytes(blob, 10, struct.pack("<H", 1)), "preamble flags u16 at byte 10 set to 1"
+
+
+def _truncated(blob: bytes) -> tuple[bytes, str]:
+    return blob[:-8], f"last 8 bytes removed ({len(blob)} -> {len(blob) - 8} bytes; file_length still {len(blob)})"
+
+
+def _truncated_preamble(blob: bytes) -> tuple[bytes, str]:
+    return blob[:20], "only the first 20 bytes kept (shorter than the 32-byte preamble)"
+
+
+def _trailing_byte(blob: bytes) -> tuple[bytes, str]:
+    return blob + b"\0", f"one zero byte appended ({len(blob)} -> {len(blob) + 1} bytes)"
+
+
+def _header_crc(blob: bytes) -> tuple[bytes, str]:
+    text = split(blob)[1]
+    at = text.index(b'"density":0.1') + len(b'"density":0.')
+    pos = PREAMBLE_SIZE + at
+    return (set_bytes(blob, pos, b"2"),
+            f"header byte at file offset {pos} changed from '1' to '2' (\"density\":0.1 -> 0.2), "
+            "header_crc32 left unchanged")
+
+
+def _bad_json(blob: bytes) -> tuple[bytes, str]:
+    fields, header, data = split(blob)
+    text = header.rstrip(b" ")
+    assert text.endswith(b"}")
+    broken = text[:-1] + b" " * (len(header) - len(text) + 1)  # same header_length
+    pos = PREAMBLE_SIZE + len(text) - 1
+    magic, version, flags, header_length, _, reserved, file_length = fields
+    preamble = PREAMBLE.pack(magic, version, flags, header_length, zlib.crc32(broken), reserved, file_length)
+    return (preamble + broken + data,
+            f"the JSON's closing '}}' at file offset {pos} replaced by a space (unbalanced object); "
+            "header_crc32 recomputed over the edited header")
+
+
+def _format_version_2(blob: bytes) -> tuple[bytes, str]:
+    def change(doc: dict[str, Any]) -> None:
+        doc["format_version"] = 2
+    return edit_doc(blob, change), 'header "format_version" set to 2, header CRC recomputed'
+
+
+def _payload_crc(blob: bytes) -> tuple[bytes, str]:
+    doc = header_doc(blob)
+    t = tensor(doc, "layer0.attn.weight")
+    assert t["length"] > 0
+    pos = data_start(blob) + t["offset"] + t["length"] - 1  # last byte of the sign stream
+    return (set_bytes(blob, pos, bytes([blob[pos] ^ 0x01])),
+            f"bit 0 of byte {pos} flipped (the last byte of tensor 'layer0.attn.weight''s payload, in its "
+            "sign stream); its crc32 left unchanged")
+
+
+def _overlap(blob: bytes) -> tuple[bytes, str]:
+    doc = header_doc(blob)
+    first, second = doc["tensors"][0], doc["tensors"][1]
+    new = first["offset"] + 8
+    assert first["length"] > 8
+
+    def change(d: dict[str, Any]) -> None:
+        d["tensors"][1]["offset"] = new
+    return (edit_doc(blob, change),
+            f"tensor {second['name']!r} \"offset\" {second['offset']} -> {new} (inside the payload of "
+            f"{first['name']!r}, which spans [{first['offset']}, {first['offset'] + first['length']})); "
+            "header CRC recomputed")
+
+
+def _nnz_gt_numel(blob: bytes) -> tuple[bytes, str]:
+    doc = header_doc(blob)
+    t = tensor(doc, "layer1.mlp.bias")
+    numel = math.prod(t["shape"])
+
+    def change(d: dict[str, Any]) -> None:
+        tensor(d, "layer1.mlp.bias")["nnz"] = numel + 1
+    return (edit_doc(blob, change),
+            f"tensor 'layer1.mlp.bias' \"nnz\" {t['nnz']} -> {numel + 1} (numel {numel}); header CRC recomputed")
+
+
+def _file_length(blob: bytes) -> tuple[bytes, str]:
+    fields = PREAMBLE.unpack_from(blob, 0)
+    return (set_bytes(blob, 24, struct.pack("<Q", fields[6] + 8)) + bytes(8),
+            f"8 zero bytes appended and file_length (u64 at byte 24) raised to {fields[6] + 8} to match: "
+            "the payloads no longer cover the data section exactly")
+
+
+def _chunk_table(blob: bytes, row: int, column: int, value: Callable[[int], int], what: str) -> tuple[bytes, str]:
+    doc = header_doc(blob)
+    t = tensor(doc, "w")
+    start = data_start(blob) + t["offset"]
+    pos = start + 8 * (3 * row + column)
+    old = struct.unpack_from("<q", blob, pos)[0]
+    new = value(old)
+    edited = set_bytes(blob, pos, struct.pack("<q", new))
+    payload = edited[start:start + t["length"]]
+
+    def change(d: dict[str, Any]) -> None:
+        tensor(d, "w")["crc32"] = zlib.crc32(payload)
+    return (edit_doc(edited, change),
+            f"tensor 'w' chunk table row {row} {what} (int64 at file offset {pos}) {old} -> {new}; the "
+            "tensor's crc32 and the header CRC recomputed, so every checksum is valid")
+
+
+def _chunk_order(blob: bytes) -> tuple[bytes, str]:
+    return _chunk_table(blob, 2, 0, lambda old: 0, "base position")
+
+
+def _chunk_shift(blob: bytes) -> tuple[bytes, str]:
+    return _chunk_table(blob, 3, 0, lambda old: old + 1, "base position")
+
+
+def _chunk_unary(blob: bytes) -> tuple[bytes, str]:
+    return _chunk_table(blob, 4, 1, lambda old: old + 1, "unary bit offset")
+
+
+def _nonzero_padding(blob: bytes) -> tuple[bytes, str]:
+    doc = header_doc(blob)
+    t = tensor(doc, "norm.bias")
+    pos = data_start(blob) + t["offset"] + t["length"]  # first padding byte after the 6-byte payload
+    assert blob[pos] == 0
+    return (set_bytes(blob, pos, b"\x01"),
+            f"padding byte at file offset {pos} (right after tensor 'norm.bias''s 6-byte payload) set to 0x01")
+
+
+def _dense_length(blob: bytes) -> tuple[bytes, str]:
+    def change(d: dict[str, Any]) -> None:
+        tensor(d, "step")["shape"] = [4]
+    return (edit_doc(blob, change),
+            "tensor 'step' \"shape\" [3] -> [4] (24-byte I64 payload needs 32); header CRC recomputed")
+
+
+INVALID: tuple[Invalid, ...] = (
+    Invalid("bad_magic", "f32_global", "NotACompeftFileError", "open", _bad_magic),
+    Invalid("version_2", "f32_global", "UnsupportedVersionError", "open", _version_2),
+    Invalid("flags_set", "f32_global", "UnsupportedVersionError", "open", _flags),
+    Invalid("format_version_2", "f32_global", "UnsupportedVersionError", "open", _format_version_2),
+    Invalid("truncated", "f32_global", "TruncatedFileError", "open", _truncated),
+    Invalid("truncated_preamble", "f32_global", "TruncatedFileError", "open", _truncated_preamble),
+    Invalid("trailing_byte", "f32_global", "TruncatedFileError", "open", _trailing_byte),
+    Invalid("header_crc", "f32_global", "HeaderError", "open", _header_crc),
+    Invalid("bad_json", "f32_global", "HeaderError", "open", _bad_json),
+    Invalid("overlapping_offsets", "f32_global", "LayoutError", "open", _overlap),
+    Invalid("nnz_gt_numel", "f32_global", "HeaderError", "open", _nnz_gt_numel),
+    Invalid("file_length_hole", "f32_global", "LayoutError", "open", _file_length),
+    Invalid("dense_length", "dense_passthrough", "HeaderError", "open", _dense_length),
+    Invalid("payload_crc", "f32_global", "ChecksumError", "verify", _payload_crc, tensor="layer0.attn.weight"),
+    Invalid("chunk_table_order", "small_chunks", "CorruptPayloadError", "verify", _chunk_order, tensor="w"),
+    Invalid("chunk_base_shifted", "small_chunks", "CorruptPayloadError", "verify", _chunk_shift, tensor="w"),
+    Invalid("chunk_unary_offset", "small_chunks", "CorruptPayloadError", "verify", _chunk_unary, tensor="w"),
+    Invalid("nonzero_padding", "dense_passthrough", "LayoutError", "verify", _nonzero_padding),
+)
+
+
+def build_invalid(directory: Path) -> list[tuple[Invalid, str]]:
+    """Write invalid/*.cpeft from the valid containers in ``directory``; return (spec, description)."""
+    out = directory / "invalid"
+    out.mkdir(parents=True, exist_ok=True)
+    done = []
+    for spec in INVALID:
+        blob = (directory / f"{spec.source}.cpeft").read_bytes()
+        edited, description = spec.edit(blob)
+        assert edited != blob
+        (out / f"{spec.name}.cpeft").write_bytes(edited)
+        done.append((spec, description))
+    return done
+
+
+# ---------------------------------------------------------------------------------------------
+# README files
+
+
+def _fmt_params(params: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in params.items())
+
+
+def vectors_readme(directory: Path) -> str:
+    lines = [
+        "# compeft format v1 test vectors",
+        "",
+        "Generated by `python tools/make_vectors.py` (check with `python tools/make_vectors.py --check`);",
+        "do not edit by hand. For every vector `NAME`:",
+        "",
+        "- `NAME.input.safetensors`: the task-vector mapping (name -> tensor) given to `compeft.compress`;",
+        "- `NAME.cpeft`: `compeft.compress(inputs, **params).save(path)`;",
+        "- `NAME.expected.safetensors`: `compeft.open(NAME.cpeft).to_dense(name)` for every tensor.",
+        "",
+        "A decoder is conformant when it reproduces every expected tensor bit for bit (dtype, shape and",
+        "bits, including the sign of zero); an encoder when it reproduces the `.cpeft` bytes from the",
+        "input and parameters. The header records `created_by` (the compeft version), so encoder-direction",
+        "equality also pins that string.",
+        "",
+        "Inputs are Python expressions evaluated with `torch` and",
+        "`g = lambda seed: torch.Generator().manual_seed(seed)` in scope (no global RNG). Parameters not",
+        "listed take `compress`'s defaults (alpha=1.0, scope='global', keep_dense=(), chunk_size=16384,",
+        "metadata=None). `count - rank + 1` with rank = count - floor(count * density) is the reference",
+        "ComPEFT number of kept entries absent ties.",
+        "",
+        "Invalid containers derived from these are described in [invalid/README.md](invalid/README.md).",
+        "",
+    ]
+    for v in VECTORS:
+        path = directory / f"{v.name}.cpeft"
+        expert = compeft.open(path)
+        meta = expert.metadata
+        lines += [f"## {v.name}", "", v.exercises, "", "Inputs:", ""]
+        lines += [f"- `{name}` = `{expr}`" for name, expr in v.inputs.items()]
+        lines += ["", f"Parameters: `compeft.compress(inputs, {_fmt_params(v.params)})`", ""]
+        sizes = ", ".join(f"`{v.name}{suffix}` {(directory / (v.name + suffix)).stat().st_size} B"
+                          for suffix in (".cpeft", ".input.safetensors", ".expected.safetensors"))
+        lines += [f"Files: {sizes}.", ""]
+        extra = ""
+        if meta.get("scope") == "global":
+            extra = f" threshold={meta.get('threshold')!r}, sigma={meta.get('sigma')!r}"
+        lines += [f"Resulting header: scope={meta.get('scope')!r}, density={meta.get('density')!r}, "
+                  f"alpha={meta.get('alpha')!r},{extra} user={meta.get('user')!r}", ""]
+        lines += ["| tensor | dtype | shape | encoding | role | nnz | golomb_m | chunks | scale | offset | length |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for e in expert.header.tensors:
+            golomb = e.encoding != "dense"
+            lines.append(f"| `{e.name}` | {e.dtype} | {list(e.shape)} | {e.encoding} | {e.role} | "
+                         + (f"{e.nnz} | {e.golomb_m} | {e.n_chunks} | {e.scale!r}" if golomb else "- | - | - | -")
+                         + f" | {e.offset} | {e.length} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def invalid_readme(done: list[tuple[Invalid, str]]) -> str:
+    lines = [
+        "# Invalid compeft containers",
+        "",
+        "Generated by `python tools/make_vectors.py`; each file is a valid vector from `..` with one",
+        "precise edit. A reader must raise exactly the listed class from `compeft.errors` (not a",
+        "subclass), with the file path in the message:",
+        "",
+        "- stage `open`: `compeft.open(path)` raises;",
+        "- stage `verify`: `compeft.open(path)` succeeds, `expert.verify()` raises, and so does",
+        "  `expert.to_dense(tensor)` when a tensor is named.",
+        "",
+        "\"Header CRC recomputed\" means the edit re-serialises the header JSON (compact separators,",
+        "UTF-8), re-pads it with spaces to a multiple of 64 bytes from the file start, and rewrites",
+        "header_length, header_crc32 and file_length in the preamble so that only the named defect remains.",
+        "",
+        "| file | from | stage | exception | tensor | edit |",
+        "|---|---|---|---|---|---|",
+    ]
+    for spec, description in done:
+        desc = description.replace("|", "\\|")
+        lines.append(f"| `{spec.name}.cpeft` | `{spec.source}.cpeft` | {spec.stage} | `{spec.error}` | "
+                     f"{'`' + spec.tensor + '`' if spec.tensor else '-'} | {desc} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def parse_invalid_readme(text: str) -> list[dict[str, str | None]]:
+    """The table of invalid/README.md as dicts (file, from, stage, exception, tensor, edit)."""
+    rows = []
+    for line in text.splitlines():
+        if not line.startswith("| `"):
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
+        file, source, stage, error, tname = (c.strip("`") for c in cells[:5])
+        rows.append(dict(file=file, source=source, stage=stage, exception=error,
+                         tensor=None if tname == "-" else tname, edit=" | ".join(cells[5:])))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# driver
+
+
+def build_all(directory: Path) -> None:
+    """Write every vector, every invalid file and both READMEs into ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for vector in VECTORS:
+        build_vector(vector, directory)
+    done = build_invalid(directory)
+    (directory / "README.md").write_text(vectors_readme(directory), encoding="utf-8")
+    (directory / "invalid" / "README.md").write_text(invalid_readme(done), encoding="utf-8")
+
+
+def _files(directory: Path) -> set[str]:
+    return {p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file()}
+
+
+def compare(expected_dir: Path, actual_dir: Path) -> list[str]:
+    """Differences between two vector trees (missing, extra or differing files)."""
+    want, have = _files(expected_dir), _files(actual_dir)
+    problems = [f"missing from {actual_dir}: {n}" for n in sorted(want - have)]
+    problems += [f"not produced by the generator: {n}" for n in sorted(have - want)]
+    problems += [f"differs: {n}" for n in sorted(want & have)
+                 if not filecmp.cmp(expected_dir / n, actual_dir / n, shallow=False)]
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="rebuild in a temp dir and compare with --out")
+    parser.add_argument("--out", type=Path, default=VECTORS_DIR, help="the vectors directory (default spec/vectors)")
+    args = parser.parse_args(argv)
+    if args.check:
+        with tempfile.TemporaryDirectory() as tmp:
+            build_all(Path(tmp))
+            problems = compare(Path(tmp), args.out)
+        for p in problems:
+            print(p, file=sys.stderr)
+        if problems:
+            print(f"{len(problems)} difference(s): run python tools/make_vectors.py", file=sys.stderr)
+            return 1
+        print(f"{args.out}: all vectors identical")
+        return 0
+    # Rebuild from scratch so that stale files do not survive.
+    for name in _files(args.out) if args.out.exists() else ():
+        (args.out / name).unlink()
+    build_all(args.out)
+    for name in sorted(_files(args.out)):
+        print(f"{(args.out / name).stat().st_size:8d}  {args.out / name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
