@@ -106,6 +106,8 @@ def compress(source: TensorSource, *, base: PathLike | None = None, density: flo
     6554
     """
     _check_arguments(density, alpha, scope, chunk_size)
+    if isinstance(keep_dense, str):
+        keep_dense = (keep_dense,)
     user = dict(metadata or {})
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in user.items()):
         raise InvalidArgumentError("metadata must map strings to strings")
@@ -144,9 +146,10 @@ def compress(source: TensorSource, *, base: PathLike | None = None, density: flo
                          chunk_size=chunk_size, unary_bits=streams.unary_bits,
                          remainder_bits=streams.remainder_bits)
         else:
-            value = (t.load() if src.kind == "tensors" and t.floating else t.load_value()).detach().cpu()
+            is_delta = src.kind == "tensors" and t.dtype.is_floating_point
+            value = (t.load() if is_delta else t.load_value()).detach().cpu()
             pieces = [memoryview(value.contiguous().reshape(-1).view(torch.uint8).numpy())] if value.numel() else []
-            role = "delta" if src.kind == "tensors" and t.floating else "value"
+            role = "delta" if is_delta else "value"
             entry = dict(encoding=ENCODING_DENSE, role=role, init=None)
         length = sum(len(p) for p in pieces)
         crc = 0
@@ -238,16 +241,27 @@ def _apply(expert: CompressedExpert, state_dict: MutableMapping[str, torch.Tenso
             if e.role == "value":
                 w.copy_(payload)
             else:
-                w.copy_((w.float() + float(np.float32(scale)) * payload.float()).to(w.dtype))
+                w.copy_(_added(w, float(np.float32(scale)) * payload.float()))
             continue
         delta = np.float32(np.float32(scale) * np.float32(kept_value(e.scale, DTYPE_TO_TORCH[e.dtype])))
         target = w.detach()
-        if target.device.type == "cpu" and target.is_contiguous() and target.dtype in _ADD_MODE:
-            golomb.decode(payload, e.numel, _ADD_MODE[target.dtype], flat_bits(target), delta=float(delta),
+        if target.device.type == "cpu" and target.dtype in _ADD_MODE:
+            work = target if target.is_contiguous() else target.contiguous()
+            golomb.decode(payload, e.numel, _ADD_MODE[target.dtype], flat_bits(work), delta=float(delta),
                           where=f"tensor {name!r}", path=expert.path)
-        else:  # other devices or layouts: decode densely, then add with the same float32 rule
+            if work is not target:
+                target.copy_(work)
+        else:  # float64 or another device: the same rule on the kept positions only
             dense = expert.to_dense(name).to(target.device)
-            target.copy_((target.float() + float(np.float32(scale)) * dense.float()).to(target.dtype))
+            step = float(np.float32(scale)) * dense.float()
+            target.copy_(torch.where(dense != 0, _added(target, step), target))
+
+
+def _added(weight: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """weight + step (float32) rounded once to the weight's dtype; float64 weights add in float64."""
+    if weight.dtype == torch.float64:
+        return weight + step.double()
+    return (weight.float() + step).to(weight.dtype)
 
 
 def _restored(expert: CompressedExpert, name: str) -> torch.Tensor:

@@ -76,10 +76,11 @@ def _check_tensor(name: str, value: Any, where: object) -> torch.Tensor:
 
 def from_mapping(tensors: Mapping[str, torch.Tensor]) -> Source:
     """A task vector given as tensors: each tensor is τ itself (relative to some base model)."""
+    bad = [name for name in tensors if not isinstance(name, str) or not name]
+    if bad:
+        raise SourceError(f"tensor names must be non-empty strings, got {bad[0]!r}")
     items = []
     for name in sorted(tensors):
-        if not isinstance(name, str) or not name:
-            raise SourceError(f"tensor names must be non-empty strings, got {name!r}")
         value = _check_tensor(name, tensors[name], None).detach()
         items.append(SourceTensor(name, value.dtype, tuple(value.shape), None,
                                   (lambda v=value: v), (lambda v=value: v)))

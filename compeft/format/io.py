@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 import zlib
 from pathlib import Path
@@ -30,14 +31,23 @@ class FileReader:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.name = str(path)
+        self._fd = -1
         try:
             self._fd = os.open(self.name, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+            info = os.fstat(self._fd)
         except OSError as exc:
+            self.close()
             raise SourceError(f"cannot open: {exc.strerror}", path) from None
-        self.size = os.fstat(self._fd).st_size
+        if not stat.S_ISREG(info.st_mode):
+            self.close()
+            raise SourceError("not a regular file", path)
+        self.size = info.st_size
 
     def read(self, offset: int, length: int) -> bytes:
-        data = os.pread(self._fd, length, offset)
+        try:
+            data = os.pread(self._fd, length, offset)
+        except OSError as exc:
+            raise SourceError(f"read failed: {exc.strerror}", self.name) from None
         if len(data) != length:
             raise TruncatedFileError(f"short read: {len(data)} of {length} bytes at offset {offset}", self.name)
         return data
@@ -45,7 +55,10 @@ class FileReader:
     def readinto(self, offset: int, buffer: memoryview) -> None:
         done = 0
         while done < len(buffer):
-            n = os.preadv(self._fd, [buffer[done:]], offset + done)
+            try:
+                n = os.preadv(self._fd, [buffer[done:]], offset + done)
+            except OSError as exc:
+                raise SourceError(f"read failed: {exc.strerror}", self.name) from None
             if n <= 0:
                 raise TruncatedFileError(f"short read at offset {offset + done}", self.name)
             done += n
