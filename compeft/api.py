@@ -231,30 +231,33 @@ def apply(expert: CompressedExpert | PathLike, state_dict: MutableMapping[str, t
 
 def _apply(expert: CompressedExpert, state_dict: MutableMapping[str, torch.Tensor], names: Sequence[str],
            scale: float, progress: bool) -> None:
-    prepared: list[tuple[str, Any]] = []
-    for name in names:  # phase 1: read and verify everything
-        e = expert.entry(name)
-        prepared.append((name, expert._dense_payload(e) if e.encoding == ENCODING_DENSE else expert.streams(name)))
-    for name, payload in progress_bar(prepared, "applying", progress):  # phase 2: write
-        e, w = expert.entry(name), state_dict[name]
+    payloads = expert.payloads(names)  # phase 1: read and verify everything before any write
+    step = np.float32(scale)
+    jobs = []
+    copies_back = []
+    for name in progress_bar(names, "applying", progress):  # phase 2: write
+        e, w, payload = expert.entry(name), state_dict[name], payloads[name]
         if isinstance(payload, torch.Tensor):
             if e.role == "value":
                 w.copy_(payload)
             else:
-                w.copy_(_added(w, float(np.float32(scale)) * payload.float()))
+                w.copy_(_added(w, float(step) * payload.float()))
             continue
-        delta = np.float32(np.float32(scale) * np.float32(kept_value(e.scale, DTYPE_TO_TORCH[e.dtype])))
+        delta = float(np.float32(step * np.float32(kept_value(e.scale, DTYPE_TO_TORCH[e.dtype]))))
         target = w.detach()
         if target.device.type == "cpu" and target.dtype in _ADD_MODE:
             work = target if target.is_contiguous() else target.contiguous()
-            golomb.decode(payload, e.numel, _ADD_MODE[target.dtype], flat_bits(work), delta=float(delta),
-                          where=f"tensor {name!r}", path=expert.path)
             if work is not target:
-                target.copy_(work)
+                copies_back.append((target, work))
+            jobs.append((_ADD_MODE[target.dtype],
+                         golomb.DecodeJob(payload, e.numel, flat_bits(work), f"tensor {name!r}", delta=delta)))
         else:  # float64 or another device: the same rule on the kept positions only
             dense = expert.to_dense(name).to(target.device)
-            step = float(np.float32(scale)) * dense.float()
-            target.copy_(torch.where(dense != 0, _added(target, step), target))
+            target.copy_(torch.where(dense != 0, _added(target, float(step) * dense.float()), target))
+    for mode in sorted({mode for mode, _ in jobs}):
+        golomb.decode_many([job for m, job in jobs if m == mode], mode, expert.path)
+    for target, work in copies_back:
+        target.copy_(work)
 
 
 def _added(weight: torch.Tensor, step: torch.Tensor) -> torch.Tensor:

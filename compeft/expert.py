@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import math
+import functools
 import os
-from typing import Any, Iterator
+import struct
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -19,6 +20,8 @@ _BITS_VIEW = {torch.float32: (torch.int32, np.uint32), torch.float16: (torch.int
 _ADD_MODE = {torch.float32: kernels.MODE_ADD_F32, torch.float16: kernels.MODE_ADD_F16,
              torch.bfloat16: kernels.MODE_ADD_BF16}
 _COPY_BLOCK = 16 * 1024 * 1024
+_GAP = 64 * 1024  # payloads closer than this are fetched in one read
+_NO_OUTPUT = np.empty(0, dtype=np.uint16)
 
 
 def flat_bits(tensor: torch.Tensor) -> np.ndarray:
@@ -27,24 +30,27 @@ def flat_bits(tensor: torch.Tensor) -> np.ndarray:
     return tensor.detach().view(int_dtype).reshape(-1).numpy().view(np_dtype)
 
 
-def zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """A zero tensor from calloc (numpy): large ones are fresh pages the OS zeroes lazily, so
-    decoding need not write the zeros itself (measured faster than torch.empty + fill)."""
-    int_dtype, np_dtype = _BITS_VIEW[dtype]
-    flat = np.zeros(math.prod(shape), dtype=np_dtype)
-    return torch.from_numpy(flat.view(np.int32 if np_dtype == np.uint32 else np.int16)).view(dtype).reshape(shape)
+@functools.lru_cache(maxsize=4096)
+def value_patterns(scale: float, dtype: torch.dtype) -> tuple[int, int]:
+    """Bit patterns of +value and -value in ``dtype``: the float32 ``scale`` rounded to nearest even."""
+    bits = struct.unpack("<I", struct.pack("<f", scale))[0]
+    if dtype == torch.float32:
+        return bits, bits | 0x80000000
+    if dtype == torch.bfloat16:
+        half = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) & 0xFFFF
+    else:
+        half = int(np.array([scale], dtype=np.float32).astype(np.float16).view(np.uint16)[0])
+    return half, half | 0x8000
 
 
 def kept_value(scale: float, dtype: torch.dtype) -> float:
     """The magnitude a kept entry decodes to: the float32 scale rounded to the tensor's dtype."""
-    return float(torch.tensor(scale, dtype=torch.float32).to(dtype).float())
-
-
-def value_patterns(scale: float, dtype: torch.dtype) -> tuple[int, int]:
-    """Bit patterns of +value and -value in ``dtype`` (the sign bit differs)."""
-    bits = flat_bits(torch.tensor([scale], dtype=torch.float32).to(dtype))
-    sign = 0x80000000 if dtype == torch.float32 else 0x8000
-    return int(bits[0]), int(bits[0]) | sign
+    bits = value_patterns(scale, dtype)[0]
+    if dtype == torch.float32:
+        return struct.unpack("<f", struct.pack("<I", bits))[0]
+    if dtype == torch.bfloat16:
+        return struct.unpack("<f", struct.pack("<I", bits << 16))[0]
+    return float(np.array([bits], dtype=np.uint16).view(np.float16)[0])
 
 
 class CompressedExpert:
@@ -98,35 +104,80 @@ class CompressedExpert:
                 f"density={m.get('density')}, scope={m.get('scope')!r}, bytes={self.header.file_length})")
 
     # -- payload access ------------------------------------------------------------------------
-    def _payload(self, e: TensorEntry) -> bytes:
-        data = self._reader.read(self.header.data_start + e.offset, e.length) if e.length else b""
-        check_crc(data, e.crc32, f"tensor {e.name!r}", self.path)
-        return data
+    def _read(self, entries: Sequence[TensorEntry]) -> list[memoryview]:
+        """CRC-verified payloads of ``entries`` (in file order); neighbours come in one read."""
+        views: list[memoryview] = []
+        i = 0
+        while i < len(entries):
+            j = i + 1  # extend the run while the next payload is near and the run stays bounded
+            while (j < len(entries) and entries[j].offset - (entries[j - 1].offset + entries[j - 1].length) <= _GAP
+                   and entries[j].offset + entries[j].length - entries[i].offset <= _COPY_BLOCK * 16):
+                j += 1
+            start = entries[i].offset
+            end = entries[j - 1].offset + entries[j - 1].length
+            data = memoryview(self._reader.read(self.header.data_start + start, end - start) if end > start else b"")
+            for e in entries[i:j]:
+                view = data[e.offset - start: e.offset - start + e.length]
+                check_crc(view, e.crc32, f"tensor {e.name!r}", self.path)
+                views.append(view)
+            i = j
+        return views
 
-    def streams(self, name: str) -> golomb.GolombStreams:
-        """The verified, structurally checked streams of a compressed tensor."""
-        e = self.entry(name)
-        if e.encoding == ENCODING_DENSE:
-            raise InvalidArgumentError(f"tensor {name!r} is stored dense", self.path)
-        s = golomb.parse_payload(self._payload(e), nnz=e.nnz, numel=e.numel, golomb_m=e.golomb_m,
-                                 chunk_size=e.chunk_size, unary_bits=e.unary_bits,
-                                 remainder_bits=e.remainder_bits, where=f"tensor {name!r}", path=self.path)
-        if name not in self._checked:
-            golomb.decode(s, e.numel, kernels.MODE_CHECK, np.empty(0, np.uint16), where=f"tensor {name!r}",
-                          path=self.path)
-            self._checked.add(name)
-        return s
+    def _entries(self, names: Sequence[str] | None) -> list[TensorEntry]:
+        entries = list(self.header.tensors) if names is None else [self.entry(n) for n in names]
+        return sorted(entries, key=lambda e: e.offset)
 
-    def _dense_payload(self, e: TensorEntry) -> torch.Tensor:
+    def _parse(self, e: TensorEntry, payload: memoryview) -> golomb.GolombStreams:
+        return golomb.parse_payload(payload, nnz=e.nnz, numel=e.numel, golomb_m=e.golomb_m, chunk_size=e.chunk_size,
+                                    unary_bits=e.unary_bits, remainder_bits=e.remainder_bits,
+                                    where=f"tensor {e.name!r}", path=self.path)
+
+    @staticmethod
+    def _dense(e: TensorEntry, payload: memoryview) -> torch.Tensor:
         out = torch.empty(e.shape, dtype=DTYPE_TO_TORCH[e.dtype])
         if e.numel:
-            view = memoryview(out.view(-1).view(torch.uint8).numpy())
-            if isinstance(self._reader, FileReader):
-                self._reader.readinto(self.header.data_start + e.offset, view)
-            else:
-                view[:] = self._reader.read(self.header.data_start + e.offset, e.length)
-            check_crc(view, e.crc32, f"tensor {e.name!r}", self.path)
+            out.view(-1).view(torch.uint8).numpy()[:] = np.frombuffer(payload, dtype=np.uint8)
         return out
+
+    def payloads(self, names: Sequence[str] | None = None) -> dict[str, torch.Tensor | golomb.GolombStreams]:
+        """Read, verify and structurally check tensors without decoding them: dense tensors as
+        torch tensors, compressed ones as their streams (every chunk decoded once, output-free)."""
+        entries = self._entries(names)
+        out: dict[str, torch.Tensor | golomb.GolombStreams] = {}
+        jobs = []
+        unchecked = []
+        for e, payload in zip(entries, self._read(entries)):
+            if e.encoding == ENCODING_DENSE:
+                out[e.name] = self._dense(e, payload)
+                continue
+            streams = out[e.name] = self._parse(e, payload)
+            if e.name not in self._checked:
+                jobs.append(golomb.DecodeJob(streams, e.numel, _NO_OUTPUT, f"tensor {e.name!r}"))
+                unchecked.append(e.name)
+        golomb.decode_many(jobs, kernels.MODE_CHECK, self.path)
+        self._checked.update(unchecked)
+        return out
+
+    def state_dict(self, names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        """Tensors decoded (all, or ``names``), in their original dtypes and shapes; see :meth:`to_dense`.
+
+        Every payload is read (neighbours in one read), verified and decoded in one parallel pass.
+        """
+        entries = self._entries(names)
+        out: dict[str, torch.Tensor] = {}
+        jobs = []
+        for e, payload in zip(entries, self._read(entries)):
+            if e.encoding == ENCODING_DENSE:
+                out[e.name] = self._dense(e, payload)
+                continue
+            dtype = DTYPE_TO_TORCH[e.dtype]
+            tensor = out[e.name] = torch.empty(e.shape, dtype=dtype)
+            positive, negative = value_patterns(e.scale, dtype)
+            jobs.append(golomb.DecodeJob(self._parse(e, payload), e.numel, flat_bits(tensor), f"tensor {e.name!r}",
+                                         positive, negative))
+        golomb.decode_many(jobs, kernels.MODE_DENSE, self.path)
+        self._checked.update(e.name for e in entries)
+        return out if names is None else {n: out[n] for n in names}
 
     def to_dense(self, name: str, *, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Decode one tensor to a dense torch tensor in its original dtype and shape.
@@ -134,25 +185,8 @@ class CompressedExpert:
         A ``delta`` tensor gives the reconstructed residual τ̃ (without the PEFT ``init``); a
         ``value`` tensor gives its stored value. ``dtype`` converts the result.
         """
-        e = self.entry(name)
-        if e.encoding == ENCODING_DENSE:
-            out = self._dense_payload(e)
-        else:
-            tdtype = DTYPE_TO_TORCH[e.dtype]
-            out = zeros(e.shape, tdtype)
-            positive, negative = value_patterns(e.scale, tdtype)
-            s = golomb.parse_payload(self._payload(e), nnz=e.nnz, numel=e.numel, golomb_m=e.golomb_m,
-                                     chunk_size=e.chunk_size, unary_bits=e.unary_bits,
-                                     remainder_bits=e.remainder_bits, where=f"tensor {name!r}", path=self.path)
-            bits = flat_bits(out) if e.numel else np.empty(0, np.uint16)
-            golomb.decode(s, e.numel, kernels.MODE_SCATTER, bits, positive=positive, negative=negative,
-                          where=f"tensor {name!r}", path=self.path)
-            self._checked.add(name)
+        out = self.state_dict([name])[name]
         return out if dtype is None else out.to(dtype)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """Every tensor decoded (see :meth:`to_dense`)."""
-        return {name: self.to_dense(name) for name in self.names}
 
     # -- whole-file operations -----------------------------------------------------------------
     def _file_blocks(self) -> Iterator[bytes]:
@@ -176,11 +210,9 @@ class CompressedExpert:
                 pad = self._reader.read(self.header.data_start + end, e.offset - end)
                 if pad.strip(b"\0"):
                     raise LayoutError(f"non-zero padding bytes before tensor {e.name!r}", self.path)
-            if e.encoding == ENCODING_DENSE:
-                self._dense_payload(e)
-            else:
-                self.streams(e.name)
             end = e.offset + e.length
         tail = self.header.file_length - self.header.data_start - end
         if tail and self._reader.read(self.header.data_start + end, tail).strip(b"\0"):
             raise LayoutError("non-zero padding bytes at the end of the file", self.path)
+        self._checked.clear()
+        self.payloads()

@@ -340,7 +340,7 @@ def test_small_chunks_header():
     assert e.chunk_size == 7
     assert e.n_chunks > 1 and e.nnz % e.chunk_size != 0
     assert not _is_pow2(e.golomb_m), e.golomb_m
-    table = ex.streams("w").table
+    table = ex.payloads(["w"])["w"].table
     assert table.shape == (e.n_chunks, 3)
     assert (np.diff(table[:, 0]) > 0).all() and (table[1:, 1:] > 0).all()
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, Sequence
 
 import numpy as np
+from numba.typed import List
 
 from ..errors import CorruptPayloadError
 from ..format.header import MAX_GOLOMB_M, golomb_payload_length, golomb_width
@@ -100,56 +102,82 @@ def parse_payload(payload: bytes | bytearray | memoryview | np.ndarray, *, nnz: 
 
 
 def _check_table(s: GolombStreams, numel: int, where: str, path: object) -> None:
-    if s.nnz == 0:
-        return
-    base, qoff, roff = s.table[:, 0], s.table[:, 1], s.table[:, 2]
-    width = golomb_width(s.golomb_m)
-    counts = np.full(base.size, s.chunk_size, dtype=np.int64)
-    counts[-1] = s.nnz - s.chunk_size * (base.size - 1)
-    q_end = np.append(qoff[1:], s.unary_bits)
-    r_end = np.append(roff[1:], s.remainder_bits)
-    # Ranges first, so that the differences below cannot overflow int64 on hostile values.
-    in_range = [
-        (bool(np.any(base < 0)) or bool(np.any(base >= numel)), "a chunk base lies outside the tensor"),
-        (bool(np.any(qoff < 0)) or bool(np.any(qoff > s.unary_bits)), "a unary offset lies outside its stream"),
-        (bool(np.any(roff < 0)) or bool(np.any(roff > s.remainder_bits)),
-         "a remainder offset lies outside its stream"),
-    ]
-    for bad, message in in_range:
-        if bad:
-            raise CorruptPayloadError(f"{where}: chunk table invalid: {message}", path)
-    problems = [
-        (base[0] != 0 or qoff[0] != 0 or roff[0] != 0, "the first chunk does not start at zero"),
-        (bool(np.any(np.diff(base) < 1)), "chunk bases are not strictly increasing"),
-        (bool(np.any(np.diff(base) < counts[:-1])), "a chunk spans fewer positions than entries"),
-        (bool(np.any(q_end - qoff < counts)), "a chunk has fewer unary bits than entries"),
-        (bool(np.any(r_end - roff < counts * max(width - 1, 0))) or bool(np.any(r_end - roff > counts * width)),
-         "a chunk's remainder bits do not fit its entries"),
-        (numel - int(base[-1]) < int(counts[-1]), "the last chunk runs past the tensor end"),
-    ]
-    for bad, message in problems:
-        if bad:
-            raise CorruptPayloadError(f"{where}: chunk table invalid: {message}", path)
+    code = kernels.check_table(s.table, s.nnz, numel, s.chunk_size, golomb_width(s.golomb_m), s.unary_bits,
+                               s.remainder_bits)
+    if code != kernels.OK:
+        raise CorruptPayloadError(f"{where}: {kernels.STATUS_MESSAGES[code]}", path)
+
+
+def _readonly(array: np.ndarray) -> np.ndarray:
+    # Numba's typed lists hold one array type; payloads read from bytes are read-only, so all are.
+    view = array.view()
+    view.flags.writeable = False
+    return view
+
+
+@dataclass
+class DecodeJob:
+    """One tensor for :func:`decode_many`: its streams, flat output bits and what to write."""
+
+    streams: GolombStreams
+    numel: int
+    out: np.ndarray  # flat uint16 / uint32 bits of the output (ignored by MODE_CHECK)
+    where: str
+    positive: int = 0
+    negative: int = 0
+    delta: float = 0.0
+
+
+def decode_many(jobs: Sequence[DecodeJob], mode: int, path: object) -> None:
+    """Decode every chunk of every job in one parallel region (see ``kernels.MODE_*``).
+
+    Raises :class:`CorruptPayloadError` naming the first corrupt tensor and chunk.
+    """
+    groups: dict[Any, list[DecodeJob]] = {}
+    for job in jobs:
+        if mode != kernels.MODE_CHECK and (job.out.ndim != 1 or job.out.size != job.numel):
+            raise ValueError("output must be flat with numel entries")
+        if job.streams.nnz == 0:
+            if mode == kernels.MODE_DENSE:
+                job.out[:] = 0
+            continue
+        key = np.dtype(np.uint16) if mode == kernels.MODE_CHECK else job.out.dtype
+        groups.setdefault(key, []).append(job)
+    for dtype, group in groups.items():
+        _decode_group(group, mode, np.empty(0, dtype=dtype), path)
+
+
+def _decode_group(group: list[DecodeJob], mode: int, empty: np.ndarray, path: object) -> None:
+    tables, unaries, remainders, signs, outs = List(), List(), List(), List(), List()
+    params = np.empty((len(group), 8), dtype=np.int64)
+    deltas = np.empty(len(group), dtype=np.float32)
+    for t, job in enumerate(group):
+        s = job.streams
+        tables.append(_readonly(s.table))
+        unaries.append(_readonly(s.unary))
+        remainders.append(_readonly(s.remainders))
+        signs.append(_readonly(s.signs))
+        outs.append(empty if mode == kernels.MODE_CHECK else job.out)
+        params[t] = (s.nnz, job.numel, s.golomb_m, s.chunk_size, s.unary_bits, s.remainder_bits,
+                     job.positive, job.negative)
+        deltas[t] = job.delta
+    chunks = np.array([job.streams.table.shape[0] for job in group], dtype=np.int64)
+    starts = np.cumsum(chunks) - chunks
+    work = np.empty((int(chunks.sum()), 2), dtype=np.int64)
+    work[:, 0] = np.repeat(np.arange(len(group)), chunks)
+    work[:, 1] = np.arange(work.shape[0]) - np.repeat(starts, chunks)
+    status = np.zeros(work.shape[0], dtype=np.int64)
+    kernels.decode_golomb(tables, unaries, remainders, signs, outs, params, deltas, work, mode,
+                          kernels.F16_TO_F32, status)
+    bad = np.flatnonzero(status)
+    if bad.size:
+        t, c = work[bad[0]]
+        code = int(status[bad[0]])
+        raise CorruptPayloadError(
+            f"{group[t].where}: chunk {int(c)} is corrupt: {kernels.STATUS_MESSAGES.get(code, code)}", path)
 
 
 def decode(s: GolombStreams, numel: int, mode: int, out: np.ndarray, *, positive: int = 0, negative: int = 0,
            delta: float = 0.0, where: str, path: object) -> None:
-    """Run the decode kernel over a validated payload (see ``kernels.MODE_*``)."""
-    if s.nnz == 0:
-        if mode == kernels.MODE_DENSE:
-            out[:] = 0
-        return
-    if mode != kernels.MODE_CHECK and (out.ndim != 1 or out.size != numel):
-        raise ValueError("output must be flat with numel entries")
-    if mode == kernels.MODE_CHECK:
-        out = np.empty(0, dtype=np.uint16)
-    status = np.zeros(s.table.shape[0], dtype=np.int64)
-    pattern = out.dtype.type
-    kernels.decode_golomb(s.table, s.unary, s.remainders, s.signs, s.nnz, numel, s.golomb_m, s.chunk_size,
-                          s.unary_bits, s.remainder_bits, mode, out, pattern(positive), pattern(negative),
-                          np.float32(delta), kernels.F16_TO_F32, status)
-    bad = np.flatnonzero(status)
-    if bad.size:
-        code = int(status[bad[0]])
-        raise CorruptPayloadError(
-            f"{where}: chunk {int(bad[0])} is corrupt: {kernels.STATUS_MESSAGES.get(code, code)}", path)
+    """Decode one tensor (see :func:`decode_many`)."""
+    decode_many([DecodeJob(s, numel, out, where, positive, negative, delta)], mode, path)

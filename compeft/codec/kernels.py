@@ -25,6 +25,11 @@ ERR_REMAINDER_END = 5  # same, remainder stream
 ERR_NEXT_BASE = 6  # the chunk's last position + 1 differs from the next chunk's base
 ERR_BOUNDS = 7  # a table entry points outside the arrays it was given
 
+ERR_TABLE_START = 8  # row 0 is not (0, 0, 0)
+ERR_TABLE_RANGE = 9  # a base or offset lies outside the tensor or its stream
+ERR_TABLE_ORDER = 10  # bases do not advance by at least the chunk's entries
+ERR_TABLE_BITS = 11  # stream offsets do not advance by what the chunk's entries need
+
 STATUS_MESSAGES = {
     ERR_QUOTIENT_OVERRUN: "unary quotient stream ends inside a chunk",
     ERR_REMAINDER_OVERRUN: "remainder stream ends inside a chunk",
@@ -33,6 +38,10 @@ STATUS_MESSAGES = {
     ERR_REMAINDER_END: "a chunk's remainder bits do not end where the next chunk starts",
     ERR_NEXT_BASE: "a chunk's last position does not meet the next chunk's base",
     ERR_BOUNDS: "a chunk table entry points outside its stream",
+    ERR_TABLE_START: "chunk table invalid: the first chunk does not start at zero",
+    ERR_TABLE_RANGE: "chunk table invalid: a base or offset lies outside the tensor or its stream",
+    ERR_TABLE_ORDER: "chunk table invalid: bases are not strictly increasing by at least the chunk size",
+    ERR_TABLE_BITS: "chunk table invalid: a chunk has fewer unary or remainder bits than its entries need",
 }
 
 # Output modes of the decode kernel.
@@ -195,13 +204,54 @@ def encode_golomb(values, threshold, m, chunk_size, table, qwords, rwords, sword
 # decoding
 
 
-@njit(cache=True, inline="always")
-def _decode_chunk(table, qwords, rwords, c, n_chunks, nnz, numel, m, b, cut, half, chunk_size,
-                  qbits, rbits, positions):
-    """Decode the positions of chunk ``c`` into ``positions`` (int64[chunk_size]).
+@njit(cache=True)
+def check_table(table, nnz, numel, chunk_size, width, unary_bits, remainder_bits):
+    """Check a chunk table (int64[n_chunks, 3]) against spec/FORMAT.md 5.3; returns OK or ERR_TABLE_*.
 
-    Returns (status, count, range start, range end): the chunk owns output range [start, end).
+    ``width`` is b = ceil(log2 m). Ranges are checked before differences, so nothing overflows.
     """
+    n = table.shape[0]
+    if n == 0:
+        return OK
+    if table[0, 0] != 0 or table[0, 1] != 0 or table[0, 2] != 0:
+        return ERR_TABLE_START
+    for c in range(n):
+        if not (0 <= table[c, 0] < numel and 0 <= table[c, 1] <= unary_bits and 0 <= table[c, 2] <= remainder_bits):
+            return ERR_TABLE_RANGE
+    short = max(width - 1, 0)
+    for c in range(n):
+        count = min(chunk_size, nnz - c * chunk_size)
+        if c + 1 < n:
+            span = table[c + 1, 0] - table[c, 0]
+            qspan = table[c + 1, 1] - table[c, 1]
+            rspan = table[c + 1, 2] - table[c, 2]
+        else:
+            span = numel - table[c, 0]
+            qspan = unary_bits - table[c, 1]
+            rspan = remainder_bits - table[c, 2]
+        if span < count:
+            return ERR_TABLE_ORDER
+        if qspan < count or rspan < count * short or rspan > count * width:
+            return ERR_TABLE_BITS
+    return OK
+
+
+@njit(cache=True)
+def _decode_chunk(table, qwords, rwords, swords, out, params, c, mode, delta, f16_lut):
+    """Decode chunk ``c`` of one tensor and write it to ``out`` according to ``mode``.
+
+    ``params`` (int64[8]): nnz, numel, m, chunk_size, unary_bits, remainder_bits, positive and
+    negative value bit patterns. Every read and write is bounds-checked against the arrays given;
+    a positive return is an ``ERR_*`` code (writes made before it are discarded by the caller, or
+    were preceded by a successful MODE_CHECK pass over the same payload).
+    """
+    nnz = params[0]
+    numel = params[1]
+    m = params[2]
+    chunk_size = params[3]
+    qbits = params[4]
+    rbits = params[5]
+    n_chunks = table.shape[0]
     base = table[c, 0]
     qpos = table[c, 1]
     rpos = table[c, 2]
@@ -214,16 +264,29 @@ def _decode_chunk(table, qwords, rwords, c, n_chunks, nnz, numel, m, b, cut, hal
         qend = qbits
         rend = rbits
     count = min(chunk_size, nnz - c * chunk_size)
+    first = c * chunk_size
+    writes = mode != MODE_CHECK
     if (base < 0 or end > numel or base > end or qpos < 0 or qend > qwords.shape[0] * 64
             or qpos > qend or rpos < 0 or rend > rwords.shape[0] * 64 or rpos > rend
-            or count > positions.shape[0] or count < 1):
-        return ERR_BOUNDS, 0, 0, 0
-    nxt = base
+            or count < 1 or ((first + count - 1) >> 6) >= swords.shape[0] or (writes and end > out.shape[0])):
+        return ERR_BOUNDS
+    b = 0
+    while (np.int64(1) << b) < m:
+        b += 1
+    cut = (np.int64(1) << b) - m
+    half = (np.int64(1) << (b - 1)) - cut if b > 0 else 0
     mask_low = (np.int64(1) << (b - 1)) - 1 if b > 0 else 0
+    qmax = numel // m  # q above this cannot land inside the tensor; also keeps q * m from overflowing
     nrwords = rwords.shape[0]
+    positive = params[6]
+    flip = params[7] ^ positive
+    if mode == MODE_DENSE:
+        for p in range(base, end):
+            out[p] = 0
+    nxt = base
     for i in range(count):
         if qpos >= qend:
-            return ERR_QUOTIENT_OVERRUN, 0, 0, 0
+            return ERR_QUOTIENT_OVERRUN
         # unary quotient: count zero bits up to the next one bit
         start = qpos
         word = qwords[qpos >> 6] >> np.uint64(qpos & 63)
@@ -233,16 +296,18 @@ def _decode_chunk(table, qwords, rwords, c, n_chunks, nnz, numel, m, b, cut, hal
             qpos = ((qpos >> 6) + 1) << 6
             while True:
                 if qpos >= qend:
-                    return ERR_QUOTIENT_OVERRUN, 0, 0, 0
+                    return ERR_QUOTIENT_OVERRUN
                 word = qwords[qpos >> 6]
                 if word != 0:
                     qpos += np.int64(trailing_zeros(word)) + 1
                     break
                 qpos += 64
         if qpos > qend:
-            return ERR_QUOTIENT_OVERRUN, 0, 0, 0
+            return ERR_QUOTIENT_OVERRUN
         q = qpos - start - 1
-        # truncated-binary remainder
+        if q > qmax:
+            return ERR_POSITION_RANGE
+        # truncated-binary remainder, without a data-dependent branch
         r = 0
         if b > 0:
             wi = rpos >> 6
@@ -253,83 +318,48 @@ def _decode_chunk(table, qwords, rwords, c, n_chunks, nnz, numel, m, b, cut, hal
                 if off + b > 64 and wi + 1 < nrwords:
                     v |= np.int64(rwords[wi + 1] << np.uint64(64 - off))
             x = v & mask_low
-            if x < cut:
-                r = x
-                rpos += b - 1
-            else:
-                r = x + ((v >> (b - 1)) & 1) * half
-                rpos += b
+            long_form = np.int64(x >= cut)
+            r = x + long_form * ((v >> (b - 1)) & 1) * half
+            rpos += b - 1 + long_form
             if rpos > rend:
-                return ERR_REMAINDER_OVERRUN, 0, 0, 0
-        if q > (end - nxt) // m:
-            return ERR_POSITION_RANGE, 0, 0, 0
+                return ERR_REMAINDER_OVERRUN
         pos = nxt + q * m + r
         if pos >= end:
-            return ERR_POSITION_RANGE, 0, 0, 0
-        positions[i] = pos
+            return ERR_POSITION_RANGE
         nxt = pos + 1
+        e = first + i
+        negative = np.int64((swords[e >> 6] >> np.uint64(e & 63)) & np.uint64(1))
+        if mode == MODE_DENSE or mode == MODE_SCATTER:
+            out[pos] = positive ^ (negative * flip)
+        elif mode == MODE_ADD_F32:
+            w = np.uint32(out[pos]).view(np.float32) + (-delta if negative else delta)
+            out[pos] = np.float32(w).view(np.uint32)
+        elif mode == MODE_ADD_BF16:
+            out[pos] = f32_to_bf16_bits(bf16_bits_to_f32(out[pos]) + (-delta if negative else delta))
+        elif mode == MODE_ADD_F16:
+            out[pos] = f32_to_f16_bits(f16_lut[out[pos]] + (-delta if negative else delta))
     if qpos != qend:
-        return ERR_QUOTIENT_END, 0, 0, 0
+        return ERR_QUOTIENT_END
     if rpos != rend:
-        return ERR_REMAINDER_END, 0, 0, 0
+        return ERR_REMAINDER_END
     if c + 1 < n_chunks and nxt != end:
-        return ERR_NEXT_BASE, 0, 0, 0
-    return OK, count, base, end
+        return ERR_NEXT_BASE
+    return OK
 
 
 @njit(cache=True, parallel=True)
-def decode_golomb(table, qwords, rwords, swords, nnz, numel, m, chunk_size, qbits, rbits,
-                  mode, out, positive, negative, delta, f16_lut, status):
-    """Decode every chunk in parallel and write according to ``mode`` (see ``MODE_*``).
+def decode_golomb(tables, unaries, remainders, signs, outs, params, deltas, work, mode, f16_lut, status):
+    """Decode many tensors' chunks in one parallel region.
 
-    ``out`` is the flat output as raw bits (uint16[numel] for 16-bit floats, uint32[numel] for
-    float32); ``positive``/``negative`` are the value bit patterns (MODE_DENSE); ``delta`` is the
-    float32 added per kept entry (MODE_ADD_*, negated for a set sign bit); ``f16_lut``
-    (float32[65536]) maps float16 bits to float32; ``status`` (int64[n_chunks]) gets a code per
-    chunk.
+    Per tensor t: ``tables[t]`` (int64[n_chunks, 3]), ``unaries[t]``, ``remainders[t]``,
+    ``signs[t]`` (uint64 streams), ``outs[t]`` (flat uint16 or uint32 bits of the output),
+    ``params[t]`` (see ``_decode_chunk``) and ``deltas[t]`` (float32, MODE_ADD_*). ``work``
+    (int64[w, 2]) lists (tensor, chunk) pairs; ``status`` (int64[w]) gets a code per pair.
     """
-    n_chunks = table.shape[0]
-    b = 0
-    while (np.int64(1) << b) < m:
-        b += 1
-    cut = (np.int64(1) << b) - m
-    half = (np.int64(1) << (b - 1)) - cut if b > 0 else 0
-    nswords = swords.shape[0]
-    for c in prange(n_chunks):
-        positions = np.empty(chunk_size, np.int64)
-        st, count, start, end = _decode_chunk(table, qwords, rwords, c, n_chunks, nnz, numel, m,
-                                              b, cut, half, chunk_size, qbits, rbits, positions)
-        status[c] = st
-        if st != OK or mode == MODE_CHECK:
-            continue
-        if end > out.shape[0] or ((c * chunk_size + count - 1) >> 6) >= nswords:
-            status[c] = ERR_BOUNDS
-            continue
-        first = c * chunk_size
-        if mode == MODE_DENSE or mode == MODE_SCATTER:
-            if mode == MODE_DENSE:
-                for p in range(start, end):
-                    out[p] = 0
-            for i in range(count):
-                e = first + i
-                if (swords[e >> 6] >> np.uint64(e & 63)) & np.uint64(1):
-                    out[positions[i]] = negative
-                else:
-                    out[positions[i]] = positive
-        else:
-            for i in range(count):
-                e = first + i
-                d = delta
-                if (swords[e >> 6] >> np.uint64(e & 63)) & np.uint64(1):
-                    d = -delta
-                p = positions[i]
-                if mode == MODE_ADD_F32:
-                    w = np.uint32(out[p]).view(np.float32) + d
-                    out[p] = np.float32(w).view(np.uint32)
-                elif mode == MODE_ADD_BF16:
-                    out[p] = f32_to_bf16_bits(bf16_bits_to_f32(out[p]) + d)
-                else:
-                    out[p] = f32_to_f16_bits(f16_lut[out[p]] + d)
+    for j in prange(work.shape[0]):
+        t = work[j, 0]
+        status[j] = _decode_chunk(tables[t], unaries[t], remainders[t], signs[t], outs[t], params[t], work[j, 1],
+                                  mode, deltas[t], f16_lut)
 
 
 # ---------------------------------------------------------------------------------------------
