@@ -84,20 +84,25 @@ def encode(values: np.ndarray, threshold: float, chunk_size: int = DEFAULT_CHUNK
 
 
 def parse_payload(payload: bytes | bytearray | memoryview | np.ndarray, *, nnz: int, numel: int, golomb_m: int,
-                  chunk_size: int, unary_bits: int, remainder_bits: int, where: str, path: object) -> GolombStreams:
-    """Split a payload into its streams and check the chunk table (no kernel runs here)."""
+                  chunk_size: int, unary_bits: int, remainder_bits: int, where: str, path: object,
+                  check: bool = True) -> GolombStreams:
+    """Split a payload into its streams; with ``check``, also check the chunk table (spec 5.3).
+
+    (:func:`decode_many` checks every table again, in one batch, before it decodes.)
+    """
     expected = golomb_payload_length(nnz, chunk_size, unary_bits, remainder_bits)
     size = memoryview(payload).nbytes
     if size != expected:
         raise CorruptPayloadError(f"{where}: payload is {size} bytes, expected {expected}", path)
     words = np.frombuffer(payload, dtype="<u8") if not isinstance(payload, np.ndarray) else payload.view("<u8")
     n_chunks = -(-nnz // chunk_size)
-    sizes = [3 * n_chunks, -(-unary_bits // 64), -(-remainder_bits // 64), -(-nnz // 64)]
-    bounds = np.cumsum([0, *sizes])
-    table = words[bounds[0]:bounds[1]].view(np.int64).reshape(n_chunks, 3)
-    streams = GolombStreams(nnz, golomb_m, chunk_size, unary_bits, remainder_bits, table,
-                            *(words[bounds[i]:bounds[i + 1]] for i in (1, 2, 3)))
-    _check_table(streams, numel, where, path)
+    a = 3 * n_chunks
+    b = a - (-unary_bits // 64)
+    c = b - (-remainder_bits // 64)
+    streams = GolombStreams(nnz, golomb_m, chunk_size, unary_bits, remainder_bits,
+                            words[:a].view(np.int64).reshape(n_chunks, 3), words[a:b], words[b:c], words[c:])
+    if check:
+        _check_table(streams, numel, where, path)
     return streams
 
 
@@ -106,13 +111,6 @@ def _check_table(s: GolombStreams, numel: int, where: str, path: object) -> None
                                s.remainder_bits)
     if code != kernels.OK:
         raise CorruptPayloadError(f"{where}: {kernels.STATUS_MESSAGES[code]}", path)
-
-
-def _readonly(array: np.ndarray) -> np.ndarray:
-    # Numba's typed lists hold one array type; payloads read from bytes are read-only, so all are.
-    view = array.view()
-    view.flags.writeable = False
-    return view
 
 
 @dataclass
@@ -129,10 +127,8 @@ class DecodeJob:
 
 
 def decode_many(jobs: Sequence[DecodeJob], mode: int, path: object) -> None:
-    """Decode every chunk of every job in one parallel region (see ``kernels.MODE_*``).
-
-    Raises :class:`CorruptPayloadError` naming the first corrupt tensor and chunk.
-    """
+    """Check the chunk tables, then decode every chunk of every job in one parallel region
+    (see ``kernels.MODE_*``). Raises :class:`CorruptPayloadError` naming the first bad tensor."""
     groups: dict[Any, list[DecodeJob]] = {}
     for job in jobs:
         if mode != kernels.MODE_CHECK and (job.out.ndim != 1 or job.out.size != job.numel):
@@ -148,33 +144,46 @@ def decode_many(jobs: Sequence[DecodeJob], mode: int, path: object) -> None:
 
 
 def _decode_group(group: list[DecodeJob], mode: int, empty: np.ndarray, path: object) -> None:
-    tables, unaries, remainders, signs, outs = List(), List(), List(), List(), List()
-    params = np.empty((len(group), 8), dtype=np.int64)
-    deltas = np.empty(len(group), dtype=np.float32)
+    params = np.empty((len(group), kernels.N_PARAMS), dtype=np.int64)
+    parts: list[np.ndarray] = []
+    outs = List()
+    offset = 0
     for t, job in enumerate(group):
         s = job.streams
-        tables.append(_readonly(s.table))
-        unaries.append(_readonly(s.unary))
-        remainders.append(_readonly(s.remainders))
-        signs.append(_readonly(s.signs))
+        row = [s.nnz, job.numel, s.golomb_m, s.chunk_size, s.unary_bits, s.remainder_bits, job.positive,
+               job.negative, offset]
+        for part in (s.table.reshape(-1).view(np.uint64), s.unary, s.remainders, s.signs):
+            parts.append(part)
+            offset += part.size
+            row.append(offset)
+        params[t] = row
         outs.append(empty if mode == kernels.MODE_CHECK else job.out)
-        params[t] = (s.nnz, job.numel, s.golomb_m, s.chunk_size, s.unary_bits, s.remainder_bits,
-                     job.positive, job.negative)
-        deltas[t] = job.delta
-    chunks = np.array([job.streams.table.shape[0] for job in group], dtype=np.int64)
+    words = np.concatenate(parts) if parts else np.empty(0, np.uint64)
+    status = np.zeros(len(group), dtype=np.int64)
+    kernels.check_tables(words, params, status)
+    _raise_first(status, None, group, path)
+    chunks = params[:, kernels.P_UNARY] - params[:, kernels.P_TABLE]
+    chunks //= 3
     starts = np.cumsum(chunks) - chunks
     work = np.empty((int(chunks.sum()), 2), dtype=np.int64)
     work[:, 0] = np.repeat(np.arange(len(group)), chunks)
     work[:, 1] = np.arange(work.shape[0]) - np.repeat(starts, chunks)
+    deltas = np.array([job.delta for job in group], dtype=np.float32)
     status = np.zeros(work.shape[0], dtype=np.int64)
-    kernels.decode_golomb(tables, unaries, remainders, signs, outs, params, deltas, work, mode,
-                          kernels.F16_TO_F32, status)
+    kernels.decode_golomb(words, params, outs, deltas, work, mode, kernels.F16_TO_F32, status)
+    _raise_first(status, work, group, path)
+
+
+def _raise_first(status: np.ndarray, work: np.ndarray | None, group: list[DecodeJob], path: object) -> None:
     bad = np.flatnonzero(status)
-    if bad.size:
-        t, c = work[bad[0]]
-        code = int(status[bad[0]])
-        raise CorruptPayloadError(
-            f"{group[t].where}: chunk {int(c)} is corrupt: {kernels.STATUS_MESSAGES.get(code, code)}", path)
+    if not bad.size:
+        return
+    code = int(status[bad[0]])
+    message = kernels.STATUS_MESSAGES.get(code, str(code))
+    if work is None:
+        raise CorruptPayloadError(f"{group[int(bad[0])].where}: {message}", path)
+    t, c = work[bad[0]]
+    raise CorruptPayloadError(f"{group[int(t)].where}: chunk {int(c)} is corrupt: {message}", path)
 
 
 def decode(s: GolombStreams, numel: int, mode: int, out: np.ndarray, *, positive: int = 0, negative: int = 0,

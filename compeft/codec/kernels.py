@@ -240,8 +240,8 @@ def check_table(table, nnz, numel, chunk_size, width, unary_bits, remainder_bits
 def _decode_chunk(table, qwords, rwords, swords, out, params, c, mode, delta, f16_lut):
     """Decode chunk ``c`` of one tensor and write it to ``out`` according to ``mode``.
 
-    ``params`` (int64[8]): nnz, numel, m, chunk_size, unary_bits, remainder_bits, positive and
-    negative value bit patterns. Every read and write is bounds-checked against the arrays given;
+    ``params`` (int64[N_PARAMS], see ``P_*``): nnz, numel, m, chunk_size, unary_bits,
+    remainder_bits, positive and negative value bit patterns, word offsets. Every read and write is bounds-checked against the arrays given;
     a positive return is an ``ERR_*`` code (writes made before it are discarded by the caller, or
     were preceded by a successful MODE_CHECK pass over the same payload).
     """
@@ -347,19 +347,54 @@ def _decode_chunk(table, qwords, rwords, swords, out, params, c, mode, delta, f1
     return OK
 
 
+# Columns of the per-tensor parameter rows given to the batch kernels.
+P_NNZ, P_NUMEL, P_M, P_CHUNK, P_UNARY_BITS, P_REMAINDER_BITS, P_POSITIVE, P_NEGATIVE = range(8)
+P_TABLE, P_UNARY, P_REMAINDER, P_SIGNS, P_END = range(8, 13)  # word offsets into the shared words array
+N_PARAMS = 13
+
+
+@njit(cache=True, inline="always")
+def _parts(words, row):
+    """The table (int64[n, 3]) and the three streams of one tensor inside the shared words array."""
+    n_chunks = (row[P_UNARY] - row[P_TABLE]) // 3
+    table = words[row[P_TABLE]:row[P_UNARY]].view(np.int64).reshape((n_chunks, 3))
+    return (table, words[row[P_UNARY]:row[P_REMAINDER]], words[row[P_REMAINDER]:row[P_SIGNS]],
+            words[row[P_SIGNS]:row[P_END]])
+
+
+@njit(cache=True)
+def check_tables(words, params, status):
+    """``check_table`` for every tensor (rows of ``params``); ``status`` (int64[t]) gets the codes."""
+    for t in range(params.shape[0]):
+        row = params[t]
+        if not (0 <= row[P_TABLE] <= row[P_UNARY] <= row[P_REMAINDER] <= row[P_SIGNS] <= row[P_END] <= words.shape[0]
+                and (row[P_UNARY] - row[P_TABLE]) % 3 == 0):
+            status[t] = ERR_BOUNDS
+            continue
+        table = _parts(words, row)[0]
+        width = 0
+        while (np.int64(1) << width) < row[P_M]:
+            width += 1
+        status[t] = check_table(table, row[P_NNZ], row[P_NUMEL], row[P_CHUNK], width, row[P_UNARY_BITS],
+                                row[P_REMAINDER_BITS])
+
+
 @njit(cache=True, parallel=True)
-def decode_golomb(tables, unaries, remainders, signs, outs, params, deltas, work, mode, f16_lut, status):
+def decode_golomb(words, params, outs, deltas, work, mode, f16_lut, status):
     """Decode many tensors' chunks in one parallel region.
 
-    Per tensor t: ``tables[t]`` (int64[n_chunks, 3]), ``unaries[t]``, ``remainders[t]``,
-    ``signs[t]`` (uint64 streams), ``outs[t]`` (flat uint16 or uint32 bits of the output),
-    ``params[t]`` (see ``_decode_chunk``) and ``deltas[t]`` (float32, MODE_ADD_*). ``work``
-    (int64[w, 2]) lists (tensor, chunk) pairs; ``status`` (int64[w]) gets a code per pair.
+    ``words`` (uint64) holds every tensor's payload; row t of ``params`` (int64[t, N_PARAMS]) gives
+    its header fields, value patterns and word offsets (``P_*``); ``outs[t]`` is its flat output
+    bits (uint16 or uint32; unused by MODE_CHECK); ``deltas[t]`` the float32 step of MODE_ADD_*.
+    ``work`` (int64[w, 2]) lists (tensor, chunk) pairs; ``status`` (int64[w]) gets a code per pair.
+    The caller has run :func:`check_tables` on the same rows.
     """
     for j in prange(work.shape[0]):
         t = work[j, 0]
-        status[j] = _decode_chunk(tables[t], unaries[t], remainders[t], signs[t], outs[t], params[t], work[j, 1],
-                                  mode, deltas[t], f16_lut)
+        row = params[t]
+        table, unary, remainders, signs = _parts(words, row)
+        status[j] = _decode_chunk(table, unary, remainders, signs, outs[t], row, work[j, 1], mode, deltas[t],
+                                  f16_lut)
 
 
 # ---------------------------------------------------------------------------------------------

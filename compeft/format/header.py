@@ -189,8 +189,6 @@ def parse_header(text: bytes, header_crc: int, data_start: int, file_length: int
         doc = json.loads(text.decode("utf-8"), parse_constant=_reject_constant)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise HeaderError(f"header is not valid UTF-8 JSON ({exc})", path) from None
-    if _json_depth(doc) > MAX_JSON_DEPTH:
-        raise HeaderError(f"header JSON nests deeper than {MAX_JSON_DEPTH} levels", path)
     if not isinstance(doc, dict) or doc.get("format") != "compeft":
         raise HeaderError('header is not a JSON object with "format": "compeft"', path)
     if doc.get("format_version") != FORMAT_VERSION:
@@ -199,6 +197,9 @@ def parse_header(text: bytes, header_crc: int, data_start: int, file_length: int
     raw_tensors = doc.get("tensors")
     if not isinstance(metadata, dict) or not isinstance(raw_tensors, list):
         raise HeaderError('header needs a "metadata" object and a "tensors" array', path)
+    # Tensor entries have a fixed shape (checked field by field); free-form JSON lives in metadata.
+    if _json_depth(metadata) > MAX_JSON_DEPTH:
+        raise HeaderError(f"header JSON nests deeper than {MAX_JSON_DEPTH} levels", path)
     _check_metadata(metadata, path)
     if len(raw_tensors) > MAX_TENSORS:
         raise HeaderError(f"{len(raw_tensors)} tensors exceed the limit of {MAX_TENSORS}", path)
