@@ -144,7 +144,7 @@ def compress(source: TensorSource, *, base: PathLike | None = None, density: flo
             entry = dict(encoding=ENCODING_GOLOMB, role="delta", init=t.init, nnz=streams.nnz,
                          scale=ternary_scale(alpha, chosen.sigma), golomb_m=streams.golomb_m,
                          chunk_size=chunk_size, unary_bits=streams.unary_bits,
-                         remainder_bits=streams.remainder_bits)
+                         high_bits=streams.high_bits)
         else:
             is_delta = src.kind == "tensors" and t.dtype.is_floating_point
             value = (t.load() if is_delta else t.load_value()).detach().cpu()

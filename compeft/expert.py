@@ -129,7 +129,7 @@ class CompressedExpert:
 
     def _parse(self, e: TensorEntry, payload: memoryview) -> golomb.GolombStreams:
         return golomb.parse_payload(payload, nnz=e.nnz, numel=e.numel, golomb_m=e.golomb_m, chunk_size=e.chunk_size,
-                                    unary_bits=e.unary_bits, remainder_bits=e.remainder_bits,
+                                    unary_bits=e.unary_bits, high_bits=e.high_bits,
                                     where=f"tensor {e.name!r}", path=self.path, check=False)
 
     @staticmethod

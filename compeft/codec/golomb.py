@@ -22,26 +22,34 @@ DEFAULT_CHUNK_SIZE = 16384
 
 @dataclass(frozen=True)
 class GolombStreams:
-    """The four parts of a ternary-golomb payload, as numpy views."""
+    """The five parts of a ternary-golomb payload (spec/FORMAT.md 5.1), as numpy views."""
 
     nnz: int
     golomb_m: int
     chunk_size: int
     unary_bits: int
-    remainder_bits: int
-    table: np.ndarray  # int64[n_chunks, 3]: base position, unary bit offset, remainder bit offset
+    high_bits: int
+    table: np.ndarray  # int64[n_chunks, 3]: base position, unary bit offset, high bit offset
     unary: np.ndarray  # uint64[ceil(unary_bits / 64)]
-    remainders: np.ndarray  # uint64[ceil(remainder_bits / 64)]
+    low: np.ndarray  # uint64[ceil(nnz * max(b - 1, 0) / 64)]: fixed-width low remainder fields
+    high: np.ndarray  # uint64[ceil(high_bits / 64)]: one bit per long-form remainder
     signs: np.ndarray  # uint64[ceil(nnz / 64)]
 
     def payload_parts(self) -> list[memoryview]:
         """The payload bytes in file order (little-endian words)."""
         return [memoryview(np.ascontiguousarray(a).astype("<u8", copy=False)).cast("B")
-                for a in (self.table.reshape(-1), self.unary, self.remainders, self.signs)]
+                for a in (self.table.reshape(-1), self.unary, self.low, self.high, self.signs)]
 
     @property
     def payload_length(self) -> int:
-        return golomb_payload_length(self.nnz, self.chunk_size, self.unary_bits, self.remainder_bits)
+        return golomb_payload_length(self.nnz, self.chunk_size, self.golomb_m, self.unary_bits, self.high_bits)
+
+
+def stream_words(nnz: int, chunk_size: int, golomb_m: int, unary_bits: int, high_bits: int) -> tuple[int, ...]:
+    """Words of the table, unary, low, high and sign parts."""
+    width = max(golomb_width(golomb_m) - 1, 0)
+    return (3 * -(-nnz // chunk_size), -(-unary_bits // 64), -(-(nnz * width) // 64), -(-high_bits // 64),
+            -(-nnz // 64))
 
 
 def golomb_candidates(nnz: int, numel: int) -> np.ndarray:
@@ -70,45 +78,43 @@ def encode(values: np.ndarray, threshold: float, chunk_size: int = DEFAULT_CHUNK
     candidates = golomb_candidates(nnz, values.size)
     costs = np.zeros((candidates.size, 2), dtype=np.int64)
     kernels.count_gap_costs(values, thr, candidates, costs)
-    best = int(np.argmin(costs.sum(axis=1)))  # ties: the smallest m (candidates are sorted)
+    widths = np.array([max(golomb_width(int(m)) - 1, 0) for m in candidates], dtype=np.int64)
+    best = int(np.argmin(costs.sum(axis=1) + nnz * widths))  # ties: the smallest m (candidates are sorted)
     m = int(candidates[best])
-    unary_bits, remainder_bits = int(costs[best, 0]), int(costs[best, 1])
-    n_chunks = -(-nnz // chunk_size)
-    table = np.zeros((n_chunks, 3), dtype=np.int64)
-    unary = np.zeros(-(-unary_bits // 64), dtype=np.uint64)
-    remainders = np.zeros(-(-remainder_bits // 64), dtype=np.uint64)
-    signs = np.zeros(-(-nnz // 64), dtype=np.uint64)
-    got = kernels.encode_golomb(values, thr, m, chunk_size, table, unary, remainders, signs)
-    assert got == (nnz, unary_bits, remainder_bits), "encoder passes disagree"
-    return GolombStreams(nnz, m, chunk_size, unary_bits, remainder_bits, table, unary, remainders, signs)
+    unary_bits, high_bits = int(costs[best, 0]), int(costs[best, 1])
+    sizes = stream_words(nnz, chunk_size, m, unary_bits, high_bits)
+    table = np.zeros((sizes[0] // 3, 3), dtype=np.int64)
+    unary, low, high, signs = (np.zeros(n, dtype=np.uint64) for n in sizes[1:])
+    got = kernels.encode_golomb(values, thr, m, chunk_size, table, unary, low, high, signs)
+    assert got == (nnz, unary_bits, high_bits), "encoder passes disagree"
+    return GolombStreams(nnz, m, chunk_size, unary_bits, high_bits, table, unary, low, high, signs)
 
 
 def parse_payload(payload: bytes | bytearray | memoryview | np.ndarray, *, nnz: int, numel: int, golomb_m: int,
-                  chunk_size: int, unary_bits: int, remainder_bits: int, where: str, path: object,
+                  chunk_size: int, unary_bits: int, high_bits: int, where: str, path: object,
                   check: bool = True) -> GolombStreams:
     """Split a payload into its streams; with ``check``, also check the chunk table (spec 5.3).
 
     (:func:`decode_many` checks every table again, in one batch, before it decodes.)
     """
-    expected = golomb_payload_length(nnz, chunk_size, unary_bits, remainder_bits)
+    expected = golomb_payload_length(nnz, chunk_size, golomb_m, unary_bits, high_bits)
     size = memoryview(payload).nbytes
     if size != expected:
         raise CorruptPayloadError(f"{where}: payload is {size} bytes, expected {expected}", path)
     words = np.frombuffer(payload, dtype="<u8") if not isinstance(payload, np.ndarray) else payload.view("<u8")
-    n_chunks = -(-nnz // chunk_size)
-    a = 3 * n_chunks
-    b = a - (-unary_bits // 64)
-    c = b - (-remainder_bits // 64)
-    streams = GolombStreams(nnz, golomb_m, chunk_size, unary_bits, remainder_bits,
-                            words[:a].view(np.int64).reshape(n_chunks, 3), words[a:b], words[b:c], words[c:])
+    bounds = [0]
+    for n in stream_words(nnz, chunk_size, golomb_m, unary_bits, high_bits):
+        bounds.append(bounds[-1] + n)
+    table = words[:bounds[1]].view(np.int64).reshape(bounds[1] // 3, 3)
+    streams = GolombStreams(nnz, golomb_m, chunk_size, unary_bits, high_bits, table,
+                            *(words[bounds[i]:bounds[i + 1]] for i in range(1, 5)))
     if check:
         _check_table(streams, numel, where, path)
     return streams
 
 
 def _check_table(s: GolombStreams, numel: int, where: str, path: object) -> None:
-    code = kernels.check_table(s.table, s.nnz, numel, s.chunk_size, golomb_width(s.golomb_m), s.unary_bits,
-                               s.remainder_bits)
+    code = kernels.check_table(s.table, s.nnz, numel, s.chunk_size, s.unary_bits, s.high_bits)
     if code != kernels.OK:
         raise CorruptPayloadError(f"{where}: {kernels.STATUS_MESSAGES[code]}", path)
 
@@ -150,9 +156,9 @@ def _decode_group(group: list[DecodeJob], mode: int, empty: np.ndarray, path: ob
     offset = 0
     for t, job in enumerate(group):
         s = job.streams
-        row = [s.nnz, job.numel, s.golomb_m, s.chunk_size, s.unary_bits, s.remainder_bits, job.positive,
+        row = [s.nnz, job.numel, s.golomb_m, s.chunk_size, s.unary_bits, s.high_bits, job.positive,
                job.negative, offset]
-        for part in (s.table.reshape(-1).view(np.uint64), s.unary, s.remainders, s.signs):
+        for part in (s.table.reshape(-1).view(np.uint64), s.unary, s.low, s.high, s.signs):
             parts.append(part)
             offset += part.size
             row.append(offset)

@@ -18,10 +18,9 @@ from numba.cpython.unsafe.numbers import trailing_zeros
 # Status codes a decode kernel returns per chunk (0 = the chunk decoded and matched the table).
 OK = 0
 ERR_QUOTIENT_OVERRUN = 1  # the unary stream ended before the chunk's entries did
-ERR_REMAINDER_OVERRUN = 2  # the remainder stream ended before the chunk's entries did
 ERR_POSITION_RANGE = 3  # a position fell outside [chunk base, next chunk base) or the tensor
 ERR_QUOTIENT_END = 4  # the chunk did not end exactly where the next one starts (unary stream)
-ERR_REMAINDER_END = 5  # same, remainder stream
+ERR_HIGH_END = 5  # same, high remainder stream
 ERR_NEXT_BASE = 6  # the chunk's last position + 1 differs from the next chunk's base
 ERR_BOUNDS = 7  # a table entry points outside the arrays it was given
 
@@ -32,16 +31,15 @@ ERR_TABLE_BITS = 11  # stream offsets do not advance by what the chunk's entries
 
 STATUS_MESSAGES = {
     ERR_QUOTIENT_OVERRUN: "unary quotient stream ends inside a chunk",
-    ERR_REMAINDER_OVERRUN: "remainder stream ends inside a chunk",
     ERR_POSITION_RANGE: "a decoded position lies outside its chunk or the tensor",
     ERR_QUOTIENT_END: "a chunk's unary bits do not end where the next chunk starts",
-    ERR_REMAINDER_END: "a chunk's remainder bits do not end where the next chunk starts",
+    ERR_HIGH_END: "a chunk's high remainder bits do not end where the next chunk starts",
     ERR_NEXT_BASE: "a chunk's last position does not meet the next chunk's base",
     ERR_BOUNDS: "a chunk table entry points outside its stream",
     ERR_TABLE_START: "chunk table invalid: the first chunk does not start at zero",
     ERR_TABLE_RANGE: "chunk table invalid: a base or offset lies outside the tensor or its stream",
     ERR_TABLE_ORDER: "chunk table invalid: bases are not strictly increasing by at least the chunk size",
-    ERR_TABLE_BITS: "chunk table invalid: a chunk has fewer unary or remainder bits than its entries need",
+    ERR_TABLE_BITS: "chunk table invalid: a chunk has fewer unary bits or more high bits than its entries allow",
 }
 
 # Output modes of the decode kernel.
@@ -109,22 +107,30 @@ def _is_kept(v, threshold):
     return v != 0.0 and abs(v) >= threshold
 
 
+@njit(cache=True, inline="always")
+def golomb_fields(m):
+    """(b, cut, half) of Golomb parameter m: b = ceil(log2 m), cut = 2**b - m, half = 2**(b-1) - cut."""
+    b = 0
+    while (np.int64(1) << b) < m:
+        b += 1
+    cut = (np.int64(1) << b) - m
+    half = (np.int64(1) << (b - 1)) - cut if b > 0 else 0
+    return b, cut, half
+
+
 @njit(cache=True)
 def count_gap_costs(values, threshold, candidates, costs):
-    """Count kept entries of ``values`` (float32[n]) and the exact bit cost of their gaps.
+    """Count kept entries of ``values`` (float32[n]) and the exact stream sizes of their gaps.
 
     ``candidates`` (int64[c]) are Golomb parameters m >= 1; ``costs`` (int64[c, 2]) receives per
-    candidate the unary bits (quotients + terminators) and the remainder bits. Returns nnz.
+    candidate the unary bits (quotients + terminators) and the high bits (remainders in the long
+    form); the low fields add nnz * max(b - 1, 0) bits. Returns nnz.
     """
     nc = candidates.shape[0]
-    bits = np.empty(nc, np.int64)
     cuts = np.empty(nc, np.int64)
     for j in range(nc):
-        b = 0
-        while (np.int64(1) << b) < candidates[j]:
-            b += 1
-        bits[j] = b
-        cuts[j] = (np.int64(1) << b) - candidates[j]
+        b, cut, half = golomb_fields(candidates[j])
+        cuts[j] = cut if b > 0 else np.int64(1) << 62  # m = 1: no remainder, never a high bit
         costs[j, 0] = 0
         costs[j, 1] = 0
     nnz = 0
@@ -137,30 +143,25 @@ def count_gap_costs(values, threshold, candidates, costs):
             for j in range(nc):
                 m = candidates[j]
                 q = gap // m
-                r = gap - q * m
                 costs[j, 0] += q + 1
-                b = bits[j]
-                if b > 0:
-                    costs[j, 1] += b - 1 if r < cuts[j] else b
+                if gap - q * m >= cuts[j]:
+                    costs[j, 1] += 1
     return nnz
 
 
 @njit(cache=True)
-def encode_golomb(values, threshold, m, chunk_size, table, qwords, rwords, swords):
+def encode_golomb(values, threshold, m, chunk_size, table, qwords, lwords, hwords, swords):
     """Write the ternary-golomb streams of ``values`` (float32[n]) kept at ``threshold``.
 
-    ``table`` (int64[n_chunks, 3]) receives per chunk (base position, unary bit offset, remainder
-    bit offset); ``qwords``, ``rwords``, ``swords`` (uint64, zero-filled, sized from
-    :func:`count_gap_costs`) receive the unary, remainder and sign streams.
-    Returns (nnz, unary bits, remainder bits).
+    ``table`` (int64[n_chunks, 3]) receives per chunk (base position, unary bit offset, high bit
+    offset); ``qwords``, ``lwords``, ``hwords``, ``swords`` (uint64, zero-filled, sized from
+    :func:`count_gap_costs`) receive the unary, low, high and sign streams.
+    Returns (nnz, unary bits, high bits).
     """
-    b = 0
-    while (np.int64(1) << b) < m:
-        b += 1
-    cut = (np.int64(1) << b) - m
-    half = (np.int64(1) << (b - 1)) - cut if b > 0 else 0
+    b, cut, half = golomb_fields(m)
+    width = b - 1 if b > 0 else 0
     qpos = 0
-    rpos = 0
+    hpos = 0
     nnz = 0
     nxt = 0
     for i in range(values.shape[0]):
@@ -171,7 +172,7 @@ def encode_golomb(values, threshold, m, chunk_size, table, qwords, rwords, sword
             c = nnz // chunk_size
             table[c, 0] = nxt
             table[c, 1] = qpos
-            table[c, 2] = rpos
+            table[c, 2] = hpos
         gap = i - nxt
         nxt = i + 1
         q = gap // m
@@ -181,34 +182,37 @@ def encode_golomb(values, threshold, m, chunk_size, table, qwords, rwords, sword
         qpos += 1
         if b > 0:
             if r < cut:
-                width = b - 1
-                field = r
+                low = r
             else:
-                width = b
                 j = r - cut
                 low = cut + j % half
-                field = low | ((j // half) << (b - 1))
+                if j >= half:
+                    hwords[hpos >> 6] |= np.uint64(1) << np.uint64(hpos & 63)
+                hpos += 1
             if width > 0:
-                off = rpos & 63
-                rwords[rpos >> 6] |= np.uint64(field) << np.uint64(off)
+                lpos = nnz * width
+                off = lpos & 63
+                lwords[lpos >> 6] |= np.uint64(low) << np.uint64(off)
                 if off + width > 64:
-                    rwords[(rpos >> 6) + 1] |= np.uint64(field) >> np.uint64(64 - off)
-                rpos += width
+                    lwords[(lpos >> 6) + 1] |= np.uint64(low) >> np.uint64(64 - off)
         if v < 0:
             swords[nnz >> 6] |= np.uint64(1) << np.uint64(nnz & 63)
         nnz += 1
-    return nnz, qpos, rpos
+    return nnz, qpos, hpos
 
 
 # ---------------------------------------------------------------------------------------------
 # decoding
 
 
+U = np.uint64  # array indices known to be in range: unsigned, so Numba emits no wraparound test
+
+
 @njit(cache=True)
-def check_table(table, nnz, numel, chunk_size, width, unary_bits, remainder_bits):
+def check_table(table, nnz, numel, chunk_size, unary_bits, high_bits):
     """Check a chunk table (int64[n_chunks, 3]) against spec/FORMAT.md 5.3; returns OK or ERR_TABLE_*.
 
-    ``width`` is b = ceil(log2 m). Ranges are checked before differences, so nothing overflows.
+    Ranges are checked before differences, so nothing overflows on hostile values.
     """
     n = table.shape[0]
     if n == 0:
@@ -216,149 +220,142 @@ def check_table(table, nnz, numel, chunk_size, width, unary_bits, remainder_bits
     if table[0, 0] != 0 or table[0, 1] != 0 or table[0, 2] != 0:
         return ERR_TABLE_START
     for c in range(n):
-        if not (0 <= table[c, 0] < numel and 0 <= table[c, 1] <= unary_bits and 0 <= table[c, 2] <= remainder_bits):
+        if not (0 <= table[c, 0] < numel and 0 <= table[c, 1] <= unary_bits and 0 <= table[c, 2] <= high_bits):
             return ERR_TABLE_RANGE
-    short = max(width - 1, 0)
     for c in range(n):
         count = min(chunk_size, nnz - c * chunk_size)
         if c + 1 < n:
             span = table[c + 1, 0] - table[c, 0]
             qspan = table[c + 1, 1] - table[c, 1]
-            rspan = table[c + 1, 2] - table[c, 2]
+            hspan = table[c + 1, 2] - table[c, 2]
         else:
             span = numel - table[c, 0]
             qspan = unary_bits - table[c, 1]
-            rspan = remainder_bits - table[c, 2]
+            hspan = high_bits - table[c, 2]
         if span < count:
             return ERR_TABLE_ORDER
-        if qspan < count or rspan < count * short or rspan > count * width:
+        if qspan < count or hspan < 0 or hspan > count:
             return ERR_TABLE_BITS
     return OK
 
 
+# Columns of the per-tensor parameter rows given to the batch kernels.
+P_NNZ, P_NUMEL, P_M, P_CHUNK, P_UNARY_BITS, P_HIGH_BITS, P_POSITIVE, P_NEGATIVE = range(8)
+P_TABLE, P_UNARY, P_LOW, P_HIGH, P_SIGNS, P_END = range(8, 14)  # word offsets into the shared words array
+N_PARAMS = 14
+
+
 @njit(cache=True)
-def _decode_chunk(table, qwords, rwords, swords, out, params, c, mode, delta, f16_lut):
+def _decode_chunk(table, qwords, lwords, hwords, swords, out, params, c, mode, delta, f16_lut):
     """Decode chunk ``c`` of one tensor and write it to ``out`` according to ``mode``.
 
-    ``params`` (int64[N_PARAMS], see ``P_*``): nnz, numel, m, chunk_size, unary_bits,
-    remainder_bits, positive and negative value bit patterns, word offsets. Every read and write is bounds-checked against the arrays given;
-    a positive return is an ``ERR_*`` code (writes made before it are discarded by the caller, or
-    were preceded by a successful MODE_CHECK pass over the same payload).
+    ``params`` (int64[N_PARAMS], see ``P_*``). Every read and write is bounds-checked against the
+    arrays given; a positive return is an ``ERR_*`` code (writes made before it are discarded by
+    the caller, or were preceded by a successful MODE_CHECK pass over the same payload).
     """
-    nnz = params[0]
-    numel = params[1]
-    m = params[2]
-    chunk_size = params[3]
-    qbits = params[4]
-    rbits = params[5]
+    nnz = params[P_NNZ]
+    numel = params[P_NUMEL]
+    m = params[P_M]
+    chunk_size = params[P_CHUNK]
     n_chunks = table.shape[0]
     base = table[c, 0]
     qpos = table[c, 1]
-    rpos = table[c, 2]
+    hpos = table[c, 2]
     if c + 1 < n_chunks:
         end = table[c + 1, 0]
         qend = table[c + 1, 1]
-        rend = table[c + 1, 2]
+        hend = table[c + 1, 2]
     else:
         end = numel
-        qend = qbits
-        rend = rbits
+        qend = params[P_UNARY_BITS]
+        hend = params[P_HIGH_BITS]
     count = min(chunk_size, nnz - c * chunk_size)
     first = c * chunk_size
-    writes = mode != MODE_CHECK
-    if (base < 0 or end > numel or base > end or qpos < 0 or qend > qwords.shape[0] * 64
-            or qpos > qend or rpos < 0 or rend > rwords.shape[0] * 64 or rpos > rend
-            or count < 1 or ((first + count - 1) >> 6) >= swords.shape[0] or (writes and end > out.shape[0])):
+    b, cut, half = golomb_fields(m)
+    width = b - 1 if b > 0 else 0
+    if (base < 0 or end > numel or base > end or qpos < 0 or qend > qwords.shape[0] * 64 or qpos >= qend
+            or hpos < 0 or hend > hwords.shape[0] * 64 or hpos > hend or count < 1
+            or ((first + count - 1) >> 6) >= swords.shape[0]
+            or ((first + count) * width + 63) >> 6 > lwords.shape[0]
+            or (mode != MODE_CHECK and end > out.shape[0])):
         return ERR_BOUNDS
-    b = 0
-    while (np.int64(1) << b) < m:
-        b += 1
-    cut = (np.int64(1) << b) - m
-    half = (np.int64(1) << (b - 1)) - cut if b > 0 else 0
-    mask_low = (np.int64(1) << (b - 1)) - 1 if b > 0 else 0
+    mask_low = (np.int64(1) << width) - 1
     qmax = numel // m  # q above this cannot land inside the tensor; also keeps q * m from overflowing
-    nrwords = rwords.shape[0]
-    positive = params[6]
-    flip = params[7] ^ positive
+    nlwords = lwords.shape[0]
+    hlast = hwords.shape[0] - 1
+    positive = params[P_POSITIVE]
+    flip = params[P_NEGATIVE] ^ positive
     if mode == MODE_DENSE:
-        for p in range(base, end):
-            out[p] = 0
+        out[base:end] = 0  # a slice store compiles to a vector loop; an indexed loop does not
+    # unary stream: walk its one bits word by word (each terminates one quotient)
+    wi = qpos >> 6
+    word = qwords[U(wi)] & (np.uint64(0xFFFFFFFFFFFFFFFF) << np.uint64(qpos & 63))
+    last_one = qpos - 1
+    qwords_end = (qend + 63) >> 6
     nxt = base
     for i in range(count):
-        if qpos >= qend:
+        while word == 0:
+            wi += 1
+            if wi >= qwords_end:
+                return ERR_QUOTIENT_OVERRUN
+            word = qwords[U(wi)]
+        one = (wi << 6) + np.int64(trailing_zeros(word))
+        if one >= qend:
             return ERR_QUOTIENT_OVERRUN
-        # unary quotient: count zero bits up to the next one bit
-        start = qpos
-        word = qwords[qpos >> 6] >> np.uint64(qpos & 63)
-        if word != 0:
-            qpos += np.int64(trailing_zeros(word)) + 1
-        else:
-            qpos = ((qpos >> 6) + 1) << 6
-            while True:
-                if qpos >= qend:
-                    return ERR_QUOTIENT_OVERRUN
-                word = qwords[qpos >> 6]
-                if word != 0:
-                    qpos += np.int64(trailing_zeros(word)) + 1
-                    break
-                qpos += 64
-        if qpos > qend:
-            return ERR_QUOTIENT_OVERRUN
-        q = qpos - start - 1
+        word &= word - np.uint64(1)
+        q = one - last_one - 1
+        last_one = one
         if q > qmax:
             return ERR_POSITION_RANGE
-        # truncated-binary remainder, without a data-dependent branch
         r = 0
         if b > 0:
-            wi = rpos >> 6
-            off = rpos & 63
-            v = np.int64(0)
-            if wi < nrwords:
-                v = np.int64(rwords[wi] >> np.uint64(off))
-                if off + b > 64 and wi + 1 < nrwords:
-                    v |= np.int64(rwords[wi + 1] << np.uint64(64 - off))
-            x = v & mask_low
+            x = np.int64(0)
+            if width > 0:  # the fixed-width low field: its place follows from the entry index
+                lpos = (first + i) * width
+                lw = lpos >> 6
+                off = lpos & 63
+                x = np.int64(lwords[U(lw)] >> np.uint64(off))
+                if off + width > 64 and lw + 1 < nlwords:
+                    x |= np.int64(lwords[U(lw + 1)] << np.uint64(64 - off))
+                x &= mask_low
             long_form = np.int64(x >= cut)
-            r = x + long_form * ((v >> (b - 1)) & 1) * half
-            rpos += b - 1 + long_form
-            if rpos > rend:
-                return ERR_REMAINDER_OVERRUN
+            high = np.int64(0)
+            if hlast >= 0:
+                hw = hwords[U(min(hpos >> 6, hlast))]
+                high = np.int64((hw >> np.uint64(hpos & 63)) & np.uint64(1))
+            r = x + long_form * high * half
+            hpos += long_form
         pos = nxt + q * m + r
         if pos >= end:
             return ERR_POSITION_RANGE
         nxt = pos + 1
         e = first + i
-        negative = np.int64((swords[e >> 6] >> np.uint64(e & 63)) & np.uint64(1))
+        negative = np.int64((swords[U(e >> 6)] >> np.uint64(e & 63)) & np.uint64(1))
+        at = U(pos)
         if mode == MODE_DENSE or mode == MODE_SCATTER:
-            out[pos] = positive ^ (negative * flip)
+            out[at] = positive ^ (negative * flip)
         elif mode == MODE_ADD_F32:
-            w = np.uint32(out[pos]).view(np.float32) + (-delta if negative else delta)
-            out[pos] = np.float32(w).view(np.uint32)
+            w = np.uint32(out[at]).view(np.float32) + (-delta if negative else delta)
+            out[at] = np.float32(w).view(np.uint32)
         elif mode == MODE_ADD_BF16:
-            out[pos] = f32_to_bf16_bits(bf16_bits_to_f32(out[pos]) + (-delta if negative else delta))
+            out[at] = f32_to_bf16_bits(bf16_bits_to_f32(out[at]) + (-delta if negative else delta))
         elif mode == MODE_ADD_F16:
-            out[pos] = f32_to_f16_bits(f16_lut[out[pos]] + (-delta if negative else delta))
-    if qpos != qend:
+            out[at] = f32_to_f16_bits(f16_lut[U(out[at])] + (-delta if negative else delta))
+    if last_one + 1 != qend:
         return ERR_QUOTIENT_END
-    if rpos != rend:
-        return ERR_REMAINDER_END
+    if hpos != hend:
+        return ERR_HIGH_END
     if c + 1 < n_chunks and nxt != end:
         return ERR_NEXT_BASE
     return OK
 
 
-# Columns of the per-tensor parameter rows given to the batch kernels.
-P_NNZ, P_NUMEL, P_M, P_CHUNK, P_UNARY_BITS, P_REMAINDER_BITS, P_POSITIVE, P_NEGATIVE = range(8)
-P_TABLE, P_UNARY, P_REMAINDER, P_SIGNS, P_END = range(8, 13)  # word offsets into the shared words array
-N_PARAMS = 13
-
-
 @njit(cache=True, inline="always")
 def _parts(words, row):
-    """The table (int64[n, 3]) and the three streams of one tensor inside the shared words array."""
+    """The table (int64[n, 3]) and the four streams of one tensor inside the shared words array."""
     n_chunks = (row[P_UNARY] - row[P_TABLE]) // 3
     table = words[row[P_TABLE]:row[P_UNARY]].view(np.int64).reshape((n_chunks, 3))
-    return (table, words[row[P_UNARY]:row[P_REMAINDER]], words[row[P_REMAINDER]:row[P_SIGNS]],
+    return (table, words[row[P_UNARY]:row[P_LOW]], words[row[P_LOW]:row[P_HIGH]], words[row[P_HIGH]:row[P_SIGNS]],
             words[row[P_SIGNS]:row[P_END]])
 
 
@@ -367,16 +364,12 @@ def check_tables(words, params, status):
     """``check_table`` for every tensor (rows of ``params``); ``status`` (int64[t]) gets the codes."""
     for t in range(params.shape[0]):
         row = params[t]
-        if not (0 <= row[P_TABLE] <= row[P_UNARY] <= row[P_REMAINDER] <= row[P_SIGNS] <= row[P_END] <= words.shape[0]
-                and (row[P_UNARY] - row[P_TABLE]) % 3 == 0):
+        if not (0 <= row[P_TABLE] <= row[P_UNARY] <= row[P_LOW] <= row[P_HIGH] <= row[P_SIGNS] <= row[P_END]
+                <= words.shape[0] and (row[P_UNARY] - row[P_TABLE]) % 3 == 0):
             status[t] = ERR_BOUNDS
             continue
         table = _parts(words, row)[0]
-        width = 0
-        while (np.int64(1) << width) < row[P_M]:
-            width += 1
-        status[t] = check_table(table, row[P_NNZ], row[P_NUMEL], row[P_CHUNK], width, row[P_UNARY_BITS],
-                                row[P_REMAINDER_BITS])
+        status[t] = check_table(table, row[P_NNZ], row[P_NUMEL], row[P_CHUNK], row[P_UNARY_BITS], row[P_HIGH_BITS])
 
 
 @njit(cache=True, parallel=True)
@@ -392,8 +385,8 @@ def decode_golomb(words, params, outs, deltas, work, mode, f16_lut, status):
     for j in prange(work.shape[0]):
         t = work[j, 0]
         row = params[t]
-        table, unary, remainders, signs = _parts(words, row)
-        status[j] = _decode_chunk(table, unary, remainders, signs, outs[t], row, work[j, 1], mode, deltas[t],
+        table, unary, low, high, signs = _parts(words, row)
+        status[j] = _decode_chunk(table, unary, low, high, signs, outs[t], row, work[j, 1], mode, deltas[t],
                                   f16_lut)
 
 

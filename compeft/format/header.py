@@ -54,9 +54,11 @@ def golomb_width(m: int) -> int:
     return (m - 1).bit_length()
 
 
-def golomb_payload_length(nnz: int, chunk_size: int, unary_bits: int, remainder_bits: int) -> int:
-    n_chunks = -(-nnz // chunk_size)
-    words = 3 * n_chunks + -(-unary_bits // 64) + -(-remainder_bits // 64) + -(-nnz // 64)
+def golomb_payload_length(nnz: int, chunk_size: int, golomb_m: int, unary_bits: int, high_bits: int) -> int:
+    """Bytes of a ternary-golomb payload: chunk table, unary, low, high and sign streams (spec 5.1)."""
+    width = max(golomb_width(golomb_m) - 1, 0)
+    words = (3 * -(-nnz // chunk_size) + -(-unary_bits // 64) + -(-(nnz * width) // 64) + -(-high_bits // 64)
+             + -(-nnz // 64))
     return 8 * words
 
 
@@ -78,7 +80,7 @@ class TensorEntry:
     golomb_m: int = 1
     chunk_size: int = 0
     unary_bits: int = 0
-    remainder_bits: int = 0
+    high_bits: int = 0
 
     @property
     def numel(self) -> int:
@@ -97,7 +99,7 @@ class TensorEntry:
         if self.encoding == ENCODING_GOLOMB:
             out.update(nnz=self.nnz, scale=self.scale, golomb_m=self.golomb_m,
                        chunk_size=self.chunk_size, unary_bits=self.unary_bits,
-                       remainder_bits=self.remainder_bits)
+                       high_bits=self.high_bits)
         return out
 
 
@@ -277,7 +279,7 @@ def _parse_entry(raw: Any, index: int, path: object) -> TensorEntry:
     m = _nonneg_int(raw, "golomb_m", where, path, MAX_GOLOMB_M)
     chunk_size = _nonneg_int(raw, "chunk_size", where, path, MAX_CHUNK_SIZE)
     unary_bits = _nonneg_int(raw, "unary_bits", where, path)
-    remainder_bits = _nonneg_int(raw, "remainder_bits", where, path)
+    high_bits = _nonneg_int(raw, "high_bits", where, path)
     scale = raw.get("scale")
     if (not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale) or scale < 0
             or struct.unpack("<f", struct.pack("<f", scale))[0] != scale):
@@ -286,16 +288,15 @@ def _parse_entry(raw: Any, index: int, path: object) -> TensorEntry:
         raise HeaderError(f"{where}: nnz {nnz} exceeds the {numel} elements of shape {list(shape)}", path)
     if m < 1 or chunk_size < 1:
         raise HeaderError(f"{where}: golomb_m and chunk_size must be at least 1", path)
-    width = golomb_width(m)
     if not nnz <= unary_bits <= nnz + numel // m:
         raise HeaderError(f"{where}: unary_bits {unary_bits} is impossible for nnz {nnz} and {numel} elements", path)
-    if not nnz * max(width - 1, 0) <= remainder_bits <= nnz * width:
-        raise HeaderError(f"{where}: remainder_bits {remainder_bits} is impossible for nnz {nnz} and m {m}", path)
-    expected = golomb_payload_length(nnz, chunk_size, unary_bits, remainder_bits)
+    if high_bits > (nnz if m > 1 else 0):
+        raise HeaderError(f"{where}: high_bits {high_bits} is impossible for nnz {nnz} and m {m}", path)
+    expected = golomb_payload_length(nnz, chunk_size, m, unary_bits, high_bits)
     if length != expected:
         raise HeaderError(f"{where}: payload of {length} bytes, its stream sizes need {expected}", path)
     return TensorEntry(**common, nnz=nnz, scale=float(scale), golomb_m=m, chunk_size=chunk_size,
-                       unary_bits=unary_bits, remainder_bits=remainder_bits)
+                       unary_bits=unary_bits, high_bits=high_bits)
 
 
 def _check_layout(tensors: Sequence[TensorEntry], data_start: int, file_length: int, path: object) -> None:
