@@ -240,7 +240,7 @@ def test_bad_names(mutate, name):
     ("b", "length", -3), ("b", "length", 3.5), ("a", "crc32", -1), ("a", "crc32", 1 << 32),
     ("a", "nnz", -1), ("a", "nnz", 1.5), ("a", "golomb_m", 0), ("a", "golomb_m", "2"),
     ("a", "chunk_size", 0), ("a", "chunk_size", -8), ("a", "chunk_size", (1 << 20) + 1),
-    ("a", "unary_bits", -1), ("a", "remainder_bits", None), ("a", "scale", -1.0), ("a", "scale", "1"),
+    ("a", "unary_bits", -1), ("a", "high_bits", None), ("a", "scale", -1.0), ("a", "scale", "1"),
     ("a", "scale", 0.1), ("a", "shape", [-200]), ("a", "shape", [200.0]), ("a", "shape", "200"),
     ("a", "shape", [1] * 17), ("a", "shape", [2**40, 2**40]), ("a", "shape", [True, 200]), ("a", "dtype", "F8"), ("a", "dtype", "I32"), ("a", "role", "value"),
     ("a", "role", "weight"), ("b", "init", "0"), ("b", "init", True),
@@ -326,7 +326,7 @@ def test_dense_shape_inconsistent_with_payload_length(mutate, shape):
     assert "payload" in str(err)
 
 
-@pytest.mark.parametrize("field,delta", [("unary_bits", 64), ("remainder_bits", 1), ("nnz", 64), ("chunk_size", 1)])
+@pytest.mark.parametrize("field,delta", [("unary_bits", 64), ("high_bits", 64), ("nnz", 64), ("chunk_size", 1)])
 def test_golomb_stream_sizes_inconsistent_with_payload_length(mutate, field, delta):
     def edit(c):
         c.entry("a")[field] += delta
@@ -399,12 +399,12 @@ def set_word(index, value):
     set_word(3, 10_000),  # a base outside the tensor
     set_word(3, -5),  # a negative base
     set_word(4, 1 << 40),  # a unary offset far outside its stream
-    set_word(5, 3),  # remainder bits of chunk 0 do not fit its entries
+    set_word(5, 1 << 40),  # a high-bit offset far outside its stream
     set_word(lambda n: 3 * (n - 1), 199),  # the last chunk runs past the tensor end
     lambda w, n: w.__setitem__(slice(3 * n, None), 0),  # streams zeroed: the unary stream runs out
     lambda w, n: w.__setitem__(3 * n, w[3 * n] ^ 0xFF),  # unary bits scrambled
     lambda w, n: w.__setitem__(4, w[4] + 1),  # chunk 0 unary bits do not end at chunk 1
-], ids=["base-repeat", "first-base", "base-out", "base-negative", "unary-offset", "remainder-offset",
+], ids=["base-repeat", "first-base", "base-out", "base-negative", "unary-offset", "high-offset",
         "last-chunk", "streams-zero", "unary-scrambled", "unary-end"])
 def test_chunk_table_corruption_with_valid_crc(mutate, container, change, same):
     path = mutate(chunk_table_edit(container, change))

@@ -139,7 +139,7 @@ VECTORS: tuple[Vector, ...] = (
         },
         dict(density=1.0, alpha=1.0, scope="global"),
         "density 1.0: the threshold is 0 and every non-zero entry is kept (nnz = number of non-zeros), "
-        "exact zeros are not kept (decode to 0). Gaps are mostly 0, so golomb_m is 1 (no remainder bits).",
+        "exact zeros are not kept (decode to 0). Gaps are mostly 0, so golomb_m is 1 (no low or high bits).",
     ),
     Vector(
         "dense_passthrough",
@@ -164,8 +164,8 @@ VECTORS: tuple[Vector, ...] = (
         },
         dict(density=0.2, alpha=1.0, scope="global", chunk_size=7),
         "chunk_size 7: nnz 61 gives 9 chunks (the last one partial), so the chunk table has several rows "
-        "with non-zero unary/remainder bit offsets. golomb_m is 3, not a power of two, so remainders use "
-        "the truncated-binary code (1 short field, 2 long ones).",
+        "with non-zero unary/high bit offsets. golomb_m is 3, not a power of two, so remainders use "
+        "the truncated-binary code: a 1-bit low field, plus a high bit for the long form (r >= 1).",
     ),
     Vector(
         "ties_at_threshold",
