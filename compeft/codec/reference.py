@@ -6,19 +6,21 @@ with :mod:`bitarray`, and favours being obviously right over being fast. Never u
 checkpoints.
 
 Payload layout (all words are little-endian u64; bit ``i`` of a stream is bit ``i % 64`` of word
-``i // 64``, i.e. a little-endian bitarray of the stream's bytes)::
+``i // 64``, i.e. a little-endian bitarray of the stream's bytes; padding bits are zero)::
 
-    chunk table      n_chunks = ceil(nnz / chunk_size) rows of (base position, unary bit offset,
-                     remainder bit offset)
-    unary stream     ceil(unary_bits / 64) words: per entry, q zero bits then a one bit
-    remainder stream ceil(remainder_bits / 64) words: per entry, a truncated-binary field
-    sign stream      ceil(nnz / 64) words: bit i = 1 when entry i is negative
+    chunk table   n_chunks = ceil(nnz / chunk_size) rows of (base position, unary bit offset,
+                  high bit offset) of the chunk's first entry
+    unary stream  ceil(unary_bits / 64) words: per entry, q zero bits then a one bit
+    low stream    ceil(nnz * w / 64) words, w = max(b - 1, 0): entry i's w-bit low field at bit i * w
+    high stream   ceil(high_bits / 64) words: one bit per long-form entry, in entry order
+    sign stream   ceil(nnz / 64) words: bit i = 1 when entry i is negative
 
 An entry ``v`` is kept when ``v != 0`` and ``|v| >= threshold`` (compared in float32). Gap ``g`` of
 entry ``i`` is ``p_i - p_(i-1) - 1`` (``p_0`` for the first); ``q = g // m``, ``r = g % m``. With
-``b = ceil(log2 m)``, ``cut = 2**b - m`` and ``half = 2**(b-1) - cut``: ``r < cut`` is written as a
-``b - 1``-bit field; otherwise ``j = r - cut`` is written as the ``b``-bit field
-``(cut + j % half) | ((j // half) << (b - 1))``. Fields are written least significant bit first.
+``b = ceil(log2 m)`` (0 for m = 1), ``cut = 2**b - m`` and ``half = 2**(b-1) - cut``: ``r < cut``
+(short form) has the low field ``r`` and no high bit; otherwise (long form) ``j = r - cut`` has the
+low field ``cut + j % half`` and the high bit ``j // half``. m = 1 writes neither; m = 2 (w = 0,
+cut = 0) writes one high bit, ``r``, per entry. Fields are written least significant bit first.
 """
 
 from __future__ import annotations
@@ -108,46 +110,51 @@ def kept_entries(values: Sequence[float], threshold: float) -> tuple[list[int], 
     return positions, signs
 
 
-def _remainder_field(r: int, m: int) -> tuple[int, int]:
-    """(field, width) of remainder ``r`` for parameter ``m``."""
+def _remainder_code(r: int, m: int) -> tuple[int, int, int | None]:
+    """(low field, low width w, high bit or None for the short form) of remainder ``r``."""
     b = _width(m)
     if b == 0:
-        return 0, 0
+        return 0, 0, None
     cut = 2 ** b - m
     half = 2 ** (b - 1) - cut
     if r < cut:
-        return r, b - 1
+        return r, b - 1, None
     j = r - cut
-    return (cut + j % half) | ((j // half) << (b - 1)), b
+    return cut + j % half, b - 1, j // half
 
 
 def encode_payload(values: Sequence[float], threshold: float, golomb_m: int,
                    chunk_size: int) -> tuple[bytes, int, int, int]:
     """Encode ``values`` with Golomb parameter ``golomb_m``; returns
-    (payload, nnz, unary_bits, remainder_bits)."""
+    (payload, nnz, unary_bits, high_bits)."""
     if golomb_m < 1 or chunk_size < 1:
         raise ValueError("golomb_m and chunk_size must be at least 1")
     positions, signs = kept_entries(values, threshold)
     table: list[tuple[int, int, int]] = []
     unary = bitarray(endian="little")
-    remainders = bitarray(endian="little")
+    low = bitarray(endian="little")
+    high = bitarray(endian="little")
     sign_bits = bitarray(endian="little")
     previous = -1
     for k, (p, s) in enumerate(zip(positions, signs)):
         if k % chunk_size == 0:
-            table.append((previous + 1, len(unary), len(remainders)))
+            table.append((previous + 1, len(unary), len(high)))
         gap = p - previous - 1
         previous = p
         q, r = divmod(gap, golomb_m)
         unary.extend(zeros(q, endian="little"))
         unary.append(1)
-        field, width = _remainder_field(r, golomb_m)
+        field, width, high_bit = _remainder_code(r, golomb_m)
+        assert len(low) == k * width  # fixed width: entry k's field starts at bit k * width
         for bit in range(width):
-            remainders.append((field >> bit) & 1)
+            low.append((field >> bit) & 1)
+        if high_bit is not None:
+            high.append(high_bit)
         sign_bits.append(s)
     table_bytes = b"".join(struct.pack("<3Q", *row) for row in table)
-    payload = table_bytes + _pad_to_words(unary) + _pad_to_words(remainders) + _pad_to_words(sign_bits)
-    return payload, len(positions), len(unary), len(remainders)
+    payload = (table_bytes + _pad_to_words(unary) + _pad_to_words(low) + _pad_to_words(high)
+               + _pad_to_words(sign_bits))
+    return payload, len(positions), len(unary), len(high)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,7 +166,7 @@ def _fail(message: str) -> CorruptPayloadError:
 
 
 def decode_positions_signs(payload: bytes, *, nnz: int, numel: int, golomb_m: int, chunk_size: int,
-                           unary_bits: int, remainder_bits: int,
+                           unary_bits: int, high_bits: int,
                            strict_padding: bool = True) -> tuple[list[int], list[int]]:
     """Decode the kept positions (ascending) and their sign bits (1 = negative).
 
@@ -167,43 +174,43 @@ def decode_positions_signs(payload: bytes, *, nnz: int, numel: int, golomb_m: in
     encoder would have written at that point. Raises :class:`CorruptPayloadError` on any
     inconsistency. With ``strict_padding`` the padding bits after each stream must be zero.
     """
-    nnz, numel, golomb_m, chunk_size, unary_bits, remainder_bits = (
-        operator.index(x) for x in (nnz, numel, golomb_m, chunk_size, unary_bits, remainder_bits))
-    if min(nnz, numel, unary_bits, remainder_bits) < 0:
+    nnz, numel, golomb_m, chunk_size, unary_bits, high_bits = (
+        operator.index(x) for x in (nnz, numel, golomb_m, chunk_size, unary_bits, high_bits))
+    if min(nnz, numel, unary_bits, high_bits) < 0:
         raise _fail("negative count in the header")
     if golomb_m < 1 or chunk_size < 1:
         raise _fail("golomb_m and chunk_size must be at least 1")
     if nnz > numel:
         raise _fail(f"nnz {nnz} exceeds numel {numel}")
+    b = _width(golomb_m)
+    width = max(b - 1, 0)
+    cut = 2 ** b - golomb_m
+    half = 2 ** (b - 1) - cut if b > 0 else 0
     data = bytes(payload)
     n_chunks = -(-nnz // chunk_size)
-    sizes = [3 * n_chunks * 8, _words(unary_bits) * 8, _words(remainder_bits) * 8, _words(nnz) * 8]
+    sizes = [3 * n_chunks * 8, _words(unary_bits) * 8, _words(nnz * width) * 8, _words(high_bits) * 8,
+             _words(nnz) * 8]
     if len(data) != sum(sizes):
         raise _fail(f"payload is {len(data)} bytes, the header needs {sum(sizes)}")
-    starts = [sum(sizes[:i]) for i in range(4)]
+    starts = [sum(sizes[:i]) for i in range(5)]
     table = [struct.unpack_from("<3Q", data, starts[0] + 24 * c) for c in range(n_chunks)]
-    unary = _stream(data[starts[1]:starts[1] + sizes[1]])
-    remainders = _stream(data[starts[2]:starts[2] + sizes[2]])
-    sign_bits = _stream(data[starts[3]:starts[3] + sizes[3]])
+    unary, low, high, sign_bits = (_stream(data[starts[i]:starts[i] + sizes[i]]) for i in range(1, 5))
     if strict_padding:
-        for name, bits, used in (("unary", unary, unary_bits), ("remainder", remainders, remainder_bits),
-                                 ("sign", sign_bits, nnz)):
+        for name, bits, used in (("unary", unary, unary_bits), ("low", low, nnz * width),
+                                 ("high", high, high_bits), ("sign", sign_bits, nnz)):
             if bits[used:].any():
                 raise _fail(f"{name} stream padding bits are not zero")
 
-    b = _width(golomb_m)
-    cut = 2 ** b - golomb_m
-    half = 2 ** (b - 1) - cut if b > 0 else 0
     positions: list[int] = []
     signs: list[int] = []
     nxt = 0  # position after the previous kept entry
     qpos = 0
-    rpos = 0
+    hpos = 0
     for k in range(nnz):
         if k % chunk_size == 0:
             row = table[k // chunk_size]
-            if row != (nxt, qpos, rpos):
-                raise _fail(f"chunk {k // chunk_size} table row {row} != decoded state {(nxt, qpos, rpos)}")
+            if row != (nxt, qpos, hpos):
+                raise _fail(f"chunk {k // chunk_size} table row {row} != decoded state {(nxt, qpos, hpos)}")
         try:
             one = unary.index(1, qpos, unary_bits)
         except ValueError:
@@ -212,17 +219,14 @@ def decode_positions_signs(payload: bytes, *, nnz: int, numel: int, golomb_m: in
         qpos = one + 1
         r = 0
         if b > 0:
-            if rpos + b - 1 > remainder_bits:
-                raise _fail(f"remainder stream ends inside entry {k}")
-            x = ba2int(remainders[rpos:rpos + b - 1]) if b > 1 else 0
+            x = ba2int(low[k * width:(k + 1) * width]) if width > 0 else 0
             if x < cut:
                 r = x
-                rpos += b - 1
             else:
-                if rpos + b > remainder_bits:
-                    raise _fail(f"remainder stream ends inside entry {k}")
-                r = x + remainders[rpos + b - 1] * half
-                rpos += b
+                if hpos >= high_bits:
+                    raise _fail(f"high stream ends inside entry {k}")
+                r = x + high[hpos] * half
+                hpos += 1
         position = nxt + q * golomb_m + r
         if position >= numel:
             raise _fail(f"entry {k} decodes to position {position}, past the {numel} elements")
@@ -231,20 +235,20 @@ def decode_positions_signs(payload: bytes, *, nnz: int, numel: int, golomb_m: in
         nxt = position + 1
     if qpos != unary_bits:
         raise _fail(f"unary stream has {unary_bits} bits but the entries use {qpos}")
-    if rpos != remainder_bits:
-        raise _fail(f"remainder stream has {remainder_bits} bits but the entries use {rpos}")
+    if hpos != high_bits:
+        raise _fail(f"high stream has {high_bits} bits but the entries use {hpos}")
     return positions, signs
 
 
 def decode_dense(payload: bytes, *, nnz: int, numel: int, golomb_m: int, chunk_size: int, unary_bits: int,
-                 remainder_bits: int, scale: float, dtype: str, strict_padding: bool = True) -> np.ndarray:
+                 high_bits: int, scale: float, dtype: str, strict_padding: bool = True) -> np.ndarray:
     """The dense tensor: kept entries are ``±dtype(scale)``, the rest zero; float32[numel] holding
     the dtype-rounded values."""
     if dtype not in _FORMATS:
         raise ValueError(f"unsupported dtype {dtype!r}")
     positions, signs = decode_positions_signs(
         payload, nnz=nnz, numel=numel, golomb_m=golomb_m, chunk_size=chunk_size, unary_bits=unary_bits,
-        remainder_bits=remainder_bits, strict_padding=strict_padding)
+        high_bits=high_bits, strict_padding=strict_padding)
     value = round_to_dtype(float(np.float32(scale)), dtype)
     out = np.zeros(numel, dtype=np.float32)
     for p, s in zip(positions, signs):
