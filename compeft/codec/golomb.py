@@ -20,7 +20,7 @@ from . import kernels
 DEFAULT_CHUNK_SIZE = 16384
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class GolombStreams:
     """The five parts of a ternary-golomb payload (spec/FORMAT.md 5.1), as numpy views."""
 

@@ -62,7 +62,7 @@ def golomb_payload_length(nnz: int, chunk_size: int, golomb_m: int, unary_bits: 
     return 8 * words
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: frozen dataclasses initialise slowly, and there are many entries
 class TensorEntry:
     """One tensor of the header. ``offset`` is relative to the start of the data section."""
 
@@ -227,76 +227,78 @@ def _check_metadata(meta: Mapping[str, Any], path: object) -> None:
         raise HeaderError("metadata adapter_config must be a JSON object or null", path)
 
 
-def _nonneg_int(raw: Mapping[str, Any], key: str, where: str, path: object, limit: int = 1 << 62) -> int:
-    value = raw.get(key)
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= limit:
-        raise HeaderError(f"{where}: field {key!r} must be an integer in [0, {limit}], got {value!r}", path)
-    return value
+def _is_int(value: Any, limit: int) -> bool:
+    return type(value) is int and 0 <= value <= limit
 
 
 def _parse_entry(raw: Any, index: int, path: object) -> TensorEntry:
-    where = f"tensor #{index}"
     if not isinstance(raw, dict):
-        raise HeaderError(f"{where} is not a JSON object", path)
+        raise HeaderError(f"tensor #{index} is not a JSON object", path)
     name = raw.get("name")
     if not isinstance(name, str) or not name or len(name.encode("utf-8")) > MAX_NAME_BYTES:
-        raise HeaderError(f"{where}: name must be a non-empty string of at most {MAX_NAME_BYTES} bytes", path)
-    where = f"tensor {name!r}"
+        raise HeaderError(f"tensor #{index}: name must be a non-empty string of at most {MAX_NAME_BYTES} bytes", path)
+
+    def bad(message: str, kind: type[HeaderError] | type[UnsupportedVersionError] = HeaderError) -> Exception:
+        return kind(f"tensor {name!r}: {message}", path)
+
+    def integer(key: str, limit: int = 1 << 62) -> int:
+        value = raw.get(key)
+        if not _is_int(value, limit):
+            raise bad(f"field {key!r} must be an integer in [0, {limit}], got {value!r}")
+        return value
+
     dtype = raw.get("dtype")
     if dtype not in DTYPE_SIZES:
-        raise HeaderError(f"{where}: unknown dtype {dtype!r}", path)
+        raise bad(f"unknown dtype {dtype!r}")
     shape = raw.get("shape")
-    if (not isinstance(shape, list) or len(shape) > MAX_NDIM
-            or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_NUMEL for d in shape)):
-        raise HeaderError(f"{where}: shape must be a list of at most {MAX_NDIM} non-negative integers", path)
+    if type(shape) is not list or len(shape) > MAX_NDIM or not all(_is_int(d, MAX_NUMEL) for d in shape):
+        raise bad(f"shape must be a list of at most {MAX_NDIM} non-negative integers")
     numel = math.prod(shape)
     if numel > MAX_NUMEL:
-        raise HeaderError(f"{where}: {numel} elements exceed the limit of {MAX_NUMEL}", path)
+        raise bad(f"{numel} elements exceed the limit of {MAX_NUMEL}")
     encoding = raw.get("encoding")
     if encoding not in ENCODINGS:
-        raise UnsupportedVersionError(f"{where}: unknown encoding {encoding!r}", path)
+        raise bad(f"unknown encoding {encoding!r}", UnsupportedVersionError)
     role = raw.get("role")
     if role not in ROLES:
-        raise HeaderError(f"{where}: role {role!r} is not one of {ROLES}", path)
+        raise bad(f"role {role!r} is not one of {ROLES}")
     init = raw.get("init")
-    if init is not None and (not isinstance(init, (int, float)) or isinstance(init, bool) or not math.isfinite(init)):
-        raise HeaderError(f"{where}: init must be a finite number or null", path)
-    offset = _nonneg_int(raw, "offset", where, path)
-    length = _nonneg_int(raw, "length", where, path)
-    crc = _nonneg_int(raw, "crc32", where, path, 0xFFFFFFFF)
-    common = dict(name=name, dtype=dtype, shape=tuple(shape), encoding=encoding, role=role,
-                  init=None if init is None else float(init), offset=offset, length=length, crc32=crc)
+    if init is not None and (type(init) not in (int, float) or not math.isfinite(init)):
+        raise bad("init must be a finite number or null")
+    entry = TensorEntry(name=name, dtype=dtype, shape=tuple(shape), encoding=encoding, role=role,
+                        init=None if init is None else float(init), offset=integer("offset"),
+                        length=integer("length"), crc32=integer("crc32", 0xFFFFFFFF))
     if encoding == ENCODING_DENSE:
         expected = numel * DTYPE_SIZES[dtype]
-        if length != expected:
-            raise HeaderError(f"{where}: dense payload of {length} bytes, shape and dtype need {expected}", path)
-        return TensorEntry(**common)
+        if entry.length != expected:
+            raise bad(f"dense payload of {entry.length} bytes, shape and dtype need {expected}")
+        return entry
     if dtype not in COMPRESSIBLE_DTYPES:
-        raise HeaderError(f"{where}: encoding {encoding} needs a floating dtype, not {dtype}", path)
+        raise bad(f"encoding {encoding} needs a floating dtype, not {dtype}")
     if role != "delta":
-        raise HeaderError(f"{where}: encoding {encoding} stores a delta, its role must be 'delta'", path)
-    nnz = _nonneg_int(raw, "nnz", where, path)
-    m = _nonneg_int(raw, "golomb_m", where, path, MAX_GOLOMB_M)
-    chunk_size = _nonneg_int(raw, "chunk_size", where, path, MAX_CHUNK_SIZE)
-    unary_bits = _nonneg_int(raw, "unary_bits", where, path)
-    high_bits = _nonneg_int(raw, "high_bits", where, path)
+        raise bad(f"encoding {encoding} stores a delta, its role must be 'delta'")
+    nnz = entry.nnz = integer("nnz")
+    m = entry.golomb_m = integer("golomb_m", MAX_GOLOMB_M)
+    chunk_size = entry.chunk_size = integer("chunk_size", MAX_CHUNK_SIZE)
+    unary_bits = entry.unary_bits = integer("unary_bits")
+    high_bits = entry.high_bits = integer("high_bits")
     scale = raw.get("scale")
-    if (not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale) or scale < 0
+    if (type(scale) not in (int, float) or not math.isfinite(scale) or scale < 0
             or struct.unpack("<f", struct.pack("<f", scale))[0] != scale):
-        raise HeaderError(f"{where}: scale {scale!r} must be a finite, non-negative float32 value", path)
+        raise bad(f"scale {scale!r} must be a finite, non-negative float32 value")
+    entry.scale = float(scale)
     if nnz > numel:
-        raise HeaderError(f"{where}: nnz {nnz} exceeds the {numel} elements of shape {list(shape)}", path)
+        raise bad(f"nnz {nnz} exceeds the {numel} elements of shape {list(shape)}")
     if m < 1 or chunk_size < 1:
-        raise HeaderError(f"{where}: golomb_m and chunk_size must be at least 1", path)
+        raise bad("golomb_m and chunk_size must be at least 1")
     if not nnz <= unary_bits <= nnz + numel // m:
-        raise HeaderError(f"{where}: unary_bits {unary_bits} is impossible for nnz {nnz} and {numel} elements", path)
+        raise bad(f"unary_bits {unary_bits} is impossible for nnz {nnz} and {numel} elements")
     if high_bits > (nnz if m > 1 else 0):
-        raise HeaderError(f"{where}: high_bits {high_bits} is impossible for nnz {nnz} and m {m}", path)
+        raise bad(f"high_bits {high_bits} is impossible for nnz {nnz} and m {m}")
     expected = golomb_payload_length(nnz, chunk_size, m, unary_bits, high_bits)
-    if length != expected:
-        raise HeaderError(f"{where}: payload of {length} bytes, its stream sizes need {expected}", path)
-    return TensorEntry(**common, nnz=nnz, scale=float(scale), golomb_m=m, chunk_size=chunk_size,
-                       unary_bits=unary_bits, high_bits=high_bits)
+    if entry.length != expected:
+        raise bad(f"payload of {entry.length} bytes, its stream sizes need {expected}")
+    return entry
 
 
 def _check_layout(tensors: Sequence[TensorEntry], data_start: int, file_length: int, path: object) -> None:
