@@ -18,7 +18,7 @@ from compeft.errors import CorruptPayloadError
 SETTINGS = settings(max_examples=80, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
-FIXED_MS = [1, 2, 3, 5, 8, 13, 1000]
+FIXED_MS = [1, 2, 3, 5, 8, 13, 1000]  # (and 2**33 + 5 in the hypothesis test)
 TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
@@ -32,7 +32,15 @@ def payload_bytes(s: golomb.GolombStreams) -> bytes:
 
 def header_of(s: golomb.GolombStreams) -> dict:
     return dict(nnz=s.nnz, golomb_m=s.golomb_m, chunk_size=s.chunk_size, unary_bits=s.unary_bits,
-                remainder_bits=s.remainder_bits)
+                high_bits=s.high_bits)
+
+
+def low_width(m: int) -> int:
+    """w = max(ceil(log2 m) - 1, 0), computed by counting."""
+    b = 0
+    while 2 ** b < m:
+        b += 1
+    return max(b - 1, 0)
 
 
 def truth(values: np.ndarray, threshold: float) -> tuple[list[int], list[int]]:
@@ -50,18 +58,19 @@ def encode_with_m(values: np.ndarray, threshold: float, m: int, chunk_size: int)
     thr = np.float32(threshold)
     costs = np.zeros((1, 2), dtype=np.int64)
     nnz = int(kernels.count_gap_costs(values, thr, np.array([m], dtype=np.int64), costs))
-    unary_bits, remainder_bits = int(costs[0, 0]), int(costs[0, 1])
-    table = np.zeros((-(-nnz // chunk_size), 3), dtype=np.int64)
-    unary = np.zeros(-(-unary_bits // 64), dtype=np.uint64)
-    remainders = np.zeros(-(-remainder_bits // 64), dtype=np.uint64)
-    signs = np.zeros(-(-nnz // 64), dtype=np.uint64)
-    got = kernels.encode_golomb(values, thr, m, chunk_size, table, unary, remainders, signs)
-    assert tuple(int(x) for x in got) == (nnz, unary_bits, remainder_bits)
-    return golomb.GolombStreams(nnz, m, chunk_size, unary_bits, remainder_bits, table, unary, remainders, signs)
+    unary_bits, high_bits = int(costs[0, 0]), int(costs[0, 1])
+    sizes = golomb.stream_words(nnz, chunk_size, m, unary_bits, high_bits)
+    assert sizes == (3 * -(-nnz // chunk_size), -(-unary_bits // 64), -(-(nnz * low_width(m)) // 64),
+                     -(-high_bits // 64), -(-nnz // 64))
+    table = np.zeros((sizes[0] // 3, 3), dtype=np.int64)
+    unary, low, high, signs = (np.zeros(n, dtype=np.uint64) for n in sizes[1:])
+    got = kernels.encode_golomb(values, thr, m, chunk_size, table, unary, low, high, signs)
+    assert tuple(int(x) for x in got) == (nnz, unary_bits, high_bits)
+    return golomb.GolombStreams(nnz, m, chunk_size, unary_bits, high_bits, table, unary, low, high, signs)
 
 
-def parse(payload, numel: int, hdr: dict) -> golomb.GolombStreams:
-    return golomb.parse_payload(payload, numel=numel, where="test", path=None, **hdr)
+def parse(payload, numel: int, hdr: dict, check: bool = True) -> golomb.GolombStreams:
+    return golomb.parse_payload(payload, numel=numel, where="test", path=None, check=check, **hdr)
 
 
 def numba_dense(payload, numel: int, hdr: dict, dtype: np.dtype, positive: int, negative: int,
@@ -89,6 +98,42 @@ def bf16_bits(x: float) -> int:
 
 def f32_bits(x: float) -> int:
     return int(np.array([x], dtype=np.float32).view(np.uint32)[0])
+
+
+def check_streams_by_arithmetic(payload: bytes, numel: int, hdr: dict, expected) -> None:
+    """A third, bitarray-free reading of the layout: each stream as one Python integer, every
+    field checked against the gaps of the expected positions (normative layout, spec 5.1/5.2)."""
+    positions, signs = expected
+    nnz, m, chunk, ub, hb = (hdr[k] for k in ("nnz", "golomb_m", "chunk_size", "unary_bits", "high_bits"))
+    w = low_width(m)
+    b = 0 if m == 1 else w + 1
+    cut = 2 ** b - m
+    half = 2 ** (b - 1) - cut if b else 0
+    n_chunks = -(-nnz // chunk)
+    sizes = [3 * n_chunks, -(-ub // 64), -(-(nnz * w) // 64), -(-hb // 64), -(-nnz // 64)]
+    assert len(payload) == 8 * sum(sizes)
+    bounds = np.cumsum([0] + sizes) * 8
+    table = np.frombuffer(payload[:bounds[1]], "<u8").reshape(n_chunks, 3).tolist()
+    unary, low, high, sign = (int.from_bytes(payload[bounds[i]:bounds[i + 1]], "little") for i in range(1, 5))
+    assert unary >> ub == 0 and low >> (nnz * w) == 0 and high >> hb == 0 and sign >> nnz == 0  # zero padding
+    qpos = hpos = 0
+    previous = -1
+    for i, p in enumerate(positions):
+        if i % chunk == 0:
+            assert table[i // chunk] == [previous + 1, qpos, hpos]
+        g = p - previous - 1
+        previous = p
+        q, r = divmod(g, m)
+        assert (unary >> qpos) & ((1 << (q + 1)) - 1) == 1 << q  # q zeros, then a one
+        qpos += q + 1
+        x = (low >> (i * w)) & ((1 << w) - 1)
+        if b and r >= cut:
+            assert x == cut + (r - cut) % half and (high >> hpos) & 1 == (r - cut) // half
+            hpos += 1
+        else:
+            assert x == r
+        assert (sign >> i) & 1 == signs[i]
+    assert (qpos, hpos) == (ub, hb)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,19 +213,89 @@ def test_reference_rounding_matches_torch():
         assert (got == expected).all(), dtype
 
 
-def test_reference_layout_by_hand():
-    # positions 0, 4, 5, 13 with m = 3, chunk_size 2: gaps 0, 3, 0, 7 -> q 0, 1, 0, 2; r 0, 0, 0, 1
-    v = np.zeros(16, np.float32)
-    v[[0, 4, 5, 13]] = [1, -1, 1, -1]
-    payload, nnz, ub, rb = reference.encode_payload(v, 0.5, 3, 2)
-    assert (nnz, ub, rb) == (4, 4 + 3, 1 + 1 + 1 + 2)
-    words = np.frombuffer(payload, "<u8")
-    assert words[:6].tolist() == [0, 0, 0, 5, 3, 2]  # chunk 1 starts after position 4, unary bit 3, rem bit 2
-    assert words[6] == 0b1001101  # unary, bit 0 first: 1 | 0 1 | 1 | 0 0 1
-    assert words[7] == 0b01000  # remainders, bit 0 first: 0 | 0 | 0 | r=1: j=0, field 1 in 2 bits: 1 0
-    assert words[8] == 0b1010  # signs
-    assert reference.decode_positions_signs(payload, nnz=4, numel=16, golomb_m=3, chunk_size=2, unary_bits=ub,
-                                            remainder_bits=rb) == ([0, 4, 5, 13], [0, 1, 0, 1])
+def _hand_case(positions, signs, numel, m, chunk_size, expected_words, expected_counts):
+    v = np.zeros(numel, np.float32)
+    v[positions] = [-1.0 if s else 1.0 for s in signs]
+    payload, nnz, ub, hb = reference.encode_payload(v, 0.5, m, chunk_size)
+    assert (nnz, ub, hb) == expected_counts
+    assert np.frombuffer(payload, "<u8").tolist() == expected_words
+    assert len(payload) == 8 * sum(golomb.stream_words(nnz, chunk_size, m, ub, hb))
+    assert reference.decode_positions_signs(payload, nnz=nnz, numel=numel, golomb_m=m, chunk_size=chunk_size,
+                                            unary_bits=ub, high_bits=hb) == (positions, signs)
+    # and the Numba codec agrees
+    s = encode_with_m(v, 0.5, m, chunk_size)
+    assert payload_bytes(s) == payload
+    dense = numba_dense(payload, numel, header_of(s), np.uint32, 1, 2, 0xFFFFFFFF)
+    assert np.flatnonzero(dense).tolist() == positions and (dense[positions] == [1 + s for s in signs]).all()
+
+
+def test_reference_layout_by_hand_m3():
+    # positions 0, 4, 5, 13, m = 3 (b 2, cut 1, half 1, w 1), chunk_size 2:
+    # gaps 0, 3, 0, 7 -> q 0, 1, 0, 2; r 0, 0, 0, 1 -> short, short, short, long (j 0: low 1, high 0)
+    _hand_case([0, 4, 5, 13], [0, 1, 0, 1], 16, 3, 2, [
+        0, 0, 0, 5, 3, 0,  # table: chunk 1 starts after position 4, unary bit 3, high bit 0
+        0b1001101,  # unary, bit 0 first: 1 | 0 1 | 1 | 0 0 1
+        0b1000,  # low fields (1 bit each): 0 | 0 | 0 | 1
+        0,  # high: one long-form entry, bit 0
+        0b1010,  # signs
+    ], (4, 7, 1))
+
+
+def test_reference_layout_by_hand_m5():
+    # positions 4, 8, 10, 20, 21 of 24, m = 5 (b 3, cut 3, half 1, w 2), chunk_size 2:
+    # gaps 4, 3, 1, 9, 0 -> q 0, 0, 0, 1, 0; r 4, 3, 1, 4, 0
+    # r 4: long, j 1 -> low 3, high 1; r 3: long, j 0 -> low 3, high 0; r 1, r 0: short
+    _hand_case([4, 8, 10, 20, 21], [0, 1, 1, 0, 1], 24, 5, 2, [
+        0, 0, 0, 9, 2, 2, 21, 5, 3,  # the last chunk has no long-form entry: its high offset = high_bits
+        0b110111,  # unary: 1 | 1 | 1 | 0 1 | 1
+        3 | 3 << 2 | 1 << 4 | 3 << 6 | 0 << 8,  # low fields, 2 bits each at bit 2 * i
+        0b101,  # high bits of entries 0, 1, 3
+        0b10110,
+    ], (5, 6, 3))
+
+
+def test_reference_layout_by_hand_m2():
+    # m = 2: w = 0 (no low stream), cut = 0: every entry is long-form, its high bit = r
+    # gaps 0, 3, 0, 7 -> q 0, 1, 0, 3; r 0, 1, 0, 1
+    _hand_case([0, 4, 5, 13], [0, 1, 0, 1], 16, 2, 2, [
+        0, 0, 0, 5, 3, 2,
+        0b10001101,  # 1 | 0 1 | 1 | 0 0 0 1
+        0b1010,  # high
+        0b1010,  # signs
+    ], (4, 8, 4))
+
+
+def test_reference_layout_by_hand_m1():
+    # m = 1: unary only, q = gap
+    _hand_case([0, 4, 5, 13], [1, 1, 0, 0], 16, 1, 3, [
+        0, 0, 0, 6, 6, 0,  # chunk 1 = entry 3: after position 5, unary bit 6
+        0b10000000110001,  # 1 | 0 0 0 1 | 1 | 0 0 0 0 0 0 0 1
+        0b0011,
+    ], (4, 14, 0))
+
+
+def test_reference_low_field_crosses_words():
+    # m = 13 (b 4, cut 3, half 5, w 3): entry 21's low field is bits 63..65
+    m, n_kept = 13, 40
+    gaps = [(7 * i) % 26 for i in range(n_kept)]
+    positions = list(np.cumsum(np.array(gaps) + 1) - 1)
+    v = np.zeros(positions[-1] + 5, np.float32)
+    v[positions] = 1.0
+    payload, nnz, ub, hb = reference.encode_payload(v, 0.5, m, 7)
+    words = golomb.stream_words(nnz, 7, m, ub, hb)
+    low = int.from_bytes(payload[8 * sum(words[:2]):8 * sum(words[:3])], "little")
+    high = int.from_bytes(payload[8 * sum(words[:3]):8 * sum(words[:4])], "little")
+    h = 0
+    for i, g in enumerate(gaps):
+        r = g % m
+        x = (low >> (3 * i)) & 7
+        if r < 3:
+            assert x == r
+        else:
+            assert x == 3 + (r - 3) % 5 and (high >> h) & 1 == (r - 3) // 5
+            h += 1
+    assert h == hb
+    assert payload_bytes(encode_with_m(v, 0.5, m, 7)) == payload
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,16 +311,20 @@ def test_encode_matches_reference(case, chunk_size, m):
     s = golomb.encode(values, thr, chunk_size)
     payload = payload_bytes(s)
     assert reference.encode_payload(values, thr, s.golomb_m, chunk_size) == (
-        payload, s.nnz, s.unary_bits, s.remainder_bits)
-    assert len(payload) == s.payload_length
+        payload, s.nnz, s.unary_bits, s.high_bits)
+    assert len(payload) == s.payload_length == 8 * sum(
+        golomb.stream_words(s.nnz, chunk_size, s.golomb_m, s.unary_bits, s.high_bits))
     expected = truth(values, thr)
     assert reference.decode_positions_signs(payload, numel=values.size, **header_of(s)) == expected
+    check_streams_by_arithmetic(payload, values.size, header_of(s), expected)
 
     forced = encode_with_m(values, thr, m, chunk_size)
     assert reference.encode_payload(values, thr, m, chunk_size) == (
-        payload_bytes(forced), forced.nnz, forced.unary_bits, forced.remainder_bits)
+        payload_bytes(forced), forced.nnz, forced.unary_bits, forced.high_bits)
+    assert len(payload_bytes(forced)) == forced.payload_length
     assert reference.decode_positions_signs(payload_bytes(forced), numel=values.size,
                                             **header_of(forced)) == expected
+    check_streams_by_arithmetic(payload_bytes(forced), values.size, header_of(forced), expected)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -441,9 +560,14 @@ def test_fixed_m_round_trip(m, density):
     values = np.where(rng.random(n) < density, rng.standard_normal(n), 0).astype(np.float32)
     s = encode_with_m(values, 0.0, m, 37)
     payload = payload_bytes(s)
-    assert reference.encode_payload(values, 0.0, m, 37) == (payload, s.nnz, s.unary_bits, s.remainder_bits)
+    assert reference.encode_payload(values, 0.0, m, 37) == (payload, s.nnz, s.unary_bits, s.high_bits)
     positions, signs = truth(values, 0.0)
     assert reference.decode_positions_signs(payload, numel=n, **header_of(s)) == (positions, signs)
+    check_streams_by_arithmetic(payload, n, header_of(s), (positions, signs))
+    if m == 2:
+        assert s.high_bits == s.nnz and s.low.size == 0  # every entry long-form, no low stream
+    if m == 1:
+        assert s.high_bits == 0 and s.low.size == 0 and s.unary_bits == positions[-1] + 1  # q = gap
     dense = numba_dense(payload, n, header_of(s), np.uint32, f32_bits(1.0), f32_bits(-1.0), 7)
     expected = np.zeros(n, np.float32)
     expected[positions] = np.where(np.array(signs, bool), -1.0, 1.0)
@@ -457,12 +581,18 @@ def test_encode_picks_cheapest_candidate(case, chunk_size):
     s = golomb.encode(values, thr, chunk_size)
     candidates = [int(m) for m in golomb.golomb_candidates(s.nnz, values.size)]
     assert s.golomb_m in candidates
-    costs = {}
+    costs, counts = {}, {}
     for m in candidates:
-        _, nnz, ub, rb = reference.encode_payload(values, thr, m, chunk_size)
+        payload, nnz, ub, hb = reference.encode_payload(values, thr, m, chunk_size)
         assert nnz == s.nnz
-        costs[m] = ub + rb
-    assert s.unary_bits + s.remainder_bits == costs[s.golomb_m] == min(costs.values())
+        costs[m] = ub + nnz * low_width(m) + hb
+        counts[m] = (ub, hb)
+    assert s.unary_bits + s.nnz * low_width(s.golomb_m) + s.high_bits == costs[s.golomb_m] == min(costs.values())
+    # the kernel's per-candidate counts equal the reference's
+    got = np.zeros((len(candidates), 2), dtype=np.int64)
+    assert kernels.count_gap_costs(np.ascontiguousarray(values, np.float32), np.float32(thr),
+                                   np.array(candidates, dtype=np.int64), got) == s.nnz
+    assert {m: (int(got[j, 0]), int(got[j, 1])) for j, m in enumerate(candidates)} == counts
     assert s.golomb_m == min(m for m in candidates if costs[m] == costs[s.golomb_m])  # ties: smallest m
 
 
@@ -471,24 +601,55 @@ def test_encode_picks_cheapest_candidate(case, chunk_size):
 
 NUMEL = 4000
 CHUNK = 16
+# "chosen": golomb.encode's own m (9 here: short and long forms, 3-bit low fields); m = 8: every
+# entry long-form (cut 0); m = 2: no low stream, one high bit per entry; m = 1000: 9-bit low
+# fields crossing words, few long-form entries
+VALID_MS = ["chosen", 8, 2, 1000]
 
 
-@pytest.fixture(scope="module")
-def valid():
+@pytest.fixture(scope="module", params=VALID_MS, ids=lambda m: f"m={m}")
+def valid(request):
     rng = np.random.default_rng(99)
     values = np.where(rng.random(NUMEL) < 0.08, rng.standard_normal(NUMEL), 0).astype(np.float32)
-    s = golomb.encode(values, 0.0, CHUNK)
-    assert s.nnz > 8 * CHUNK and s.golomb_m > 2  # several chunks, real remainder fields
+    if request.param == "chosen":
+        s = golomb.encode(values, 0.0, CHUNK)
+        assert s.golomb_m > 2 and s.golomb_m & (s.golomb_m - 1)  # real short and long forms
+    else:
+        s = encode_with_m(values, 0.0, request.param, CHUNK)
+    assert s.nnz > 8 * CHUNK and 0 < s.high_bits <= s.nnz  # several chunks, some high bits
     return payload_bytes(s), header_of(s), truth(values, 0.0)
+
+
+def _guarded(dtype, fill: int):
+    guard = 64
+    big = np.full(NUMEL + 2 * guard, fill, dtype=dtype)
+    return big, big[guard:guard + NUMEL], guard
 
 
 def numba_outcome(payload, hdr: dict):
     """None when the Numba path rejects the payload with CorruptPayloadError, else the dense
-    decode (written inside guard regions). Any other exception fails the test."""
+    decode (written inside guard regions). Any other exception fails the test.
+
+    The payload is also decoded straight away (no MODE_CHECK pass first) with MODE_DENSE and
+    MODE_ADD_BF16 into guarded outputs: those must reject exactly when MODE_CHECK does, and never
+    write outside their output."""
     try:
         streams = parse(payload, NUMEL, hdr)
         golomb.decode(streams, NUMEL, kernels.MODE_CHECK, np.empty(0, np.uint16), where="test", path=None)
+        accepted = True
     except CorruptPayloadError:
+        accepted = False
+    for mode, dtype, fill in ((kernels.MODE_DENSE, np.uint32, 0xFFFFFFFF), (kernels.MODE_ADD_BF16, np.uint16, 0x3F80)):
+        big, out, guard = _guarded(dtype, fill)
+        try:
+            golomb.decode(parse(payload, NUMEL, hdr, check=False), NUMEL, mode, out, delta=1.0, where="test",
+                          path=None)
+            direct = True
+        except CorruptPayloadError:
+            direct = False
+        assert direct == accepted, mode
+        assert (big[:guard] == fill).all() and (big[guard + NUMEL:] == fill).all(), "wrote out of bounds"
+    if not accepted:
         return None
     return numba_dense(payload, NUMEL, hdr, np.uint32, 1, 2, 0xFFFFFFFF)
 
@@ -513,8 +674,18 @@ def _swap_bases(table, hdr):
     table[[1, 2], 0] = table[[2, 1], 0]
 
 
+def _swap_rows(table, hdr):
+    table[[3, 4]] = table[[4, 3]]
+
+
+def _high_offsets_shifted(table, hdr):
+    """Every high offset after row 0 one lower (still within the stream, still ordered)."""
+    table[1:, 2] = np.maximum(table[1:, 2] - 1, 0)
+
+
 STRUCTURAL = {
     "bases swapped": _swap_bases,
+    "rows swapped": _swap_rows,
     "base repeated": _table_edit(3, 0, lambda t, h: t[2, 0]),
     "base plus one": _table_edit(2, 0, lambda t, h: t[2, 0] + 1),
     "base minus one": _table_edit(2, 0, lambda t, h: t[2, 0] - 1),
@@ -523,28 +694,90 @@ STRUCTURAL = {
     "base negative": _table_edit(4, 0, -1),
     "first base not zero": _table_edit(0, 0, 1),
     "first unary offset not zero": _table_edit(0, 1, 1),
+    "first high offset not zero": _table_edit(0, 2, 1),
     "unary offset past the stream": _table_edit(-1, 1, lambda t, h: h["unary_bits"] + 64),
     "unary offset huge": _table_edit(3, 1, 2 ** 63 - 1),
     "unary offset negative": _table_edit(3, 1, -5),
     "unary offset plus one": _table_edit(2, 1, lambda t, h: t[2, 1] + 1),
-    "remainder offset past the stream": _table_edit(-1, 2, lambda t, h: h["remainder_bits"] + 1),
-    "remainder offset minus one": _table_edit(2, 2, lambda t, h: t[2, 2] - 1),
-    "remainder offset huge": _table_edit(1, 2, 2 ** 62),
+    "unary offset minus one": _table_edit(2, 1, lambda t, h: t[2, 1] - 1),
+    "high offset past the stream": _table_edit(-1, 2, lambda t, h: h["high_bits"] + 1),
+    "high offset at the end": _table_edit(1, 2, lambda t, h: h["high_bits"]),
+    "high offset plus one": _table_edit(2, 2, lambda t, h: t[2, 2] + 1),
+    "high offset minus one": _table_edit(2, 2, lambda t, h: t[2, 2] - 1),
+    "high offset huge": _table_edit(1, 2, 2 ** 62),
+    "high offset negative": _table_edit(3, 2, -1),
+    "high offsets shifted": _high_offsets_shifted,
 }
+
+
+def _table_of(payload: bytes, hdr: dict) -> tuple[np.ndarray, np.ndarray]:
+    words = np.frombuffer(payload, "<u8").copy()
+    n_chunks = -(-hdr["nnz"] // hdr["chunk_size"])
+    return words, words[:3 * n_chunks].view(np.int64).reshape(n_chunks, 3)
 
 
 @pytest.mark.parametrize("name", sorted(STRUCTURAL))
 def test_corrupt_chunk_table_is_rejected(valid, name):
     payload, hdr, _ = valid
-    words = np.frombuffer(payload, "<u8").copy()
-    n_chunks = -(-hdr["nnz"] // hdr["chunk_size"])
-    table = words[:3 * n_chunks].view(np.int64).reshape(n_chunks, 3)
+    words, table = _table_of(payload, hdr)
     STRUCTURAL[name](table, hdr)
     corrupt = words.tobytes()
-    assert corrupt != payload
+    if corrupt == payload:
+        pytest.skip("the edit changes nothing for this payload")
     assert numba_outcome(corrupt, hdr) is None
     with pytest.raises(CorruptPayloadError):
         reference.decode_positions_signs(corrupt, numel=NUMEL, **hdr)
+    with pytest.raises(CorruptPayloadError):
+        reference.decode_positions_signs(corrupt, numel=NUMEL, strict_padding=False, **hdr)
+
+
+def test_check_table_accepts_valid_and_flags_bad_rows(valid):
+    payload, hdr, _ = valid
+    words, table = _table_of(payload, hdr)
+    args = (hdr["nnz"], NUMEL, hdr["chunk_size"], hdr["unary_bits"], hdr["high_bits"])
+    assert kernels.check_table(table, *args) == kernels.OK
+    for name, code in (("first base not zero", kernels.ERR_TABLE_START),
+                       ("base far past numel", kernels.ERR_TABLE_RANGE),
+                       ("high offset past the stream", kernels.ERR_TABLE_RANGE),
+                       ("high offset negative", kernels.ERR_TABLE_RANGE),
+                       ("unary offset negative", kernels.ERR_TABLE_RANGE),
+                       ("base repeated", kernels.ERR_TABLE_ORDER)):
+        bad = table.copy()
+        STRUCTURAL[name](bad, hdr)
+        assert kernels.check_table(bad, *args) == code, name
+    # a chunk claiming more high bits than entries
+    bad = table.copy()
+    bad[2:, 2] = 0
+    bad[1, 2] = 0
+    bad[-1, 2] = 0
+    assert kernels.check_table(bad, hdr["nnz"], NUMEL, hdr["chunk_size"], hdr["unary_bits"],
+                               hdr["high_bits"] + 5 * hdr["chunk_size"]) == kernels.ERR_TABLE_BITS
+
+
+def test_status_messages_cover_every_error():
+    codes = {getattr(kernels, name) for name in dir(kernels) if name.startswith("ERR_")}
+    assert codes == set(kernels.STATUS_MESSAGES) and kernels.OK not in codes
+    assert not hasattr(kernels, "ERR_REMAINDER_OVERRUN") and not hasattr(kernels, "ERR_REMAINDER_END")
+
+
+@pytest.mark.parametrize("unary_bits, high_bits", [(5, 0), (64, 0), (0, 3)])
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="golomb.decode skips nnz = 0 tensors without checking unary_bits = high_bits = 0")
+def test_empty_tensor_with_stream_bits_is_rejected(unary_bits, high_bits):
+    """nnz = 0 but the header claims unary or high bits: no entry uses them, so the payload is
+    inconsistent (the reference rejects it even without strict padding)."""
+    hdr = dict(nnz=0, golomb_m=3, chunk_size=4, unary_bits=unary_bits, high_bits=high_bits)
+    payload = bytes(8 * sum(golomb.stream_words(0, 4, 3, unary_bits, high_bits)))
+    assert len(payload) == 8
+    with pytest.raises(CorruptPayloadError):
+        reference.decode_positions_signs(payload, numel=100, strict_padding=False, **hdr)
+    out = np.full(100, 7, np.uint32)
+    try:
+        streams = parse(payload, 100, hdr)
+        golomb.decode(streams, 100, kernels.MODE_DENSE, out, positive=1, negative=2, where="test", path=None)
+    except CorruptPayloadError:
+        return
+    raise AssertionError("the Numba path accepted the payload")
 
 
 HEADER_EDITS = {
@@ -552,9 +785,10 @@ HEADER_EDITS = {
     "nnz plus one": ("nnz", 1),
     "unary_bits minus one": ("unary_bits", -1),
     "unary_bits plus one": ("unary_bits", 1),
-    "remainder_bits minus one": ("remainder_bits", -1),
-    "remainder_bits plus one": ("remainder_bits", 1),
+    "high_bits minus one": ("high_bits", -1),
+    "high_bits plus one": ("high_bits", 1),
     "golomb_m plus one": ("golomb_m", 1),
+    "golomb_m minus one": ("golomb_m", -1),
     "chunk_size plus one": ("chunk_size", 1),
 }
 
@@ -594,28 +828,34 @@ def _flip(payload: bytes, bits) -> bytes:
     return bytes(data)
 
 
-def _stream_range(hdr: dict, which: int) -> tuple[int, int]:
-    """Bit range [start, start + used bits) of stream ``which`` (0 table, 1 unary, 2 remainder, 3 signs)."""
-    n_chunks = -(-hdr["nnz"] // hdr["chunk_size"])
-    sizes = [3 * n_chunks * 64, -(-hdr["unary_bits"] // 64) * 64, -(-hdr["remainder_bits"] // 64) * 64]
-    used = [sizes[0], hdr["unary_bits"], hdr["remainder_bits"], hdr["nnz"]]
-    return sum(sizes[:which]), used[which]
+STREAMS = ["table", "unary", "low", "high", "signs"]
 
 
-@pytest.mark.parametrize("where", ["unary", "anywhere"])
+def _stream_range(hdr: dict, which: str) -> tuple[int, int, int]:
+    """(first bit, used bits, padded bits) of a part of the payload."""
+    nnz = hdr["nnz"]
+    words = golomb.stream_words(nnz, hdr["chunk_size"], hdr["golomb_m"], hdr["unary_bits"], hdr["high_bits"])
+    i = STREAMS.index(which)
+    used = [64 * words[0], hdr["unary_bits"], nnz * low_width(hdr["golomb_m"]), hdr["high_bits"], nnz][i]
+    return 64 * sum(words[:i]), used, 64 * words[i]
+
+
+@pytest.mark.parametrize("where", ["unary", "low", "high", "signs", "anywhere"])
 def test_bit_flips_never_escape(valid, where):
     """A flipped payload is rejected by both decoders or accepted by both with the same content,
     and the Numba decoder never writes outside its output."""
     payload, hdr, (positions, _) = valid
-    rng = np.random.default_rng(5 if where == "unary" else 6)
-    if where == "unary":
-        start, used = _stream_range(hdr, 1)
+    rng = np.random.default_rng(STREAMS.index(where) if where in STREAMS else 6)
+    if where == "anywhere":
+        flips = [[int(b)] for b in rng.integers(0, len(payload) * 8, 300)]
+    else:
+        start, used, _ = _stream_range(hdr, where)
+        if used < 16:
+            pytest.skip(f"no {where} stream")
         # single flips, and pairs close together (which often still form a valid code)
         flips = [[start + int(b)] for b in rng.integers(0, used, 150)]
         for b in rng.integers(0, used - 8, 150):
             flips.append([start + int(b), start + int(b) + int(rng.integers(1, 8))])
-    else:
-        flips = [[int(b)] for b in rng.integers(0, len(payload) * 8, 300)]
     accepted = rejected = 0
     for bits in flips:
         corrupt = _flip(payload, bits)
@@ -627,18 +867,27 @@ def test_bit_flips_never_escape(valid, where):
             accepted += 1
             assert (got == ref).all(), bits
             assert np.count_nonzero(got) == hdr["nnz"]
-    assert rejected > 0 and accepted > 0
+    if where == "signs":
+        assert rejected == 0  # every sign pattern is valid
+    else:
+        assert rejected > 0
+    # (with m = 1000 every quotient is 0 and a high bit moves a position by 488: no unary or high
+    # flip yields a valid code there)
+    if not (hdr["golomb_m"] == 1000 and where in ("unary", "high")):
+        assert accepted > 0
 
 
-def test_padding_bits(valid):
+@pytest.mark.parametrize("which", ["unary", "low", "high", "signs"])
+def test_padding_bits(valid, which):
     """Numba ignores set padding bits; the reference decoder rejects them unless told not to."""
     payload, hdr, truth_ = valid
-    start, used = _stream_range(hdr, 1)
-    padded = -(-used // 64) * 64
-    assert padded > used
-    corrupt = _flip(payload, [start + padded - 1])
-    dense = numba_outcome(corrupt, hdr)
-    assert dense is not None and np.flatnonzero(dense).tolist() == truth_[0]
-    with pytest.raises(CorruptPayloadError, match="padding"):
-        reference.decode_positions_signs(corrupt, numel=NUMEL, **hdr)
-    assert reference.decode_positions_signs(corrupt, numel=NUMEL, strict_padding=False, **hdr) == truth_
+    start, used, padded = _stream_range(hdr, which)
+    if padded == used:
+        pytest.skip(f"the {which} stream has no padding bits")
+    for bit in (start + used, start + padded - 1):
+        corrupt = _flip(payload, [bit])
+        dense = numba_outcome(corrupt, hdr)
+        assert dense is not None and np.flatnonzero(dense).tolist() == truth_[0]
+        with pytest.raises(CorruptPayloadError, match="padding"):
+            reference.decode_positions_signs(corrupt, numel=NUMEL, **hdr)
+        assert reference.decode_positions_signs(corrupt, numel=NUMEL, strict_padding=False, **hdr) == truth_

@@ -95,9 +95,13 @@ def test_future_header_format_version(mutate):
     expect(UnsupportedVersionError, mutate(edit))
 
 
-@pytest.mark.parametrize("field", ["flags", "reserved"])
-def test_unknown_flags(mutate, container, field):
-    expect(UnsupportedVersionError, mutate(lambda c: container.build(c.doc, c.data, **{field: 1})))
+@pytest.mark.parametrize("field,value", [("flags", 0x0002), ("flags", 0x8000), ("reserved", 1)])
+def test_unknown_flags(mutate, container, field, value):
+    expect(UnsupportedVersionError, mutate(lambda c: container.build(c.doc, c.data, **{field: value})))
+
+
+def test_deflate_flag_on_a_plain_header_is_rejected(mutate, container):
+    expect(HeaderError, mutate(lambda c: container.build(c.doc, c.data, flags=0x0001)))
 
 
 def test_unknown_encoding(mutate):

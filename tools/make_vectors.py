@@ -280,7 +280,8 @@ def _version_2(blob: bytes) -> tuple[bytes, str]:
 
 
 def _flags(blob: bytes) -> tuple[bytes, str]:
-    return set_bytes(blob, 10, struct.pack("<H", 1)), "preamble flags u16 at byte 10 set to 1"
+    return (set_bytes(blob, 10, struct.pack("<H", 0x8000)),
+            "preamble flags u16 at byte 10 set to 0x8000 (an unknown flag; 0x0001 means a deflated header)")
 
 
 def _truncated(blob: bytes) -> tuple[bytes, str]:

@@ -21,6 +21,9 @@ PREAMBLE = struct.Struct("<8sHHIIIQ")  # magic, version, flags, header_length, h
 PREAMBLE_SIZE = PREAMBLE.size  # 32
 DATA_ALIGNMENT = 64  # the data section starts at a multiple of this
 PAYLOAD_ALIGNMENT = 8  # every payload starts at a multiple of this inside the data section
+FLAG_DEFLATE = 0x0001  # the header is a zlib stream (RFC 1950) of the JSON text, then zero padding
+KNOWN_FLAGS = FLAG_DEFLATE
+DEFLATE_ABOVE = 16 * 1024  # the reference writer deflates JSON texts longer than this
 
 # Limits (spec/FORMAT.md section 6). Readers reject files beyond them before allocating anything.
 MAX_HEADER_BYTES = 64 * 1024 * 1024
@@ -132,10 +135,13 @@ def encode_header(metadata: Mapping[str, Any], tensors: Sequence[TensorEntry], d
         "tensors": [t.to_json() for t in tensors],
     }
     text = json.dumps(doc, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
+    flags, pad = 0, b" "
+    if len(text) > DEFLATE_ABOVE:  # many tensors: names repeat, and the header would cost ~1 % of the file
+        text, flags, pad = zlib.compress(text, 9), FLAG_DEFLATE, b"\0"
     header_length = round_up(PREAMBLE_SIZE + len(text), DATA_ALIGNMENT) - PREAMBLE_SIZE
-    text = text + b" " * (header_length - len(text))
+    text = text + pad * (header_length - len(text))
     file_length = PREAMBLE_SIZE + header_length + round_up(data_length, PAYLOAD_ALIGNMENT)
-    preamble = PREAMBLE.pack(MAGIC, FORMAT_VERSION, 0, header_length, zlib.crc32(text), 0, file_length)
+    preamble = PREAMBLE.pack(MAGIC, FORMAT_VERSION, flags, header_length, zlib.crc32(text), 0, file_length)
     return preamble + text
 
 
@@ -143,8 +149,8 @@ def encode_header(metadata: Mapping[str, Any], tensors: Sequence[TensorEntry], d
 # reading
 
 
-def parse_preamble(raw: bytes, path: object, actual_size: int | None) -> tuple[int, int, int]:
-    """Check the 32-byte preamble; return (header_length, header_crc32, file_length)."""
+def parse_preamble(raw: bytes, path: object, actual_size: int | None) -> tuple[int, int, int, int]:
+    """Check the 32-byte preamble; return (header_length, header_crc32, file_length, flags)."""
     if len(raw) < len(MAGIC) or raw[: len(MAGIC)] != MAGIC:
         if len(raw) < PREAMBLE_SIZE and MAGIC.startswith(raw[: len(MAGIC)]):
             raise TruncatedFileError(f"file is {len(raw)} bytes, shorter than the {PREAMBLE_SIZE}-byte preamble", path)
@@ -155,7 +161,7 @@ def parse_preamble(raw: bytes, path: object, actual_size: int | None) -> tuple[i
     if version != FORMAT_VERSION:
         raise UnsupportedVersionError(
             f"format version {version} is not supported (this compeft reads version {FORMAT_VERSION})", path)
-    if flags != 0 or reserved != 0:
+    if flags & ~KNOWN_FLAGS or reserved != 0:
         raise UnsupportedVersionError(f"unknown flags {flags:#x} / reserved field {reserved:#x} in the preamble", path)
     if header_length > MAX_HEADER_BYTES:
         raise HeaderError(f"header of {header_length} bytes exceeds the limit of {MAX_HEADER_BYTES}", path)
@@ -166,7 +172,21 @@ def parse_preamble(raw: bytes, path: object, actual_size: int | None) -> tuple[i
     if actual_size is not None and actual_size != file_length:
         kind = "truncated" if actual_size < file_length else "has trailing bytes"
         raise TruncatedFileError(f"file {kind}: {actual_size} bytes present, {file_length} declared", path)
-    return header_length, header_crc, file_length
+    return header_length, header_crc, file_length, flags
+
+
+def _inflate(region: bytes, path: object) -> bytes:
+    """The JSON text of a deflated header region, at most MAX_HEADER_BYTES (no zip bombs)."""
+    inflater = zlib.decompressobj()
+    try:
+        text = inflater.decompress(region, MAX_HEADER_BYTES + 1)
+    except zlib.error as exc:
+        raise HeaderError(f"deflated header is corrupt ({exc})", path) from None
+    if len(text) > MAX_HEADER_BYTES:
+        raise HeaderError(f"deflated header expands beyond the limit of {MAX_HEADER_BYTES} bytes", path)
+    if not inflater.eof or inflater.unused_data.strip(b"\0"):
+        raise HeaderError("deflated header is incomplete or followed by non-zero bytes", path)
+    return text
 
 
 def _json_depth(value: Any, depth: int = 0) -> int:
@@ -183,10 +203,13 @@ def _reject_constant(token: str) -> None:
     raise ValueError(f"{token} is not allowed in a compeft header")
 
 
-def parse_header(text: bytes, header_crc: int, data_start: int, file_length: int, path: object) -> Header:
+def parse_header(text: bytes, header_crc: int, data_start: int, file_length: int, path: object,
+                 flags: int = 0) -> Header:
     """Verify the header's CRC, parse its JSON and validate every field and the layout."""
     if zlib.crc32(text) != header_crc:
         raise HeaderError("header checksum mismatch (the header bytes are corrupt)", path)
+    if flags & FLAG_DEFLATE:
+        text = _inflate(text, path)
     try:
         doc = json.loads(text.decode("utf-8"), parse_constant=_reject_constant)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
