@@ -761,8 +761,6 @@ def test_status_messages_cover_every_error():
 
 
 @pytest.mark.parametrize("unary_bits, high_bits", [(5, 0), (64, 0), (0, 3)])
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="golomb.decode skips nnz = 0 tensors without checking unary_bits = high_bits = 0")
 def test_empty_tensor_with_stream_bits_is_rejected(unary_bits, high_bits):
     """nnz = 0 but the header claims unary or high bits: no entry uses them, so the payload is
     inconsistent (the reference rejects it even without strict padding)."""

@@ -97,6 +97,8 @@ def parse_payload(payload: bytes | bytearray | memoryview | np.ndarray, *, nnz: 
 
     (:func:`decode_many` checks every table again, in one batch, before it decodes.)
     """
+    if nnz == 0 and (unary_bits or high_bits):
+        raise CorruptPayloadError(f"{where}: a tensor with nnz 0 has empty streams", path)
     expected = golomb_payload_length(nnz, chunk_size, golomb_m, unary_bits, high_bits)
     size = memoryview(payload).nbytes
     if size != expected:

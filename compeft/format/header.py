@@ -314,6 +314,8 @@ def _parse_entry(raw: Any, index: int, path: object) -> TensorEntry:
         raise bad(f"nnz {nnz} exceeds the {numel} elements of shape {list(shape)}")
     if m < 1 or chunk_size < 1:
         raise bad("golomb_m and chunk_size must be at least 1")
+    if nnz == 0 and (unary_bits or high_bits):
+        raise bad("a tensor with nnz 0 has empty streams (unary_bits and high_bits must be 0)")
     if not nnz <= unary_bits <= nnz + numel // m:
         raise bad(f"unary_bits {unary_bits} is impossible for nnz {nnz} and {numel} elements")
     if high_bits > (nnz if m > 1 else 0):
