@@ -15,9 +15,9 @@ import numpy as np
 import torch
 
 from . import __version__
-from .codec import golomb, kernels
+from .codec import golomb
 from .encode import Selection, select, ternary_scale
-from .errors import BaseMismatchError, CompeftError, InvalidArgumentError, SourceError
+from .errors import BaseMismatchError, InvalidArgumentError, SourceError
 from .expert import _ADD_MODE, CompressedExpert, flat_bits, kept_value
 from .format import (ENCODING_DENSE, ENCODING_GOLOMB, BytesReader, FileReader, TensorEntry, atomic_write,
                      encode_header)

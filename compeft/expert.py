@@ -12,7 +12,7 @@ import torch
 
 from .codec import golomb, kernels
 from .errors import InvalidArgumentError, LayoutError
-from .format import ENCODING_DENSE, FileReader, Header, RangeReader, TensorEntry, atomic_write, check_crc, read_header
+from .format import ENCODING_DENSE, Header, RangeReader, TensorEntry, atomic_write, check_crc, read_header
 from .sources import DTYPE_TO_TORCH
 
 _BITS_VIEW = {torch.float32: (torch.int32, np.uint32), torch.float16: (torch.int16, np.uint16),
@@ -21,6 +21,7 @@ _ADD_MODE = {torch.float32: kernels.MODE_ADD_F32, torch.float16: kernels.MODE_AD
              torch.bfloat16: kernels.MODE_ADD_BF16}
 _COPY_BLOCK = 16 * 1024 * 1024
 _GAP = 64 * 1024  # payloads closer than this are fetched in one read
+_MAX_READ = 256 * 1024 * 1024  # ... as long as that read stays below this
 _NO_OUTPUT = np.empty(0, dtype=np.uint16)
 
 
@@ -111,7 +112,7 @@ class CompressedExpert:
         while i < len(entries):
             j = i + 1  # extend the run while the next payload is near and the run stays bounded
             while (j < len(entries) and entries[j].offset - (entries[j - 1].offset + entries[j - 1].length) <= _GAP
-                   and entries[j].offset + entries[j].length - entries[i].offset <= _COPY_BLOCK * 16):
+                   and entries[j].offset + entries[j].length - entries[i].offset <= _MAX_READ):
                 j += 1
             start = entries[i].offset
             end = entries[j - 1].offset + entries[j - 1].length

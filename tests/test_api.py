@@ -305,7 +305,7 @@ class ReadCounter:
     def __init__(self, monkeypatch):
         self.bytes = 0
         self.calls = 0
-        real_read, real_readinto = FileReader.read, FileReader.readinto
+        real_read = FileReader.read
         counter = self
 
         def read(self, offset, length):
@@ -313,13 +313,7 @@ class ReadCounter:
             counter.calls += 1
             return real_read(self, offset, length)
 
-        def readinto(self, offset, buffer):
-            counter.bytes += len(buffer)
-            counter.calls += 1
-            return real_readinto(self, offset, buffer)
-
         monkeypatch.setattr(FileReader, "read", read)
-        monkeypatch.setattr(FileReader, "readinto", readinto)
 
 
 def test_open_is_lazy(workdir, monkeypatch, container):

@@ -52,17 +52,6 @@ class FileReader:
             raise TruncatedFileError(f"short read: {len(data)} of {length} bytes at offset {offset}", self.name)
         return data
 
-    def readinto(self, offset: int, buffer: memoryview) -> None:
-        done = 0
-        while done < len(buffer):
-            try:
-                n = os.preadv(self._fd, [buffer[done:]], offset + done)
-            except OSError as exc:
-                raise SourceError(f"read failed: {exc.strerror}", self.name) from None
-            if n <= 0:
-                raise TruncatedFileError(f"short read at offset {offset + done}", self.name)
-            done += n
-
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
