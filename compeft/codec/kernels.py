@@ -283,6 +283,10 @@ def _decode_chunk(table, qwords, lwords, hwords, swords, out, params, c, mode, d
     qmax = numel // m  # q above this cannot land inside the tensor; also keeps q * m from overflowing
     nlwords = lwords.shape[0]
     hlast = hwords.shape[0] - 1
+    # high stream: a bit buffer, so that its offset is not on the per-entry dependency chain
+    hindex = hpos >> 6
+    hbuf = hwords[U(hindex)] >> np.uint64(hpos & 63) if hindex <= hlast else np.uint64(0)
+    hleft = 64 - (hpos & 63)
     positive = params[P_POSITIVE]
     flip = params[P_NEGATIVE] ^ positive
     if mode == MODE_DENSE:
@@ -319,12 +323,14 @@ def _decode_chunk(table, qwords, lwords, hwords, swords, out, params, c, mode, d
                     x |= np.int64(lwords[U(lw + 1)] << np.uint64(64 - off))
                 x &= mask_low
             long_form = np.int64(x >= cut)
-            high = np.int64(0)
-            if hlast >= 0:
-                hw = hwords[U(min(hpos >> 6, hlast))]
-                high = np.int64((hw >> np.uint64(hpos & 63)) & np.uint64(1))
-            r = x + long_form * high * half
+            r = x + (np.int64(hbuf & np.uint64(1)) & long_form) * half
+            hbuf >>= np.uint64(long_form)
+            hleft -= long_form
             hpos += long_form
+            if hleft == 0:
+                hindex += 1
+                hbuf = hwords[U(hindex)] if hindex <= hlast else np.uint64(0)
+                hleft = 64
         pos = nxt + q * m + r
         if pos >= end:
             return ERR_POSITION_RANGE
