@@ -261,6 +261,23 @@ def case_encode(mapping: dict[str, torch.Tensor], repeats: int) -> dict[str, Any
     return res
 
 
+def load_references(dense_path: Path) -> tuple[Callable[[], Any], Callable[[], Any]]:
+    """safetensors load_file of the dense file: the copying (pread) backend and the mapping one,
+    each followed by a one-byte-per-page touch."""
+
+    def ref_pread() -> dict[str, torch.Tensor]:
+        out = load_file(dense_path, backend="pread")
+        touch_pages(out)
+        return out
+
+    def ref_mmap() -> dict[str, torch.Tensor]:
+        out = load_file(dense_path)
+        touch_pages(out)
+        return out
+
+    return ref_pread, ref_mmap
+
+
 def case_decode(path: Path, dense_path: Path, dense: dict[str, torch.Tensor], repeats: int) -> dict[str, Any]:
     """Case 2: state_dict() (every tensor) from the file vs loading the dense bf16 safetensors file."""
 
@@ -275,15 +292,7 @@ def case_decode(path: Path, dense_path: Path, dense: dict[str, torch.Tensor], re
         touch_pages(out)
         return out
 
-    def ref_pread() -> dict[str, torch.Tensor]:
-        out = load_file(dense_path, backend="pread")
-        touch_pages(out)
-        return out
-
-    def ref_mmap() -> dict[str, torch.Tensor]:
-        out = load_file(dense_path)
-        touch_pages(out)
-        return out
+    ref_pread, ref_mmap = load_references(dense_path)
 
     def floor_copy() -> dict[str, torch.Tensor]:
         out = {name: torch.empty_like(t).copy_(t) for name, t in dense.items()}
@@ -331,15 +340,7 @@ def case_apply(path: Path, dense_path: Path, dense: dict[str, torch.Tensor], rep
     def ours_reused() -> None:  # the same expert object each time: its payloads were verified once already
         compeft.apply(reused, weights, scale=1.0)
 
-    def ref_pread() -> dict[str, torch.Tensor]:
-        out = load_file(dense_path, backend="pread")
-        touch_pages(out)
-        return out
-
-    def ref_mmap() -> dict[str, torch.Tensor]:
-        out = load_file(dense_path)
-        touch_pages(out)
-        return out
+    ref_pread, ref_mmap = load_references(dense_path)
 
     decoded = compeft.open(path).state_dict()
 
