@@ -134,36 +134,46 @@ def compress(source: TensorSource, *, base: PathLike | None = None, density: flo
     entries: list[TensorEntry] = []
     parts: list[bytes | memoryview] = []
     offset = 0
-    names = {t.name for t in compressed}
+    compressed_names = {t.name for t in compressed}
     for t in progress_bar(src.tensors, "encoding", progress):
-        if t.name in names:
-            values = _flat_f32(t)
-            chosen = selections.get(t.name) or select(lambda v=values, n=t.name: [(n, v)], density)
-            streams = golomb.encode(values, chosen.threshold, chunk_size)
-            pieces = streams.payload_parts()
-            entry = dict(encoding=ENCODING_GOLOMB, role="delta", init=t.init, nnz=streams.nnz,
-                         scale=ternary_scale(alpha, chosen.sigma), golomb_m=streams.golomb_m,
-                         chunk_size=chunk_size, unary_bits=streams.unary_bits,
-                         high_bits=streams.high_bits)
+        if t.name in compressed_names:
+            fields, pieces = _encode_compressed(t, selections.get(t.name), density, alpha, chunk_size)
         else:
-            is_delta = src.kind == "tensors" and t.dtype.is_floating_point
-            value = (t.load() if is_delta else t.load_value()).detach().cpu()
-            pieces = [memoryview(value.contiguous().reshape(-1).view(torch.uint8).numpy())] if value.numel() else []
-            role = "delta" if is_delta else "value"
-            entry = dict(encoding=ENCODING_DENSE, role=role, init=None)
+            fields, pieces = _encode_dense(t, src.kind)
         length = sum(len(p) for p in pieces)
         crc = 0
         for p in pieces:
             crc = zlib.crc32(p, crc)
         entries.append(TensorEntry(name=t.name, dtype=dtype_code(t.dtype, t.name), shape=t.shape, offset=offset,
-                                   length=length, crc32=crc, **entry))
+                                   length=length, crc32=crc, **fields))
         parts.extend(pieces)
         padded = round_up(offset + length, PAYLOAD_ALIGNMENT)
-        if padded > offset + length:
-            parts.append(bytes(padded - offset - length))
+        parts.append(bytes(padded - offset - length))
         offset = padded
     blob = b"".join([encode_header(meta, entries, offset), *parts])
     return CompressedExpert(BytesReader(blob, name="<in-memory expert>"))
+
+
+def _encode_compressed(t: SourceTensor, chosen: Selection | None, density: float, alpha: float,
+                       chunk_size: int) -> tuple[dict[str, Any], list[memoryview]]:
+    """Header fields and payload pieces of a ternary-golomb tensor (``chosen``: the global selection,
+    or None to select within the tensor)."""
+    values = _flat_f32(t)
+    if chosen is None:
+        chosen = select(lambda: [(t.name, values)], density)
+    streams = golomb.encode(values, chosen.threshold, chunk_size)
+    fields = dict(encoding=ENCODING_GOLOMB, role="delta", init=t.init, nnz=streams.nnz,
+                  scale=ternary_scale(alpha, chosen.sigma), golomb_m=streams.golomb_m, chunk_size=chunk_size,
+                  unary_bits=streams.unary_bits, high_bits=streams.high_bits)
+    return fields, streams.payload_parts()
+
+
+def _encode_dense(t: SourceTensor, kind: str) -> tuple[dict[str, Any], list[memoryview]]:
+    """A tensor stored verbatim: a delta when a task-vector mapping gave it, otherwise the value."""
+    is_delta = kind == "tensors" and t.dtype.is_floating_point
+    value = (t.load() if is_delta else t.load_value()).detach().cpu().contiguous()
+    pieces = [memoryview(value.reshape(-1).view(torch.uint8).numpy())] if value.numel() else []
+    return dict(encoding=ENCODING_DENSE, role="delta" if is_delta else "value", init=None), pieces
 
 
 def open(path: PathLike) -> CompressedExpert:  # noqa: A001 - mirrors safetensors.safe_open / builtins.open
