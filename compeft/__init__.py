@@ -11,18 +11,22 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["compress", "open", "apply", "decompress", "CompressedExpert", "CompeftError", "__version__"]
+__all__ = ["compress", "open", "apply", "decompress", "merge", "CompressedExpert", "CompeftError", "__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .api import apply, compress, decompress, open
     from .errors import CompeftError
     from .expert import CompressedExpert
+    from .merging import merge
 
 
 def __getattr__(name: str) -> Any:
     if name in ("compress", "open", "apply", "decompress"):
         from . import api
         return getattr(api, name)
+    if name == "merge":
+        from .merging import merge
+        return merge
     if name == "CompressedExpert":
         from .expert import CompressedExpert
         return CompressedExpert

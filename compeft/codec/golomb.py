@@ -132,6 +132,12 @@ class DecodeJob:
     positive: int = 0
     negative: int = 0
     delta: float = 0.0
+    aux: np.ndarray | None = None  # float32[numel] sign-election sums (MODE_TIES_*)
+    drop_key: int = 0  # DARE (see kernels.P_DROP_*): both in [0, 2**63)
+    drop_cut: int = 0
+
+
+_NO_AUX = np.empty(0, dtype=np.float32)
 
 
 def decode_many(jobs: Sequence[DecodeJob], mode: int, path: object) -> None:
@@ -155,6 +161,7 @@ def _decode_group(group: list[DecodeJob], mode: int, empty: np.ndarray, path: ob
     params = np.empty((len(group), kernels.N_PARAMS), dtype=np.int64)
     parts: list[np.ndarray] = []
     outs = List()
+    auxs = List()
     offset = 0
     for t, job in enumerate(group):
         s = job.streams
@@ -164,8 +171,9 @@ def _decode_group(group: list[DecodeJob], mode: int, empty: np.ndarray, path: ob
             parts.append(part)
             offset += part.size
             row.append(offset)
-        params[t] = row
+        params[t] = [*row, job.drop_key, job.drop_cut]
         outs.append(empty if mode == kernels.MODE_CHECK else job.out)
+        auxs.append(_NO_AUX if job.aux is None else job.aux)
     words = np.concatenate(parts) if parts else np.empty(0, np.uint64)
     status = np.zeros(len(group), dtype=np.int64)
     kernels.check_tables(words, params, status)
@@ -178,7 +186,7 @@ def _decode_group(group: list[DecodeJob], mode: int, empty: np.ndarray, path: ob
     work[:, 1] = np.arange(work.shape[0]) - np.repeat(starts, chunks)
     deltas = np.array([job.delta for job in group], dtype=np.float32)
     status = np.zeros(work.shape[0], dtype=np.int64)
-    kernels.decode_golomb(words, params, outs, deltas, work, mode, kernels.F16_TO_F32, status)
+    kernels.decode_golomb(words, params, outs, auxs, deltas, work, mode, kernels.F16_TO_F32, status)
     _raise_first(status, work, group, path)
 
 
@@ -195,6 +203,7 @@ def _raise_first(status: np.ndarray, work: np.ndarray | None, group: list[Decode
 
 
 def decode(s: GolombStreams, numel: int, mode: int, out: np.ndarray, *, positive: int = 0, negative: int = 0,
-           delta: float = 0.0, where: str, path: object) -> None:
+           delta: float = 0.0, aux: np.ndarray | None = None, drop_key: int = 0, drop_cut: int = 0, where: str,
+           path: object) -> None:
     """Decode one tensor (see :func:`decode_many`)."""
-    decode_many([DecodeJob(s, numel, out, where, positive, negative, delta)], mode, path)
+    decode_many([DecodeJob(s, numel, out, where, positive, negative, delta, aux, drop_key, drop_cut)], mode, path)

@@ -49,6 +49,8 @@ MODE_ADD_F32 = 2  # out (float32) += ±delta
 MODE_ADD_BF16 = 3  # out (uint16 holding bfloat16) = bf16(f32(out) ± delta)
 MODE_ADD_F16 = 4  # out (uint16 holding float16) = f16(f32(out) ± delta)
 MODE_SCATTER = 5  # like MODE_DENSE into an output known to be zero: no zero-fill pass
+MODE_TIES_SUM = 6  # out (float32) += ±delta where the entry's sign agrees with aux's (aux >= 0 elects +)
+MODE_TIES_COUNT = 7  # out (float32) += 1 where the entry's sign agrees with aux's
 
 F16_TO_F32 = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
 
@@ -100,6 +102,15 @@ def f32_to_f16_bits(f):
 
 # ---------------------------------------------------------------------------------------------
 # encoding
+
+
+@njit(cache=True, inline="always")
+def splitmix64(x):
+    """The splitmix64 output function (Steele et al. 2014): a well-mixed uint64 of a uint64."""
+    z = np.uint64(x) + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
 
 
 @njit(cache=True, inline="always")
@@ -242,11 +253,12 @@ def check_table(table, nnz, numel, chunk_size, unary_bits, high_bits):
 # Columns of the per-tensor parameter rows given to the batch kernels.
 P_NNZ, P_NUMEL, P_M, P_CHUNK, P_UNARY_BITS, P_HIGH_BITS, P_POSITIVE, P_NEGATIVE = range(8)
 P_TABLE, P_UNARY, P_LOW, P_HIGH, P_SIGNS, P_END = range(8, 14)  # word offsets into the shared words array
-N_PARAMS = 14
+P_DROP_KEY, P_DROP_CUT = 14, 15  # DARE: entry e is dropped when splitmix64(key + e) >> 1 < cut (cut 0: none)
+N_PARAMS = 16
 
 
 @njit(cache=True)
-def _decode_chunk(table, qwords, lwords, hwords, swords, out, params, c, mode, delta, f16_lut):
+def _decode_chunk(table, qwords, lwords, hwords, swords, out, aux, params, c, mode, delta, f16_lut):
     """Decode chunk ``c`` of one tensor and write it to ``out`` according to ``mode``.
 
     ``params`` (int64[N_PARAMS], see ``P_*``). Every read and write is bounds-checked against the
@@ -277,7 +289,8 @@ def _decode_chunk(table, qwords, lwords, hwords, swords, out, params, c, mode, d
             or hpos < 0 or hend > hwords.shape[0] * 64 or hpos > hend or count < 1
             or ((first + count - 1) >> 6) >= swords.shape[0]
             or ((first + count) * width + 63) >> 6 > lwords.shape[0]
-            or (mode != MODE_CHECK and end > out.shape[0])):
+            or (mode != MODE_CHECK and end > out.shape[0])
+            or ((mode == MODE_TIES_SUM or mode == MODE_TIES_COUNT) and end > aux.shape[0])):
         return ERR_BOUNDS
     mask_low = (np.int64(1) << width) - 1
     qmax = numel // m  # q above this cannot land inside the tensor; also keeps q * m from overflowing
@@ -289,6 +302,8 @@ def _decode_chunk(table, qwords, lwords, hwords, swords, out, params, c, mode, d
     hleft = 64 - (hpos & 63)
     positive = params[P_POSITIVE]
     flip = params[P_NEGATIVE] ^ positive
+    drop_key = np.uint64(params[P_DROP_KEY])
+    drop_cut = np.uint64(params[P_DROP_CUT])
     if mode == MODE_DENSE:
         out[base:end] = 0  # a slice store compiles to a vector loop; an indexed loop does not
     # unary stream: walk its one bits word by word (each terminates one quotient)
@@ -338,6 +353,8 @@ def _decode_chunk(table, qwords, lwords, hwords, swords, out, params, c, mode, d
         e = first + i
         negative = np.int64((swords[U(e >> 6)] >> np.uint64(e & 63)) & np.uint64(1))
         at = U(pos)
+        if drop_cut != 0 and (splitmix64(drop_key + np.uint64(e)) >> np.uint64(1)) < drop_cut:
+            continue
         if mode == MODE_DENSE or mode == MODE_SCATTER:
             out[at] = positive ^ (negative * flip)
         elif mode == MODE_ADD_F32:
@@ -347,6 +364,11 @@ def _decode_chunk(table, qwords, lwords, hwords, swords, out, params, c, mode, d
             out[at] = f32_to_bf16_bits(bf16_bits_to_f32(out[at]) + (-delta if negative else delta))
         elif mode == MODE_ADD_F16:
             out[at] = f32_to_f16_bits(f16_lut[U(out[at])] + (-delta if negative else delta))
+        elif mode == MODE_TIES_SUM or mode == MODE_TIES_COUNT:
+            if (aux[at] < 0) == (negative == 1):  # the sign the sum elected (a zero sum elects +)
+                step = (-delta if negative else delta) if mode == MODE_TIES_SUM else np.float32(1.0)
+                w = np.uint32(out[at]).view(np.float32) + step
+                out[at] = np.float32(w).view(np.uint32)
     if last_one + 1 != qend:
         return ERR_QUOTIENT_END
     if hpos != hend:
@@ -379,12 +401,14 @@ def check_tables(words, params, status):
 
 
 @njit(cache=True, parallel=True)
-def decode_golomb(words, params, outs, deltas, work, mode, f16_lut, status):
+def decode_golomb(words, params, outs, auxs, deltas, work, mode, f16_lut, status):
     """Decode many tensors' chunks in one parallel region.
 
     ``words`` (uint64) holds every tensor's payload; row t of ``params`` (int64[t, N_PARAMS]) gives
     its header fields, value patterns and word offsets (``P_*``); ``outs[t]`` is its flat output
-    bits (uint16 or uint32; unused by MODE_CHECK); ``deltas[t]`` the float32 step of MODE_ADD_*.
+    bits (uint16 or uint32; unused by MODE_CHECK); ``auxs[t]`` the float32 sign-election sums of
+    the MODE_TIES_* modes (empty otherwise); ``deltas[t]`` the float32 step of MODE_ADD_* and
+    MODE_TIES_SUM.
     ``work`` (int64[w, 2]) lists (tensor, chunk) pairs; ``status`` (int64[w]) gets a code per pair.
     The caller has run :func:`check_tables` on the same rows.
     """
@@ -392,8 +416,8 @@ def decode_golomb(words, params, outs, deltas, work, mode, f16_lut, status):
         t = work[j, 0]
         row = params[t]
         table, unary, low, high, signs = _parts(words, row)
-        status[j] = _decode_chunk(table, unary, low, high, signs, outs[t], row, work[j, 1], mode, deltas[t],
-                                  f16_lut)
+        status[j] = _decode_chunk(table, unary, low, high, signs, outs[t], auxs[t], row, work[j, 1], mode,
+                                  deltas[t], f16_lut)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,252 @@
+"""Merging many compressed experts straight from their streams (task arithmetic, soups, TIES, DARE).
+
+Every method works tensor group by tensor group on float32 accumulators (one to three per
+parameter of the group, whatever the number of experts); each expert's kept entries are added by
+the decode kernel, one expert after another, so no dense copy of any expert is made and the result
+does not depend on the thread count (each position is written by one thread per pass).
+
+Semantics (README "Merging"):
+
+* ``linear`` (soup): λ · Σ (wᵢ / Σ w) τ̃ᵢ (``normalize=False``: λ · Σ wᵢ τ̃ᵢ);
+* ``task_arithmetic``: λ · Σ wᵢ τ̃ᵢ;
+* ``ties`` (Yadav et al. 2023): per parameter, the sign of Σ τ̃ᵢ (unweighted; a zero sum elects +)
+  is elected; the result is λ · (Σ of wᵢ τ̃ᵢ over the experts whose entry has that sign) / (how
+  many do), 0 where none does — as ``peft.utils.merge_utils.ties`` with majority_sign_method
+  "total" and density 1 (compressed experts are already trimmed);
+* ``dare_linear`` / ``dare_ties`` (Yu et al. 2023): each kept entry of expert i is dropped with
+  probability p (``drop_rate``) and survivors are scaled by 1 / (1 − p), then ``linear`` (weights
+  not normalised, as in DARE) or ``ties``. The drop of entry e of tensor t of expert i is
+  ``splitmix64(key(seed, i, t) + e) >> 1 < p · 2^63``: reproducible from the seed alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, MutableMapping, Sequence
+
+import numpy as np
+import torch
+
+from .codec import golomb, kernels
+from .errors import BaseMismatchError, InvalidArgumentError
+from .expert import CompressedExpert, kept_value
+from .format import ENCODING_DENSE
+from .progress import progress_bar
+from .sources import DTYPE_TO_TORCH
+
+GROUP_PARAMETERS = 1 << 27  # accumulators for at most this many parameters at a time (512 MiB each)
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A merge rule: ``ties`` elects signs; ``dare`` drops entries; ``normalize`` divides the weights
+    by their sum (when the caller allows it)."""
+
+    ties: bool
+    dare: bool
+    normalize: bool
+
+
+METHODS: dict[str, MergeMethod] = {
+    "linear": MergeMethod(ties=False, dare=False, normalize=True),
+    "task_arithmetic": MergeMethod(ties=False, dare=False, normalize=False),
+    "ties": MergeMethod(ties=True, dare=False, normalize=False),
+    "dare_linear": MergeMethod(ties=False, dare=True, normalize=False),
+    "dare_ties": MergeMethod(ties=True, dare=True, normalize=False),
+}
+
+
+class MergeResult(dict):  # type: ignore[type-arg]
+    """name -> merged τ (float32), with ``metadata``: the method, weights, λ, drop rate and seed."""
+
+    metadata: dict[str, Any]
+
+
+@dataclass
+class _Part:
+    """One expert's contribution to one tensor."""
+
+    expert: int
+    payload: torch.Tensor | golomb.GolombStreams
+    value: float = 0.0  # the kept magnitude (compressed tensors)
+
+
+@dataclass
+class _Group:
+    names: list[str]
+    parts: dict[str, list[_Part]] = field(default_factory=dict)
+
+
+def _drop_key(seed: int, expert: int, name: str) -> int:
+    digest = hashlib.sha256(f"{seed}:{expert}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def _check_compatible(experts: Sequence[CompressedExpert], check_base: bool) -> None:
+    first = experts[0]
+    for other in experts[1:]:
+        if other.names != first.names:
+            missing = sorted(set(first.names) ^ set(other.names))
+            raise BaseMismatchError(f"experts hold different tensors (e.g. {missing[:3]} differ from "
+                                    f"{first.path})", other.path)
+        for name in first.names:
+            a, b = first.entry(name), other.entry(name)
+            if a.shape != b.shape:
+                raise BaseMismatchError(f"tensor {name!r}: shape {list(b.shape)} here, {list(a.shape)} in "
+                                        f"{first.path}", other.path)
+        prints = (first.metadata.get("base_fingerprint"), other.metadata.get("base_fingerprint"))
+        if check_base and prints[0] != prints[1]:
+            raise BaseMismatchError(f"built on a different base than {first.path} (fingerprints differ); "
+                                    "pass check_base=False to merge anyway", other.path)
+    for e in experts:
+        for name in e.names:
+            if e.entry(name).role != "delta":
+                raise InvalidArgumentError(f"tensor {name!r} is stored as a value, not a delta: only task "
+                                           "vectors can be merged", e.path)
+
+
+def _groups(expert: CompressedExpert) -> list[list[str]]:
+    groups: list[list[str]] = [[]]
+    size = 0
+    for name in expert.names:
+        numel = expert.entry(name).numel
+        if groups[-1] and size + numel > GROUP_PARAMETERS:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += numel
+    return groups
+
+
+def merge(experts: Sequence[CompressedExpert | str | os.PathLike[str]], *, method: str = "task_arithmetic",
+          weights: Sequence[float] | None = None, lam: float = 1.0, normalize: bool = True, drop_rate: float = 0.0,
+          seed: int = 0, into: MutableMapping[str, torch.Tensor] | None = None, check_base: bool = True,
+          progress: bool = False) -> MergeResult:
+    """Merge compressed experts from their streams.
+
+    Parameters
+    ----------
+    experts
+        Opened experts or paths, all with the same tensor names and shapes (and base fingerprint,
+        unless ``check_base=False``).
+    method
+        A key of :data:`METHODS`: ``linear``, ``task_arithmetic``, ``ties``, ``dare_linear``, ``dare_ties``.
+    weights
+        One weight per expert (default 1 each).
+    lam
+        λ, the factor applied to the merged task vector.
+    normalize
+        ``linear`` only: divide the weights by their sum.
+    drop_rate, seed
+        DARE's drop probability p in [0, 1) and the seed of its drops.
+    into
+        A state dict to add the merged τ into, in place (``w = dtype(float32(w) + merged)``); the
+        result is then empty apart from its metadata.
+
+    Returns
+    -------
+    MergeResult
+        name -> merged τ as float32 tensors, and ``metadata``.
+
+    Examples
+    --------
+    >>> import torch, compeft
+    >>> a = compeft.compress({"w": torch.randn(100)}, density=0.5)
+    >>> b = compeft.compress({"w": torch.randn(100)}, density=0.5)
+    >>> compeft.merge([a, b], method="ties")["w"].shape
+    torch.Size([100])
+    """
+    from .api import _added, _as_expert
+
+    if method not in METHODS:
+        raise InvalidArgumentError(f"unknown merge method {method!r}; known: {sorted(METHODS)}")
+    rule = METHODS[method]
+    opened = [_as_expert(e) for e in experts]
+    if not opened:
+        raise InvalidArgumentError("merge needs at least one expert")
+    coefficients = [1.0] * len(opened) if weights is None else [float(w) for w in weights]
+    if len(coefficients) != len(opened) or not all(math.isfinite(w) for w in coefficients):
+        raise InvalidArgumentError(f"weights must be {len(opened)} finite numbers, got {weights!r}")
+    if not math.isfinite(lam):
+        raise InvalidArgumentError(f"lam must be finite, got {lam!r}")
+    if not 0 <= drop_rate < 1 or (drop_rate and not rule.dare):
+        raise InvalidArgumentError(f"drop_rate must be in [0, 1) and only with a dare_* method, got {drop_rate!r}")
+    if rule.normalize and normalize:
+        total = sum(coefficients)
+        if total == 0:
+            raise InvalidArgumentError("linear merge weights sum to zero; pass normalize=False")
+        coefficients = [w / total for w in coefficients]
+    _check_compatible(opened, check_base)
+    if into is not None:
+        missing = [n for n in opened[0].names if n not in into]
+        if missing:
+            raise BaseMismatchError(f"{len(missing)} merged tensors are not in the target state dict "
+                                    f"(e.g. {missing[:3]})")
+    keep = 1.0 - drop_rate
+    cut = int(drop_rate * 2.0 ** 63) if rule.dare else 0
+    result = MergeResult()
+    result.metadata = {"method": method, "weights": coefficients, "lambda": float(lam), "drop_rate": drop_rate,
+                       "seed": seed, "experts": [e.path for e in opened]}
+    for names in progress_bar(_groups(opened[0]), "merging", progress):
+        payloads = [e.payloads(names) for e in opened]  # verified and checked before any write
+
+        def jobs(mode: int, out: dict[str, torch.Tensor], scale: Callable[[int], float],
+                 aux: dict[str, torch.Tensor] | None = None) -> None:
+            for i, expert in enumerate(opened):
+                batch = []
+                for name in names:
+                    payload = payloads[i][name]
+                    e = expert.entry(name)
+                    if isinstance(payload, torch.Tensor):  # a delta kept dense
+                        _dense_step(mode, out[name], payload, scale(i), None if aux is None else aux[name], cut,
+                                    seed, i, name)
+                        continue
+                    value = kept_value(e.scale, DTYPE_TO_TORCH[e.dtype])
+                    batch.append(golomb.DecodeJob(
+                        payload, e.numel, out[name].view(-1).view(torch.int32).numpy().view(np.uint32),
+                        f"tensor {name!r}", delta=float(np.float32(scale(i)) * np.float32(value)),
+                        aux=None if aux is None else aux[name].view(-1).numpy(),
+                        drop_key=_drop_key(seed, i, name) if cut else 0, drop_cut=cut))
+                golomb.decode_many(batch, mode, expert.path)
+
+        shapes = {name: opened[0].entry(name).shape for name in names}
+        total = {name: torch.zeros(shapes[name], dtype=torch.float32) for name in names}
+        if rule.ties:
+            elected = total
+            jobs(kernels.MODE_ADD_F32, elected, lambda i: 1.0 / keep)
+            agreeing = {name: torch.zeros(shapes[name], dtype=torch.float32) for name in names}
+            counts = {name: torch.zeros(shapes[name], dtype=torch.float32) for name in names}
+            jobs(kernels.MODE_TIES_SUM, agreeing, lambda i: coefficients[i] / keep, elected)
+            jobs(kernels.MODE_TIES_COUNT, counts, lambda i: 1.0, elected)
+            del elected
+            total = {name: agreeing[name].div_(counts[name].clamp_(min=1.0)).mul_(lam) for name in names}
+        else:
+            jobs(kernels.MODE_ADD_F32, total, lambda i: lam * coefficients[i] / keep)
+        for name in names:
+            if into is None:
+                result[name] = total[name]
+            else:
+                target = into[name]
+                with torch.no_grad():
+                    target.copy_(_added(target, total[name].to(target.device)))
+    return result
+
+
+def _dense_step(mode: int, out: torch.Tensor, dense: torch.Tensor, scale: float, aux: torch.Tensor | None, cut: int,
+                seed: int, expert: int, name: str) -> None:
+    """The kernels' rules for a delta stored dense: its non-zero entries are its kept entries."""
+    values = dense.float()
+    kept = values != 0
+    if cut:
+        generator = torch.Generator().manual_seed(_drop_key(seed, expert, name))
+        kept &= torch.rand(values.shape, generator=generator) >= cut / 2.0 ** 63
+    if mode == kernels.MODE_ADD_F32:
+        out.add_(torch.where(kept, values * np.float32(scale), torch.zeros_like(values)))
+        return
+    assert aux is not None
+    agree = kept & ((values < 0) == (aux < 0))
+    step = values * np.float32(scale) if mode == kernels.MODE_TIES_SUM else torch.ones_like(values)
+    out.add_(torch.where(agree, step, torch.zeros_like(values)))
