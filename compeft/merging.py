@@ -33,7 +33,6 @@ import torch
 from .codec import golomb, kernels
 from .errors import BaseMismatchError, InvalidArgumentError
 from .expert import CompressedExpert, kept_value
-from .format import ENCODING_DENSE
 from .progress import progress_bar
 from .sources import DTYPE_TO_TORCH
 
