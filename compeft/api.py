@@ -9,7 +9,7 @@ import os
 import shutil
 import zlib
 from pathlib import Path
-from typing import Any, Iterable, Mapping, MutableMapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, MutableMapping, Sequence
 
 import numpy as np
 import torch
@@ -327,7 +327,45 @@ def decompress(expert: CompressedExpert | PathLike, output: PathLike, *, base: P
     return out
 
 
+def merge_to(experts: Sequence[CompressedExpert | PathLike], output: PathLike, *, method: str = "task_arithmetic",
+             weights: Sequence[float] | None = None, lam: float = 1.0, normalize: bool = True,
+             drop_rate: float = 0.0, seed: int = 0, base: PathLike | None = None, density: float | None = None,
+             alpha: float = 1.0, force: bool = False, progress: bool = False) -> Path:
+    """:func:`compeft.merge` written out: base + merged τ with the base's sharding (``base``), a
+    ``.safetensors`` merged task vector (float32), or a re-compressed ``.cpeft`` (``density``,
+    default the first expert's). The merge's method, weights, λ, drop rate and seed are recorded in
+    the output's metadata."""
+    from .merging import merge
+
+    opened = [_as_expert(e) for e in experts]
+    options = dict(method=method, weights=weights, lam=lam, normalize=normalize, drop_rate=drop_rate, seed=seed,
+                   check_base=not force)
+    out = Path(output)
+    if base is not None:
+        return _onto_base(opened, Path(base), out, force, progress,
+                          lambda shard, names: merge(opened, into=shard, names=names, **options))
+    result = merge(opened, progress=progress, **options)
+    record = {"merge": json.dumps(result.metadata, sort_keys=True)}
+    if out.suffix == ".safetensors":
+        _save_safetensors({n: t.contiguous() for n, t in result.items()}, out, record)
+    elif out.suffix == ".cpeft":
+        chosen = opened[0].metadata.get("density", 0.1) if density is None else density
+        compress(dict(result), density=chosen, alpha=alpha, metadata=record, progress=progress).save(out)
+    else:
+        raise InvalidArgumentError("merge output must end in .safetensors or .cpeft, or come with a base", out)
+    return out
+
+
 def _decompress_onto_base(expert: CompressedExpert, base: Path, out: Path, force: bool, progress: bool) -> Path:
+    return _onto_base([expert], base, out, force, progress,
+                      lambda shard, names: _apply(expert, shard, names, 1.0, False))
+
+
+def _onto_base(experts: Sequence[CompressedExpert], base: Path, out: Path, force: bool, progress: bool,
+               update: Callable[[dict[str, torch.Tensor], list[str]], Any]) -> Path:
+    """Write base + the experts' change with the base's sharding, one shard in memory at a time:
+    ``update(shard, names)`` changes the shard's tensors ``names`` in place."""
+    expert = experts[0]
     files = [base] if base.is_file() else safetensors_files(base)
     located = safetensors_tensors(files)
     missing = [n for n in expert.names if n not in located]
@@ -339,7 +377,8 @@ def _decompress_onto_base(expert: CompressedExpert, base: Path, out: Path, force
         if got != wanted:
             raise BaseMismatchError("the base is not the one this expert was made from; pass --force to apply anyway",
                                     base)
-    expert.verify()  # every payload checked before the first file is written
+    for each in experts:
+        each.verify()  # every payload checked before the first file is written
     targets: list[tuple[Path, Path]]
     if base.is_file():
         targets = [(base, out if out.suffix == ".safetensors" else out / base.name)]
@@ -351,7 +390,9 @@ def _decompress_onto_base(expert: CompressedExpert, base: Path, out: Path, force
         with safe_open(str(source_file), framework="pt") as handle:
             shard_meta = handle.metadata()
         shard = load_file(str(source_file))
-        _apply(expert, shard, [n for n in expert.names if n in shard], 1.0, False)
+        names = [n for n in expert.names if n in shard]
+        if names:
+            update(shard, names)
         _save_safetensors(shard, dest, shard_meta)
     if base.is_dir():
         weight_names = {f.name for f in files}

@@ -84,6 +84,29 @@ def cmd_decompress(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_weights(text: str | None, count: int) -> list[float] | None:
+    from .errors import InvalidArgumentError
+    if text is None:
+        return None
+    try:
+        weights = [float(w) for w in text.split(",")]
+    except ValueError:
+        raise InvalidArgumentError(f"--weights expects comma-separated numbers, got {text!r}") from None
+    if len(weights) != count:
+        raise InvalidArgumentError(f"--weights has {len(weights)} numbers for {count} experts")
+    return weights
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from .api import merge_to
+    out = merge_to(args.experts, args.output, method=args.method, weights=_parse_weights(args.weights, len(args.experts)),
+                   lam=args.lam, normalize=not args.no_normalize, drop_rate=args.drop_rate, seed=args.seed,
+                   base=args.base, density=args.density, alpha=args.alpha, force=args.force, progress=not args.quiet)
+    if not args.quiet:
+        print(f"wrote {out}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
     run_demo(quiet=args.quiet, density=args.density)
@@ -129,6 +152,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="apply even if the base fingerprint differs")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_decompress)
+
+    p = sub.add_parser("merge", help="merge compressed experts (task arithmetic, soups, TIES, DARE) from their streams")
+    p.add_argument("experts", nargs="+", help=".cpeft files, all on the same base")
+    p.add_argument("-o", "--output", required=True,
+                   help="a .safetensors merged task vector, a .cpeft (re-compressed), or with --base a model directory")
+    p.add_argument("--method", default="task_arithmetic",
+                   choices=("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"))
+    p.add_argument("--weights", help="comma-separated, one per expert (default 1 each)")
+    p.add_argument("--lambda", dest="lam", type=float, default=1.0, help="factor on the merged task vector")
+    p.add_argument("--no-normalize", action="store_true", help="linear: do not divide the weights by their sum")
+    p.add_argument("--drop-rate", type=float, default=0.0, help="dare_*: drop probability p in [0, 1)")
+    p.add_argument("--seed", type=int, default=0, help="dare_*: seed of the drops (recorded in the output)")
+    p.add_argument("--base", help="base model directory or .safetensors file: write base + merged τ")
+    p.add_argument("--density", type=float, help=".cpeft output: density of the re-compression (default: "
+                   "the first expert's)")
+    p.add_argument("--alpha", type=float, default=1.0, help=".cpeft output: alpha of the re-compression")
+    p.add_argument("--force", action="store_true", help="merge experts built on different bases")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("demo", help="fine-tune a small model in-process, compress, save, reopen, restore, report")
     p.add_argument("--density", type=float, default=0.1)

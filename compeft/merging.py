@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, MutableMapping, Sequence
 
 import numpy as np
@@ -64,21 +64,6 @@ class MergeResult(dict):  # type: ignore[type-arg]
     metadata: dict[str, Any]
 
 
-@dataclass
-class _Part:
-    """One expert's contribution to one tensor."""
-
-    expert: int
-    payload: torch.Tensor | golomb.GolombStreams
-    value: float = 0.0  # the kept magnitude (compressed tensors)
-
-
-@dataclass
-class _Group:
-    names: list[str]
-    parts: dict[str, list[_Part]] = field(default_factory=dict)
-
-
 def _drop_key(seed: int, expert: int, name: str) -> int:
     digest = hashlib.sha256(f"{seed}:{expert}:{name}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
@@ -107,10 +92,10 @@ def _check_compatible(experts: Sequence[CompressedExpert], check_base: bool) -> 
                                            "vectors can be merged", e.path)
 
 
-def _groups(expert: CompressedExpert) -> list[list[str]]:
+def _groups(expert: CompressedExpert, names: Sequence[str]) -> list[list[str]]:
     groups: list[list[str]] = [[]]
     size = 0
-    for name in expert.names:
+    for name in names:
         numel = expert.entry(name).numel
         if groups[-1] and size + numel > GROUP_PARAMETERS:
             groups.append([])
@@ -122,8 +107,8 @@ def _groups(expert: CompressedExpert) -> list[list[str]]:
 
 def merge(experts: Sequence[CompressedExpert | str | os.PathLike[str]], *, method: str = "task_arithmetic",
           weights: Sequence[float] | None = None, lam: float = 1.0, normalize: bool = True, drop_rate: float = 0.0,
-          seed: int = 0, into: MutableMapping[str, torch.Tensor] | None = None, check_base: bool = True,
-          progress: bool = False) -> MergeResult:
+          seed: int = 0, into: MutableMapping[str, torch.Tensor] | None = None, names: Sequence[str] | None = None,
+          check_base: bool = True, progress: bool = False) -> MergeResult:
     """Merge compressed experts from their streams.
 
     Parameters
@@ -144,6 +129,8 @@ def merge(experts: Sequence[CompressedExpert | str | os.PathLike[str]], *, metho
     into
         A state dict to add the merged τ into, in place (``w = dtype(float32(w) + merged)``); the
         result is then empty apart from its metadata.
+    names
+        Merge only these tensors (e.g. one shard's); default all.
 
     Returns
     -------
@@ -179,8 +166,11 @@ def merge(experts: Sequence[CompressedExpert | str | os.PathLike[str]], *, metho
             raise InvalidArgumentError("linear merge weights sum to zero; pass normalize=False")
         coefficients = [w / total for w in coefficients]
     _check_compatible(opened, check_base)
+    selected = list(opened[0].names if names is None else names)
+    for name in selected:
+        opened[0].entry(name)  # an unknown name raises here
     if into is not None:
-        missing = [n for n in opened[0].names if n not in into]
+        missing = [n for n in selected if n not in into]
         if missing:
             raise BaseMismatchError(f"{len(missing)} merged tensors are not in the target state dict "
                                     f"(e.g. {missing[:3]})")
@@ -189,14 +179,14 @@ def merge(experts: Sequence[CompressedExpert | str | os.PathLike[str]], *, metho
     result = MergeResult()
     result.metadata = {"method": method, "weights": coefficients, "lambda": float(lam), "drop_rate": drop_rate,
                        "seed": seed, "experts": [e.path for e in opened]}
-    for names in progress_bar(_groups(opened[0]), "merging", progress):
-        payloads = [e.payloads(names) for e in opened]  # verified and checked before any write
+    for group in progress_bar(_groups(opened[0], selected), "merging", progress):
+        payloads = [e.payloads(group) for e in opened]  # verified and checked before any write
 
         def jobs(mode: int, out: dict[str, torch.Tensor], scale: Callable[[int], float],
                  aux: dict[str, torch.Tensor] | None = None) -> None:
             for i, expert in enumerate(opened):
                 batch = []
-                for name in names:
+                for name in group:
                     payload = payloads[i][name]
                     e = expert.entry(name)
                     if isinstance(payload, torch.Tensor):  # a delta kept dense
@@ -211,20 +201,20 @@ def merge(experts: Sequence[CompressedExpert | str | os.PathLike[str]], *, metho
                         drop_key=_drop_key(seed, i, name) if cut else 0, drop_cut=cut))
                 golomb.decode_many(batch, mode, expert.path)
 
-        shapes = {name: opened[0].entry(name).shape for name in names}
-        total = {name: torch.zeros(shapes[name], dtype=torch.float32) for name in names}
+        shapes = {name: opened[0].entry(name).shape for name in group}
+        total = {name: torch.zeros(shapes[name], dtype=torch.float32) for name in group}
         if rule.ties:
             elected = total
             jobs(kernels.MODE_ADD_F32, elected, lambda i: 1.0 / keep)
-            agreeing = {name: torch.zeros(shapes[name], dtype=torch.float32) for name in names}
-            counts = {name: torch.zeros(shapes[name], dtype=torch.float32) for name in names}
+            agreeing = {name: torch.zeros(shapes[name], dtype=torch.float32) for name in group}
+            counts = {name: torch.zeros(shapes[name], dtype=torch.float32) for name in group}
             jobs(kernels.MODE_TIES_SUM, agreeing, lambda i: coefficients[i] / keep, elected)
             jobs(kernels.MODE_TIES_COUNT, counts, lambda i: 1.0, elected)
             del elected
-            total = {name: agreeing[name].div_(counts[name].clamp_(min=1.0)).mul_(lam) for name in names}
+            total = {name: agreeing[name].div_(counts[name].clamp_(min=1.0)).mul_(lam) for name in group}
         else:
             jobs(kernels.MODE_ADD_F32, total, lambda i: lam * coefficients[i] / keep)
-        for name in names:
+        for name in group:
             if into is None:
                 result[name] = total[name]
             else:

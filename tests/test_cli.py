@@ -223,3 +223,61 @@ def test_demo_quiet():
     proc = cli("demo", "--quiet", timeout=300)
     assert proc.returncode == 0
     assert proc.stdout == ""
+
+
+@pytest.fixture(scope="module")
+def full_experts(tmp_path_factory) -> tuple[Path, list[Path]]:
+    """A sharded base model and two full fine-tunes of it, compressed."""
+    root = tmp_path_factory.mktemp("merge")
+    g = torch.Generator().manual_seed(3)
+    base = {"layer.a": torch.randn(64, 32, generator=g), "layer.b": torch.randn(100, generator=g).bfloat16(),
+            "head.c": torch.randn(40, 8, generator=g)}
+    (root / "base").mkdir()
+    save_file({k: base[k] for k in ("layer.a", "layer.b")}, str(root / "base" / "model-1.safetensors"))
+    save_file({"head.c": base["head.c"]}, str(root / "base" / "model-2.safetensors"))
+    (root / "base" / "config.json").write_text("{}")
+    experts = []
+    for k in range(2):
+        tuned = {n: (v.float() + 0.1 * torch.randn(v.shape, generator=g)).to(v.dtype) for n, v in base.items()}
+        (root / f"ft{k}").mkdir()
+        save_file(tuned, str(root / f"ft{k}" / "model.safetensors"))
+        experts.append(root / f"e{k}.cpeft")
+        cli("compress", root / f"ft{k}", "--base", root / "base", "-o", experts[-1], "--density", "0.2", "-q")
+    return root, experts
+
+
+def test_merge_onto_base_keeps_sharding_and_adds_the_merge(full_experts):
+    root, experts = full_experts
+    cli("merge", *experts, "--method", "ties", "--weights", "1,0.5", "--lambda", "0.8", "--base", root / "base",
+        "-o", root / "merged", "-q")
+    assert sorted(p.name for p in (root / "merged").iterdir()) == ["config.json", "model-1.safetensors",
+                                                                    "model-2.safetensors"]
+    merged = compeft.merge([compeft.open(p) for p in experts], method="ties", weights=[1, 0.5], lam=0.8)
+    for shard in ("model-1.safetensors", "model-2.safetensors"):
+        base = load_file(str(root / "base" / shard))
+        out = load_file(str(root / "merged" / shard))
+        for name, w in base.items():
+            assert torch.equal(out[name], (w.float() + merged[name]).to(w.dtype))
+
+
+def test_merge_to_safetensors_and_recompressed(full_experts):
+    root, experts = full_experts
+    cli("merge", *experts, "--method", "task_arithmetic", "--lambda", "0.4", "-o", root / "tv.safetensors", "-q")
+    merged = compeft.merge([compeft.open(p) for p in experts], method="task_arithmetic", lam=0.4)
+    tv = load_file(str(root / "tv.safetensors"))
+    assert tv.keys() == merged.keys() and all(torch.equal(tv[n], merged[n]) for n in tv)
+    cli("merge", *experts, "--method", "dare_ties", "--drop-rate", "0.3", "--seed", "7", "-o",
+        root / "m.cpeft", "--density", "0.1", "-q")
+    record = json.loads(compeft.open(root / "m.cpeft").metadata["user"]["merge"])
+    assert record["method"] == "dare_ties" and record["seed"] == 7 and record["drop_rate"] == 0.3
+    assert compeft.open(root / "m.cpeft").metadata["density"] == 0.1
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--method", "ties", "-o", "out.txt"], "must end in"),
+    (["--weights", "1,2,3", "-o", "x.safetensors"], "--weights"),
+    (["--method", "ties", "--drop-rate", "0.5", "-o", "x.safetensors"], "drop_rate"),
+])
+def test_merge_errors_are_one_line(full_experts, args, fragment):
+    root, experts = full_experts
+    assert_one_line_error(cli("merge", *experts, *args, check=False), fragment)
