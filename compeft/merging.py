@@ -1,9 +1,10 @@
 """Merging many compressed experts straight from their streams (task arithmetic, soups, TIES, DARE).
 
-Every method works tensor group by tensor group on float32 accumulators (one to three per
-parameter of the group, whatever the number of experts); each expert's kept entries are added by
-the decode kernel, one expert after another, so no dense copy of any expert is made and the result
-does not depend on the thread count (each position is written by one thread per pass).
+Every method is one small function over an :class:`Accumulator` (registered in :data:`METHODS`);
+it works tensor group by tensor group on float32 accumulators (one to three per parameter of the
+group, whatever the number of experts); each expert's kept entries are added by the decode kernel,
+one expert after another, so no dense copy of any expert is made and the result does not depend on
+the thread count (each position is written by one thread per pass).
 
 Semantics (README "Merging"):
 
@@ -39,22 +40,84 @@ from .sources import DTYPE_TO_TORCH
 GROUP_PARAMETERS = 1 << 27  # accumulators for at most this many parameters at a time (512 MiB each)
 
 
+class Accumulator:
+    """The primitives a merge method combines, over one group of tensors: each runs one pass per
+    expert over its kept entries (DARE drops and the 1 / (1 − p) rescale already applied) and
+    returns name -> float32 tensor."""
+
+    def __init__(self, experts: Sequence[CompressedExpert], payloads: list[dict[str, Any]], group: list[str],
+                 weights: list[float], lam: float, drop_rate: float, seed: int) -> None:
+        self.experts, self.payloads, self.group = experts, payloads, group
+        self.weights, self.lam, self.seed = weights, lam, seed
+        self.keep = 1.0 - drop_rate
+        self.cut = int(drop_rate * 2.0 ** 63)
+
+    def _zeros(self) -> dict[str, torch.Tensor]:
+        return {n: torch.zeros(self.experts[0].entry(n).shape, dtype=torch.float32) for n in self.group}
+
+    def _run(self, mode: int, scales: Sequence[float], elected: dict[str, torch.Tensor] | None = None
+             ) -> dict[str, torch.Tensor]:
+        out = self._zeros()
+        for i, expert in enumerate(self.experts):
+            scale = scales[i] / self.keep
+            batch = []
+            for name in self.group:
+                payload, e = self.payloads[i][name], expert.entry(name)
+                aux = None if elected is None else elected[name]
+                if isinstance(payload, torch.Tensor):  # a delta kept dense
+                    _dense_step(mode, out[name], payload, scale, aux, self.cut, self.seed, i, name)
+                    continue
+                value = kept_value(e.scale, DTYPE_TO_TORCH[e.dtype])
+                batch.append(golomb.DecodeJob(
+                    payload, e.numel, out[name].view(-1).view(torch.int32).numpy().view(np.uint32),
+                    f"tensor {name!r}", delta=float(np.float32(scale) * np.float32(value)),
+                    aux=None if aux is None else aux.view(-1).numpy(),
+                    drop_key=_drop_key(self.seed, i, name) if self.cut else 0, drop_cut=self.cut))
+            golomb.decode_many(batch, mode, expert.path)
+        return out
+
+    def weighted_sum(self, scales: Sequence[float]) -> dict[str, torch.Tensor]:
+        """Σᵢ scalesᵢ · τ̃ᵢ."""
+        return self._run(kernels.MODE_ADD_F32, scales)
+
+    def agreeing_sum(self, elected: dict[str, torch.Tensor], scales: Sequence[float]) -> dict[str, torch.Tensor]:
+        """Σᵢ scalesᵢ · τ̃ᵢ over the entries whose sign is that of ``elected`` (>= 0 counts as +)."""
+        return self._run(kernels.MODE_TIES_SUM, scales, elected)
+
+    def agreeing_count(self, elected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """How many experts have a kept entry with the sign of ``elected``, per parameter."""
+        return self._run(kernels.MODE_TIES_COUNT, [self.keep] * len(self.experts), elected)
+
+
+def weighted_sum(acc: Accumulator) -> dict[str, torch.Tensor]:
+    """Task arithmetic (and, with normalised weights, a soup): λ · Σ wᵢ τ̃ᵢ."""
+    return acc.weighted_sum([acc.lam * w for w in acc.weights])
+
+
+def ties(acc: Accumulator) -> dict[str, torch.Tensor]:
+    """TIES: elect the sign of Σ τ̃ᵢ, then λ · the mean of the weighted entries that agree."""
+    elected = acc.weighted_sum([1.0] * len(acc.weights))
+    agreeing = acc.agreeing_sum(elected, acc.weights)
+    counts = acc.agreeing_count(elected)
+    return {n: agreeing[n].div_(counts[n].clamp_(min=1.0)).mul_(acc.lam) for n in acc.group}
+
+
 @dataclass(frozen=True)
 class MergeMethod:
-    """A merge rule: ``ties`` elects signs; ``dare`` drops entries; ``normalize`` divides the weights
-    by their sum (when the caller allows it)."""
+    """A registry entry: the combining function, whether the weights are normalised to sum 1
+    (unless the caller says not to), and whether DARE drops apply."""
 
-    ties: bool
-    dare: bool
-    normalize: bool
+    combine: Callable[[Accumulator], dict[str, torch.Tensor]]
+    normalize: bool = False
+    dare: bool = False
 
 
 METHODS: dict[str, MergeMethod] = {
-    "linear": MergeMethod(ties=False, dare=False, normalize=True),
-    "task_arithmetic": MergeMethod(ties=False, dare=False, normalize=False),
-    "ties": MergeMethod(ties=True, dare=False, normalize=False),
-    "dare_linear": MergeMethod(ties=False, dare=True, normalize=False),
-    "dare_ties": MergeMethod(ties=True, dare=True, normalize=False),
+    "linear": MergeMethod(weighted_sum, normalize=True),
+    "task_arithmetic": MergeMethod(weighted_sum),
+    "ties": MergeMethod(ties),
+    "dare_linear": MergeMethod(weighted_sum, dare=True),
+    "dare_ties": MergeMethod(ties, dare=True),
 }
 
 
@@ -174,53 +237,19 @@ def merge(experts: Sequence[CompressedExpert | str | os.PathLike[str]], *, metho
         if missing:
             raise BaseMismatchError(f"{len(missing)} merged tensors are not in the target state dict "
                                     f"(e.g. {missing[:3]})")
-    keep = 1.0 - drop_rate
-    cut = int(drop_rate * 2.0 ** 63) if rule.dare else 0
     result = MergeResult()
     result.metadata = {"method": method, "weights": coefficients, "lambda": float(lam), "drop_rate": drop_rate,
                        "seed": seed, "experts": [e.path for e in opened]}
     for group in progress_bar(_groups(opened[0], selected), "merging", progress):
         payloads = [e.payloads(group) for e in opened]  # verified and checked before any write
-
-        def jobs(mode: int, out: dict[str, torch.Tensor], scale: Callable[[int], float],
-                 aux: dict[str, torch.Tensor] | None = None) -> None:
-            for i, expert in enumerate(opened):
-                batch = []
-                for name in group:
-                    payload = payloads[i][name]
-                    e = expert.entry(name)
-                    if isinstance(payload, torch.Tensor):  # a delta kept dense
-                        _dense_step(mode, out[name], payload, scale(i), None if aux is None else aux[name], cut,
-                                    seed, i, name)
-                        continue
-                    value = kept_value(e.scale, DTYPE_TO_TORCH[e.dtype])
-                    batch.append(golomb.DecodeJob(
-                        payload, e.numel, out[name].view(-1).view(torch.int32).numpy().view(np.uint32),
-                        f"tensor {name!r}", delta=float(np.float32(scale(i)) * np.float32(value)),
-                        aux=None if aux is None else aux[name].view(-1).numpy(),
-                        drop_key=_drop_key(seed, i, name) if cut else 0, drop_cut=cut))
-                golomb.decode_many(batch, mode, expert.path)
-
-        shapes = {name: opened[0].entry(name).shape for name in group}
-        total = {name: torch.zeros(shapes[name], dtype=torch.float32) for name in group}
-        if rule.ties:
-            elected = total
-            jobs(kernels.MODE_ADD_F32, elected, lambda i: 1.0 / keep)
-            agreeing = {name: torch.zeros(shapes[name], dtype=torch.float32) for name in group}
-            counts = {name: torch.zeros(shapes[name], dtype=torch.float32) for name in group}
-            jobs(kernels.MODE_TIES_SUM, agreeing, lambda i: coefficients[i] / keep, elected)
-            jobs(kernels.MODE_TIES_COUNT, counts, lambda i: 1.0, elected)
-            del elected
-            total = {name: agreeing[name].div_(counts[name].clamp_(min=1.0)).mul_(lam) for name in group}
-        else:
-            jobs(kernels.MODE_ADD_F32, total, lambda i: lam * coefficients[i] / keep)
+        merged = rule.combine(Accumulator(opened, payloads, group, coefficients, float(lam), drop_rate, seed))
         for name in group:
             if into is None:
-                result[name] = total[name]
+                result[name] = merged[name]
             else:
                 target = into[name]
                 with torch.no_grad():
-                    target.copy_(_added(target, total[name].to(target.device)))
+                    target.copy_(_added(target, merged[name].to(target.device)))
     return result
 
 
