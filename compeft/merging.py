@@ -17,7 +17,8 @@ Semantics (README "Merging"):
 * ``dare_linear`` / ``dare_ties`` (Yu et al. 2023): each kept entry of expert i is dropped with
   probability p (``drop_rate``) and survivors are scaled by 1 / (1 − p), then ``linear`` (weights
   not normalised, as in DARE) or ``ties``. The drop of entry e of tensor t of expert i is
-  ``splitmix64(key(seed, i, t) + e) >> 1 < p · 2^63``: reproducible from the seed alone.
+  ``splitmix64(key(seed, i, t) + e) >> 1 < p · 2^63``: reproducible from the seed alone (a delta
+  kept dense draws its drops from a torch generator seeded with the same key).
 """
 
 from __future__ import annotations
@@ -155,6 +156,26 @@ def _check_compatible(experts: Sequence[CompressedExpert], check_base: bool) -> 
                                            "vectors can be merged", e.path)
 
 
+def _check_target(expert: CompressedExpert, into: MutableMapping[str, torch.Tensor], names: list[str],
+                  check_fingerprint: bool) -> None:
+    """Every merged tensor has a floating weight of its shape in ``into`` (checked before any write)."""
+    missing = [n for n in names if n not in into]
+    if missing:
+        raise BaseMismatchError(f"{len(missing)} merged tensors are not in the target state dict (e.g. {missing[:3]})")
+    for name in names:
+        weight, shape = into[name], expert.entry(name).shape
+        if tuple(weight.shape) != shape:
+            raise BaseMismatchError(f"tensor {name!r}: merged shape {list(shape)}, target shape {list(weight.shape)}")
+        if not weight.is_floating_point():
+            raise BaseMismatchError(f"tensor {name!r}: cannot add a merged delta into a {weight.dtype} weight")
+    wanted = expert.metadata.get("base_fingerprint")
+    if check_fingerprint and wanted:
+        from .sources import fingerprint
+        if fingerprint((n, into[n]) for n in names) != wanted:
+            raise BaseMismatchError("the target weights are not the base the experts were made from; "
+                                    "pass check_base=False to merge into them anyway")
+
+
 def _groups(expert: CompressedExpert, names: Sequence[str]) -> list[list[str]]:
     groups: list[list[str]] = [[]]
     size = 0
@@ -216,9 +237,14 @@ def merge(experts: Sequence[CompressedExpert | str | os.PathLike[str]], *, metho
     opened = [_as_expert(e) for e in experts]
     if not opened:
         raise InvalidArgumentError("merge needs at least one expert")
-    coefficients = [1.0] * len(opened) if weights is None else [float(w) for w in weights]
+    try:
+        coefficients = [1.0] * len(opened) if weights is None else [float(w) for w in weights]
+    except (TypeError, ValueError):
+        coefficients = []
     if len(coefficients) != len(opened) or not all(math.isfinite(w) for w in coefficients):
         raise InvalidArgumentError(f"weights must be {len(opened)} finite numbers, got {weights!r}")
+    if type(seed) is not int or seed < 0:
+        raise InvalidArgumentError(f"seed must be a non-negative integer, got {seed!r}")
     if not math.isfinite(lam):
         raise InvalidArgumentError(f"lam must be finite, got {lam!r}")
     if not 0 <= drop_rate < 1 or (drop_rate and not rule.dare):
@@ -230,13 +256,12 @@ def merge(experts: Sequence[CompressedExpert | str | os.PathLike[str]], *, metho
         coefficients = [w / total for w in coefficients]
     _check_compatible(opened, check_base)
     selected = list(opened[0].names if names is None else names)
+    if len(set(selected)) != len(selected):
+        raise InvalidArgumentError("names holds a tensor twice")
     for name in selected:
         opened[0].entry(name)  # an unknown name raises here
     if into is not None:
-        missing = [n for n in selected if n not in into]
-        if missing:
-            raise BaseMismatchError(f"{len(missing)} merged tensors are not in the target state dict "
-                                    f"(e.g. {missing[:3]})")
+        _check_target(opened[0], into, selected, check_base and names is None)
     result = MergeResult()
     result.metadata = {"method": method, "weights": coefficients, "lambda": float(lam), "drop_rate": drop_rate,
                        "seed": seed, "experts": [e.path for e in opened]}
