@@ -140,9 +140,11 @@ class CompressedExpert:
             out.view(-1).view(torch.uint8).numpy()[:] = np.frombuffer(payload, dtype=np.uint8)
         return out
 
-    def payloads(self, names: Sequence[str] | None = None) -> dict[str, torch.Tensor | golomb.GolombStreams]:
-        """Read, verify and structurally check tensors without decoding them: dense tensors as
-        torch tensors, compressed ones as their streams (every chunk decoded once, output-free)."""
+    def payloads(self, names: Sequence[str] | None = None, *, check: bool = True
+                 ) -> dict[str, torch.Tensor | golomb.GolombStreams]:
+        """Read and CRC-verify tensors without decoding them: dense tensors as torch tensors,
+        compressed ones as their streams. With ``check``, every chunk not checked before is also
+        decoded once without output, so a later decode into a caller's weights cannot fail halfway."""
         entries = self._entries(names)
         out: dict[str, torch.Tensor | golomb.GolombStreams] = {}
         jobs = []
@@ -152,7 +154,7 @@ class CompressedExpert:
                 out[e.name] = self._dense(e, payload)
                 continue
             streams = out[e.name] = self._parse(e, payload)
-            if e.name not in self._checked:
+            if check and e.name not in self._checked:
                 jobs.append(golomb.DecodeJob(streams, e.numel, _NO_OUTPUT, f"tensor {e.name!r}"))
                 unchecked.append(e.name)
         golomb.decode_many(jobs, kernels.MODE_CHECK, self.path)

@@ -38,7 +38,7 @@ from .expert import CompressedExpert, kept_value
 from .progress import progress_bar
 from .sources import DTYPE_TO_TORCH
 
-GROUP_PARAMETERS = 1 << 27  # accumulators for at most this many parameters at a time (512 MiB each)
+GROUP_PARAMETERS = 1 << 24  # accumulators for at most this many parameters at a time (64 MiB each)
 
 
 class Accumulator:
@@ -265,8 +265,13 @@ def merge(experts: Sequence[CompressedExpert | str | os.PathLike[str]], *, metho
     result = MergeResult()
     result.metadata = {"method": method, "weights": coefficients, "lambda": float(lam), "drop_rate": drop_rate,
                        "seed": seed, "experts": [e.path for e in opened]}
-    for group in progress_bar(_groups(opened[0], selected), "merging", progress):
-        payloads = [e.payloads(group) for e in opened]  # verified and checked before any write
+    groups = _groups(opened[0], selected)
+    if into is not None and len(groups) > 1:  # a corrupt later group must not find earlier ones written
+        for e in opened:
+            e.payloads(selected)
+    for group in progress_bar(groups, "merging", progress):
+        # CRCs verified here; a structurally bad chunk fails the first pass, before any write to `into`
+        payloads = [e.payloads(group, check=False) for e in opened]
         merged = rule.combine(Accumulator(opened, payloads, group, coefficients, float(lam), drop_rate, seed))
         for name in group:
             if into is None:
