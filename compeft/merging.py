@@ -53,12 +53,10 @@ class Accumulator:
         self.keep = 1.0 - drop_rate
         self.cut = int(drop_rate * 2.0 ** 63)
 
-    def _zeros(self) -> dict[str, torch.Tensor]:
-        return {n: torch.zeros(self.experts[0].entry(n).shape, dtype=torch.float32) for n in self.group}
-
     def _run(self, mode: int, scales: Sequence[float], elected: dict[str, torch.Tensor] | None = None
              ) -> dict[str, torch.Tensor]:
-        out = self._zeros()
+        rows = 2 if mode == kernels.MODE_TIES else 1  # MODE_TIES also counts, in a second row
+        out = {n: torch.zeros((rows, self.experts[0].entry(n).numel), dtype=torch.float32) for n in self.group}
         for i, expert in enumerate(self.experts):
             scale = scales[i] / self.keep
             batch = []
@@ -66,28 +64,27 @@ class Accumulator:
                 payload, e = self.payloads[i][name], expert.entry(name)
                 aux = None if elected is None else elected[name]
                 if isinstance(payload, torch.Tensor):  # a delta kept dense
-                    _dense_step(mode, out[name], payload, scale, aux, self.cut, self.seed, i, name)
+                    _dense_step(mode, out[name], payload.reshape(-1), scale, None if aux is None else aux.reshape(-1),
+                                self.cut, self.seed, i, name)
                     continue
                 value = kept_value(e.scale, DTYPE_TO_TORCH[e.dtype])
                 batch.append(golomb.DecodeJob(
                     payload, e.numel, out[name].view(-1).view(torch.int32).numpy().view(np.uint32),
                     f"tensor {name!r}", delta=float(np.float32(scale) * np.float32(value)),
-                    aux=None if aux is None else aux.view(-1).numpy(),
+                    aux=None if aux is None else aux.reshape(-1).numpy(),
                     drop_key=_drop_key(self.seed, i, name) if self.cut else 0, drop_cut=self.cut))
             golomb.decode_many(batch, mode, expert.path)
-        return out
+        shapes = {n: self.experts[0].entry(n).shape for n in self.group}
+        return {n: out[n].reshape((rows, *shapes[n])) if rows > 1 else out[n].reshape(shapes[n]) for n in self.group}
 
     def weighted_sum(self, scales: Sequence[float]) -> dict[str, torch.Tensor]:
         """Σᵢ scalesᵢ · τ̃ᵢ."""
         return self._run(kernels.MODE_ADD_F32, scales)
 
-    def agreeing_sum(self, elected: dict[str, torch.Tensor], scales: Sequence[float]) -> dict[str, torch.Tensor]:
-        """Σᵢ scalesᵢ · τ̃ᵢ over the entries whose sign is that of ``elected`` (>= 0 counts as +)."""
-        return self._run(kernels.MODE_TIES_SUM, scales, elected)
-
-    def agreeing_count(self, elected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """How many experts have a kept entry with the sign of ``elected``, per parameter."""
-        return self._run(kernels.MODE_TIES_COUNT, [self.keep] * len(self.experts), elected)
+    def agreeing(self, elected: dict[str, torch.Tensor], scales: Sequence[float]) -> dict[str, torch.Tensor]:
+        """Per tensor a [2, *shape] tensor: Σᵢ scalesᵢ · τ̃ᵢ over the entries whose sign is that of
+        ``elected`` (>= 0 counts as +), and how many experts have such an entry."""
+        return self._run(kernels.MODE_TIES, scales, elected)
 
 
 def weighted_sum(acc: Accumulator) -> dict[str, torch.Tensor]:
@@ -98,9 +95,8 @@ def weighted_sum(acc: Accumulator) -> dict[str, torch.Tensor]:
 def ties(acc: Accumulator) -> dict[str, torch.Tensor]:
     """TIES: elect the sign of Σ τ̃ᵢ, then λ · the mean of the weighted entries that agree."""
     elected = acc.weighted_sum([1.0] * len(acc.weights))
-    agreeing = acc.agreeing_sum(elected, acc.weights)
-    counts = acc.agreeing_count(elected)
-    return {n: agreeing[n].div_(counts[n].clamp_(min=1.0)).mul_(acc.lam) for n in acc.group}
+    agreeing = acc.agreeing(elected, acc.weights)
+    return {n: agreeing[n][0].div_(agreeing[n][1].clamp_(min=1.0)).mul_(acc.lam) for n in acc.group}
 
 
 @dataclass(frozen=True)
@@ -285,16 +281,18 @@ def merge(experts: Sequence[CompressedExpert | str | os.PathLike[str]], *, metho
 
 def _dense_step(mode: int, out: torch.Tensor, dense: torch.Tensor, scale: float, aux: torch.Tensor | None, cut: int,
                 seed: int, expert: int, name: str) -> None:
-    """The kernels' rules for a delta stored dense: its non-zero entries are its kept entries."""
+    """The kernels' rules for a delta stored dense (flat): its non-zero entries are its kept entries.
+    ``out`` is [1, numel], or [2, numel] for MODE_TIES (sum, then count)."""
     values = dense.float()
     kept = values != 0
     if cut:
         generator = torch.Generator().manual_seed(_drop_key(seed, expert, name))
         kept &= torch.rand(values.shape, generator=generator) >= cut / 2.0 ** 63
+    zeros = torch.zeros_like(values)
     if mode == kernels.MODE_ADD_F32:
-        out.add_(torch.where(kept, values * np.float32(scale), torch.zeros_like(values)))
+        out[0].add_(torch.where(kept, values * np.float32(scale), zeros))
         return
     assert aux is not None
     agree = kept & ((values < 0) == (aux < 0))
-    step = values * np.float32(scale) if mode == kernels.MODE_TIES_SUM else torch.ones_like(values)
-    out.add_(torch.where(agree, step, torch.zeros_like(values)))
+    out[0].add_(torch.where(agree, values * np.float32(scale), zeros))
+    out[1].add_(agree.float())

@@ -132,7 +132,7 @@ class DecodeJob:
     positive: int = 0
     negative: int = 0
     delta: float = 0.0
-    aux: np.ndarray | None = None  # float32[numel] sign-election sums (MODE_TIES_*)
+    aux: np.ndarray | None = None  # float32[numel] sign-election sums (MODE_TIES)
     drop_key: int = 0  # DARE (see kernels.P_DROP_*): both in [0, 2**63)
     drop_cut: int = 0
 
@@ -145,8 +145,9 @@ def decode_many(jobs: Sequence[DecodeJob], mode: int, path: object) -> None:
     (see ``kernels.MODE_*``). Raises :class:`CorruptPayloadError` naming the first bad tensor."""
     groups: dict[Any, list[DecodeJob]] = {}
     for job in jobs:
-        if mode != kernels.MODE_CHECK and (job.out.ndim != 1 or job.out.size != job.numel):
-            raise ValueError("output must be flat with numel entries")
+        size = 2 * job.numel if mode == kernels.MODE_TIES else job.numel
+        if mode != kernels.MODE_CHECK and (job.out.ndim != 1 or job.out.size != size):
+            raise ValueError(f"output must be flat with {size} entries")
         if job.streams.nnz == 0:
             if mode == kernels.MODE_DENSE:
                 job.out[:] = 0

@@ -49,8 +49,8 @@ MODE_ADD_F32 = 2  # out (float32) += ±delta
 MODE_ADD_BF16 = 3  # out (uint16 holding bfloat16) = bf16(f32(out) ± delta)
 MODE_ADD_F16 = 4  # out (uint16 holding float16) = f16(f32(out) ± delta)
 MODE_SCATTER = 5  # like MODE_DENSE into an output known to be zero: no zero-fill pass
-MODE_TIES_SUM = 6  # out (float32) += ±delta where the entry's sign agrees with aux's (aux >= 0 elects +)
-MODE_TIES_COUNT = 7  # out (float32) += 1 where the entry's sign agrees with aux's
+MODE_TIES = 6  # where the entry's sign agrees with aux's (aux >= 0 elects +): out[p] += ±delta and
+#               out[numel + p] += 1 (out is float32[2 * numel]: the agreeing sum, then the count)
 
 F16_TO_F32 = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
 
@@ -290,7 +290,7 @@ def _decode_chunk(table, qwords, lwords, hwords, swords, out, aux, params, c, mo
             or ((first + count - 1) >> 6) >= swords.shape[0]
             or ((first + count) * width + 63) >> 6 > lwords.shape[0]
             or (mode != MODE_CHECK and end > out.shape[0])
-            or ((mode == MODE_TIES_SUM or mode == MODE_TIES_COUNT) and end > aux.shape[0])):
+            or (mode == MODE_TIES and (end > aux.shape[0] or out.shape[0] < 2 * numel))):
         return ERR_BOUNDS
     mask_low = (np.int64(1) << width) - 1
     qmax = numel // m  # q above this cannot land inside the tensor; also keeps q * m from overflowing
@@ -364,11 +364,13 @@ def _decode_chunk(table, qwords, lwords, hwords, swords, out, aux, params, c, mo
             out[at] = f32_to_bf16_bits(bf16_bits_to_f32(out[at]) + (-delta if negative else delta))
         elif mode == MODE_ADD_F16:
             out[at] = f32_to_f16_bits(f16_lut[U(out[at])] + (-delta if negative else delta))
-        elif mode == MODE_TIES_SUM or mode == MODE_TIES_COUNT:
+        elif mode == MODE_TIES:
             if (aux[at] < 0) == (negative == 1):  # the sign the sum elected (a zero sum elects +)
-                step = (-delta if negative else delta) if mode == MODE_TIES_SUM else np.float32(1.0)
-                w = np.uint32(out[at]).view(np.float32) + step
+                w = np.uint32(out[at]).view(np.float32) + (-delta if negative else delta)
                 out[at] = np.float32(w).view(np.uint32)
+                counted = U(pos + numel)
+                n = np.uint32(out[counted]).view(np.float32) + np.float32(1.0)
+                out[counted] = np.float32(n).view(np.uint32)
     if last_one + 1 != qend:
         return ERR_QUOTIENT_END
     if hpos != hend:
@@ -407,8 +409,7 @@ def decode_golomb(words, params, outs, auxs, deltas, work, mode, f16_lut, status
     ``words`` (uint64) holds every tensor's payload; row t of ``params`` (int64[t, N_PARAMS]) gives
     its header fields, value patterns and word offsets (``P_*``); ``outs[t]`` is its flat output
     bits (uint16 or uint32; unused by MODE_CHECK); ``auxs[t]`` the float32 sign-election sums of
-    the MODE_TIES_* modes (empty otherwise); ``deltas[t]`` the float32 step of MODE_ADD_* and
-    MODE_TIES_SUM.
+    MODE_TIES (empty otherwise); ``deltas[t]`` the float32 step of MODE_ADD_* and MODE_TIES.
     ``work`` (int64[w, 2]) lists (tensor, chunk) pairs; ``status`` (int64[w]) gets a code per pair.
     The caller has run :func:`check_tables` on the same rows.
     """
