@@ -96,7 +96,8 @@ def ties(acc: Accumulator) -> dict[str, torch.Tensor]:
     """TIES: elect the sign of Σ τ̃ᵢ, then λ · the mean of the weighted entries that agree."""
     elected = acc.weighted_sum([1.0] * len(acc.weights))
     agreeing = acc.agreeing(elected, acc.weights)
-    return {n: agreeing[n][0].div_(agreeing[n][1].clamp_(min=1.0)).mul_(acc.lam) for n in acc.group}
+    # A new tensor per result, so that the [2, …] sum-and-count buffer is freed with the group.
+    return {n: torch.div(agreeing[n][0], agreeing[n][1].clamp_(min=1.0)).mul_(acc.lam) for n in acc.group}
 
 
 @dataclass(frozen=True)
