@@ -186,21 +186,17 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "minor_faults_median": statistics.median(r["minor_faults"] for r in runs), "runs": runs}
 
 
-def fmt_s(x: float) -> str:
-    return f"{x:.4f} s" if x < 10 else f"{x:.2f} s"
-
-
 def fmt_mb(x: float) -> str:
     return f"{x / 2**20:,.0f} MiB"
 
 
 def build_table(r: dict[str, Any]) -> list[dict[str, str]]:
+    from run import fmt_s, table_row
+
     rows: list[dict[str, str]] = []
 
-    def add(case: str, ours: str, ref: str, ratio: float | None, target: float | None, info: str = "") -> None:
-        verdict = "info" if target is None else ("pass" if ratio is not None and ratio <= target else "FAIL")
-        rows.append({"case": case, "ours": ours, "reference": ref, "ratio": "" if ratio is None else f"{ratio:.3f}",
-                     "target": "" if target is None else f"<= {target:g}", "pass/fail": info or verdict})
+    def add(*args: Any, **kwargs: Any) -> None:
+        rows.append(table_row(*args, **kwargs))
 
     for i, method in ((1, "ties"), (2, "task_arithmetic")):
         c = r["cases"][method]
@@ -230,18 +226,6 @@ def build_table(r: dict[str, Any]) -> list[dict[str, str]]:
     add(f"3 ties scaling fit t = a + b*nnz (R^2 {fit['r2']:.4f}): a, b", fmt_s(fit["intercept_s"]),
         f"{fit['slope_ns_per_entry']:.2f} ns", None, None)
     return rows
-
-
-def print_table(rows: list[dict[str, str]]) -> str:
-    cols = ["case", "ours", "reference", "ratio", "target", "pass/fail"]
-    widths = {c: max(len(c), *(len(row[c]) for row in rows)) for c in cols}
-    lines = ["  ".join(f"{c:<{widths[c]}}" for c in cols), "  ".join("-" * widths[c] for c in cols)]
-    for row in rows:
-        lines.append("  ".join(f"{row[c]:<{widths[c]}}" if c in ("case", "target", "pass/fail")
-                               else f"{row[c]:>{widths[c]}}" for c in cols))
-    text = "\n".join(lines)
-    print(text)
-    return text
 
 
 def linear_fit(xs: list[float], ys: list[float]) -> dict[str, float]:
@@ -278,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import compeft
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from run import git_info, machine_info, versions
+    from run import git_info, machine_info, print_table, versions
 
     tensors, shape = (8, (1024, 1024)) if args.quick else (24, (4096, 1024))
     df, scale, density = 3.0, 0.01, 0.1

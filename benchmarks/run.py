@@ -459,14 +459,18 @@ def fmt_b(x: float) -> str:
     return f"{x:,.0f} B"
 
 
+def table_row(case: str, ours: str, ref: str, ratio: float | None, target: float | None, info: str = "") -> dict[str, str]:
+    """One row of the printed table; the verdict is pass/FAIL against ``target`` (ratio <= target)."""
+    verdict = "info" if target is None else ("pass" if ratio is not None and ratio <= target else "FAIL")
+    return {"case": case, "ours": ours, "reference": ref, "ratio": "" if ratio is None else f"{ratio:.3f}",
+            "target": "" if target is None else f"<= {target:g}", "pass/fail": info or verdict}
+
+
 def build_table(r: dict[str, Any]) -> list[dict[str, str]]:
     rows: list[dict[str, str]] = []
 
-    def add(case: str, ours: str, ref: str, ratio: float | None, target: float | None, info: str = "") -> None:
-        verdict = "info" if target is None else ("pass" if ratio is not None and ratio <= target else "FAIL")
-        rows.append({"case": case, "ours": ours, "reference": ref,
-                     "ratio": "" if ratio is None else f"{ratio:.3f}",
-                     "target": "" if target is None else f"<= {target:g}", "pass/fail": verdict if not info else info})
+    def add(*args: Any, **kwargs: Any) -> None:
+        rows.append(table_row(*args, **kwargs))
 
     for k, s in r["size"].items():
         add(f"1 size k={k} vs entropy bound (nominal k)", fmt_b(s["file_bytes"]),
