@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import compeft
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from run import git_info, machine_info, print_table, versions
+    from run import git_info, machine_info, versions, write_report
 
     tensors, shape = (8, (1024, 1024)) if args.quick else (24, (4096, 1024))
     df, scale, density = 3.0, 0.01, 0.1
@@ -396,16 +396,9 @@ def main(argv: list[str] | None = None) -> int:
         "results": results, "table": rows, "notes": notes,
         "total_wall_s": time.perf_counter() - started,
     }
-    print()
-    print(f"compeft merge benchmark ({record['mode']}): N experts x {params:,} params, density {density}, "
-          f"commit {git['short']}, {machine.get('cpu_model', '?')}, {machine['usable_cores']} cores, "
-          f"load {machine.get('loadavg_at_start')}")
-    record["table_text"] = print_table(rows)
-    for note in notes:
-        print(f"note: {note}")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {out_path}")
+    write_report(record, f"compeft merge benchmark ({record['mode']}): N experts x {params:,} params, density "
+                 f"{density}, commit {git['short']}, {machine.get('cpu_model', '?')}, {machine['usable_cores']} cores, "
+                 f"load {machine.get('loadavg_at_start')}", out_path)
     tmp.cleanup()
     return 0
 

@@ -520,6 +520,18 @@ def build_table(r: dict[str, Any]) -> list[dict[str, str]]:
     return rows
 
 
+def write_report(record: dict[str, Any], title: str, out_path: Path) -> None:
+    """Print the title, the table and the notes; write the JSON record (with the table's text)."""
+    print()
+    print(title)
+    record["table_text"] = print_table(record["table"])
+    for note in record["notes"]:
+        print(f"note: {note}")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {out_path}")
+
+
 def print_table(rows: list[dict[str, str]]) -> str:
     cols = ["case", "ours", "reference", "ratio", "target", "pass/fail"]
     widths = {c: max(len(c), *(len(row[c]) for row in rows)) for c in cols}
@@ -625,15 +637,8 @@ def main(argv: list[str] | None = None) -> int:
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "total_wall_s": time.perf_counter() - started,
     }
-    print()
-    print(f"compeft benchmarks ({record['mode']}): {n:,} params, commit {git['short']}, "
-          f"{record['machine'].get('cpu_model', '?')}, {record['machine']['usable_cores']} cores")
-    record["table_text"] = print_table(rows)
-    for note in notes:
-        print(f"note: {note}")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {out_path}")
+    write_report(record, f"compeft benchmarks ({record['mode']}): {n:,} params, commit {git['short']}, "
+                 f"{record['machine'].get('cpu_model', '?')}, {record['machine']['usable_cores']} cores", out_path)
     tmp.cleanup()
     return 0
 

@@ -13,6 +13,8 @@ from typing import Any, Callable, Iterable, Mapping, MutableMapping, Sequence
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 from . import __version__
 from .codec import golomb
@@ -194,12 +196,16 @@ def _as_expert(expert: CompressedExpert | PathLike) -> CompressedExpert:
     return expert if isinstance(expert, CompressedExpert) else open(expert)
 
 
-def _check_base(expert: CompressedExpert, state: Mapping[str, torch.Tensor], check_base: bool) -> None:
-    missing = [n for n in expert.names if n not in state]
+def _check_base(expert: CompressedExpert, state: Mapping[str, torch.Tensor], check_base: bool,
+                names: Sequence[str] | None = None) -> None:
+    """``state`` holds a floating weight of the right shape for each of ``names`` (default all the
+    expert's tensors) and, when they are all of them, matches the expert's base fingerprint."""
+    names = expert.names if names is None else list(names)
+    missing = [n for n in names if n not in state]
     if missing:
         raise BaseMismatchError(f"{len(missing)} tensors of the expert are not in the base (e.g. {missing[:3]})",
                                 expert.path)
-    for name in expert.names:
+    for name in names:
         e, w = expert.entry(name), state[name]
         if tuple(w.shape) != e.shape:
             raise BaseMismatchError(f"tensor {name!r}: expert shape {list(e.shape)}, base shape {list(w.shape)}",
@@ -207,7 +213,7 @@ def _check_base(expert: CompressedExpert, state: Mapping[str, torch.Tensor], che
         if e.role == "delta" and not w.is_floating_point():
             raise BaseMismatchError(f"tensor {name!r}: cannot add a delta into a {w.dtype} weight", expert.path)
     wanted = expert.metadata.get("base_fingerprint")
-    if check_base and wanted:
+    if check_base and wanted and len(names) == len(expert):
         got = fingerprint((n, state[n]) for n in expert.names)
         if got != wanted:
             raise BaseMismatchError("the base is not the one this expert was made from (fingerprint "
@@ -284,10 +290,6 @@ def _restored(expert: CompressedExpert, name: str) -> torch.Tensor:
     if e.role == "delta" and e.init:
         value = (value.float() + e.init).to(value.dtype)
     return value
-
-
-from safetensors import safe_open  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
 
 
 def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:

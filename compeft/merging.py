@@ -34,7 +34,7 @@ import torch
 
 from .codec import golomb, kernels
 from .errors import BaseMismatchError, InvalidArgumentError
-from .expert import CompressedExpert, kept_value
+from .expert import CompressedExpert, flat_bits, kept_value
 from .progress import progress_bar
 from .sources import DTYPE_TO_TORCH
 
@@ -69,7 +69,7 @@ class Accumulator:
                     continue
                 value = kept_value(e.scale, DTYPE_TO_TORCH[e.dtype])
                 batch.append(golomb.DecodeJob(
-                    payload, e.numel, out[name].view(-1).view(torch.int32).numpy().view(np.uint32),
+                    payload, e.numel, flat_bits(out[name]),
                     f"tensor {name!r}", delta=float(np.float32(scale) * np.float32(value)),
                     aux=None if aux is None else aux.reshape(-1).numpy(),
                     drop_key=_drop_key(self.seed, i, name) if self.cut else 0, drop_cut=self.cut))
@@ -153,26 +153,6 @@ def _check_compatible(experts: Sequence[CompressedExpert], check_base: bool) -> 
                                            "vectors can be merged", e.path)
 
 
-def _check_target(expert: CompressedExpert, into: MutableMapping[str, torch.Tensor], names: list[str],
-                  check_fingerprint: bool) -> None:
-    """Every merged tensor has a floating weight of its shape in ``into`` (checked before any write)."""
-    missing = [n for n in names if n not in into]
-    if missing:
-        raise BaseMismatchError(f"{len(missing)} merged tensors are not in the target state dict (e.g. {missing[:3]})")
-    for name in names:
-        weight, shape = into[name], expert.entry(name).shape
-        if tuple(weight.shape) != shape:
-            raise BaseMismatchError(f"tensor {name!r}: merged shape {list(shape)}, target shape {list(weight.shape)}")
-        if not weight.is_floating_point():
-            raise BaseMismatchError(f"tensor {name!r}: cannot add a merged delta into a {weight.dtype} weight")
-    wanted = expert.metadata.get("base_fingerprint")
-    if check_fingerprint and wanted:
-        from .sources import fingerprint
-        if fingerprint((n, into[n]) for n in names) != wanted:
-            raise BaseMismatchError("the target weights are not the base the experts were made from; "
-                                    "pass check_base=False to merge into them anyway")
-
-
 def _groups(expert: CompressedExpert, names: Sequence[str]) -> list[list[str]]:
     groups: list[list[str]] = [[]]
     size = 0
@@ -226,7 +206,7 @@ def merge(experts: Sequence[CompressedExpert | str | os.PathLike[str]], *, metho
     >>> compeft.merge([a, b], method="ties")["w"].shape
     torch.Size([100])
     """
-    from .api import _added, _as_expert
+    from .api import _added, _as_expert, _check_base
 
     if method not in METHODS:
         raise InvalidArgumentError(f"unknown merge method {method!r}; known: {sorted(METHODS)}")
@@ -258,7 +238,7 @@ def merge(experts: Sequence[CompressedExpert | str | os.PathLike[str]], *, metho
     for name in selected:
         opened[0].entry(name)  # an unknown name raises here
     if into is not None:
-        _check_target(opened[0], into, selected, check_base and names is None)
+        _check_base(opened[0], into, check_base, selected)
     result = MergeResult()
     result.metadata = {"method": method, "weights": coefficients, "lambda": float(lam), "drop_rate": drop_rate,
                        "seed": seed, "experts": [e.path for e in opened]}
