@@ -103,7 +103,6 @@ def numba_cuda_decoder(device_expert: Any) -> Callable[[torch.Tensor, np.ndarray
         t = work[j, 0]
         c = work[j, 1]
         nnz = params[t, 0]
-        numel = params[t, 1]
         m = params[t, 2]
         chunk = params[t, 3]
         table = params[t, kernels.P_TABLE]
@@ -166,7 +165,7 @@ def numba_cuda_decoder(device_expert: Any) -> Callable[[torch.Tensor, np.ndarray
 # ---------------------------------------------------------------------------------------------
 
 def case_load(expert: compeft.CompressedExpert, dense: dict[str, torch.Tensor], repeats: int,
-              notes: list[str]) -> dict[str, Any]:
+              sweep_configs: list[tuple[int, int]]) -> dict[str, Any]:
     numel = sum(t.numel() for t in dense.values())
     pinned_dense = torch.empty(numel, dtype=torch.bfloat16).pin_memory()
     start = 0
@@ -222,8 +221,17 @@ def case_load(expert: compeft.CompressedExpert, dense: dict[str, torch.Tensor], 
             numba_record = {"available": True, "identical_to_triton": same, **summary(t_numba)}
         except Exception as exc:  # a prototype: report why it did not run rather than stop the benchmark
             numba_record = {"available": True, "error": f"{type(exc).__name__}: {exc}"[:300]}
+    sweep = []
+    if sweep_configs:
+        from compeft import gpu
+        default = (gpu.BLOCK, gpu.NUM_WARPS)
+        for block, warps in sweep_configs:
+            gpu.BLOCK, gpu.NUM_WARPS = block, warps
+            sweep.append({"block": block, "num_warps": warps, **summary(gpu_times(dev.state_dict, repeats))})
+        gpu.BLOCK, gpu.NUM_WARPS = default
     out_bytes = 2 * numel
     return {
+        "sweep": sweep,
         "params": numel, "kept": int(sum(expert.entry(n).nnz for n in expert.names)),
         "compressed_bytes_on_device": dev.nbytes, "dense_bytes": out_bytes,
         "h2d_dense": summary(t_dense), "load_compressed": summary(t_load), "h2d_compressed": summary(t_h2d),
@@ -264,6 +272,7 @@ def case_merge(paths: list[Path], dense_experts: list[dict[str, torch.Tensor]], 
 
     experts = [compeft.open(p) for p in paths]
     resident = [{n: t.to("cuda") for n, t in d.items()} for d in dense_experts]
+    pinned = [{n: t.pin_memory() for n, t in d.items()} for d in dense_experts]
     weights = [1.0] * len(paths)
     names = list(dense_experts[0])
     record: dict[str, Any] = {"experts": len(paths), "params_each": sum(t.numel() for t in dense_experts[0].values())}
@@ -285,16 +294,32 @@ def case_merge(paths: list[Path], dense_experts: list[dict[str, torch.Tensor]], 
                     out[n] = merge_utils.task_arithmetic(tensors, w)
             return out
 
+        warm_experts = [compeft.open(p) for p in paths]
+        for e in warm_experts:
+            e.to_device("cuda")
+
+        def ours_warm() -> Any:  # the experts' bytes already on the device
+            return compeft.merge(warm_experts, method=method, check_base=False, device="cuda")
+
+        def peft_gpu_h2d() -> Any:  # PEFT, the dense bf16 experts copied from pinned memory first
+            for r, d in zip(resident, pinned):
+                for n in names:
+                    r[n].copy_(d[n], non_blocking=True)
+            return peft_gpu()
+
         t_ours = gpu_times(ours, repeats)
+        t_warm = gpu_times(ours_warm, repeats)
         t_peft = gpu_times(peft_gpu, repeats)
+        t_peft_h2d = gpu_times(peft_gpu_h2d, repeats)
         t_cpu = gpu_times(cpu, max(1, repeats // 2))
         got, want = ours(), cpu()
         identical = all(torch.equal(got[n].cpu().view(torch.int32), want[n].view(torch.int32)) for n in want)
-        record[method] = {"gpu": summary(t_ours), "cpu_compressed": summary(t_cpu), "peft_gpu_dense": summary(t_peft),
+        record[method] = {"gpu": summary(t_ours), "gpu_warm": summary(t_warm), "cpu_compressed": summary(t_cpu),
+                          "peft_gpu_dense": summary(t_peft), "peft_gpu_dense_h2d": summary(t_peft_h2d),
                           "vs_cpu": med(t_ours) / med(t_cpu), "vs_peft_gpu": med(t_ours) / med(t_peft),
-                          "identical_to_cpu_merge": identical}
+                          "warm_vs_peft_gpu": med(t_warm) / med(t_peft),
+                          "vs_peft_gpu_h2d": med(t_ours) / med(t_peft_h2d), "identical_to_cpu_merge": identical}
         del got, want
-    del resident, experts
     return record
 
 
@@ -326,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
                               "device": torch.cuda.get_device_name(), "args": vars(args) | {"out": str(args.out)}}
     import triton
     record["versions"]["triton"] = triton.__version__
-    record["load"] = case_load(compeft.open(path), dense, args.repeats, notes)
+    configs = [] if args.quick else [(b, w) for b in (512, 1024, 2048, 4096) for w in (2, 4, 8)]
+    record["load"] = case_load(compeft.open(path), dense, args.repeats, configs)
     record["apply"] = case_apply(compeft.open(path), dense, args.repeats)
     del dense
     torch.cuda.empty_cache()
@@ -365,10 +391,17 @@ def main(argv: list[str] | None = None) -> int:
                               ms(r["cpu_compressed"]["median_s"]) + " CPU compressed", r["vs_cpu"], None))
         rows.append(table_row(f"merge {M['experts']}x {method} vs PEFT GPU", ms(r["gpu"]["median_s"]),
                               ms(r["peft_gpu_dense"]["median_s"]) + " PEFT dense GPU", r["vs_peft_gpu"], None))
+        rows.append(table_row("  experts already on device", ms(r["gpu_warm"]["median_s"]),
+                              ms(r["peft_gpu_dense"]["median_s"]) + " PEFT dense GPU", r["warm_vs_peft_gpu"], None))
+        rows.append(table_row("  vs PEFT incl. dense H2D", ms(r["gpu"]["median_s"]),
+                              ms(r["peft_gpu_dense_h2d"]["median_s"]) + " PEFT H2D+merge", r["vs_peft_gpu_h2d"],
+                              None))
     notes.append(f"bit-identical to the CPU: decode {L['identical_to_cpu']}, restore {A['restore_bit_exact']}, "
                  f"merges {[M[m]['identical_to_cpu_merge'] for m in ('task_arithmetic', 'ties')]}")
     notes.append(f"first to_device (read + CRC + table check + pinned copy + device check): "
                  f"{L['first_to_device_s']:.2f} s")
+    for row in L["sweep"]:
+        notes.append(f"sweep BLOCK={row['block']} num_warps={row['num_warps']}: decode {ms(row['median_s'])}")
     record["table"] = rows
     record["notes"] = notes
     out = args.out or Path(__file__).resolve().parent / "results" / f"{time.strftime('%Y-%m-%d')}-gpu.json"

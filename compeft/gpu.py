@@ -20,7 +20,7 @@ Examples
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, Mapping, MutableMapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, MutableMapping, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -34,7 +34,8 @@ from .sources import DTYPE_TO_TORCH
 if TYPE_CHECKING:  # pragma: no cover
     from .expert import CompressedExpert
 
-BLOCK = 1024  # unary bits per tile of the decode kernel
+BLOCK = 1024  # unary bits per tile of the decode kernel (benchmarks/gpu.py --sweep measures the choice)
+NUM_WARPS = 4
 _WIDE = {torch.float32: True, torch.float16: False, torch.bfloat16: False}
 _INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 _ADD_MODE = {torch.float32: kernels.MODE_ADD_F32, torch.float16: kernels.MODE_ADD_F16,
@@ -71,6 +72,29 @@ def kernel_device(device: str | torch.device) -> torch.device:
         raise InvalidArgumentError("no usable CUDA device: torch.cuda.is_available() is False or triton is missing "
                                    "(pip install triton)")
     return dev
+
+
+class _Launch(NamedTuple):
+    status: torch.Tensor  # int64[chunks] on the device
+    names: list[str]
+    work: np.ndarray  # int64[chunks, 2]: (index into names, chunk)
+    path: str
+
+
+def raise_bad(launches: Sequence[_Launch | None]) -> None:
+    """Raise :class:`CorruptPayloadError` for the first bad chunk of ``launches`` (one device sync
+    when all are good)."""
+    done = [launch for launch in launches if launch is not None]
+    if not done or not bool(torch.stack([launch.status.ne(0).any() for launch in done]).any()):
+        return
+    for launch in done:
+        bad = torch.nonzero(launch.status).flatten()
+        if bad.numel():
+            j = int(bad[0])
+            code = int(launch.status[j])
+            name = launch.names[int(launch.work[j, 0])]
+            raise CorruptPayloadError(f"tensor {name!r}: chunk {int(launch.work[j, 1])} is corrupt: "
+                                      f"{kernels.STATUS_MESSAGES.get(code, str(code))}", launch.path)
 
 
 def _kernels() -> Any:
@@ -146,13 +170,15 @@ class DeviceExpert:
         """Bytes of compressed words held on the device."""
         return int(self.words.numel()) * 8
 
-    def _launch(self, mode: int, targets: Mapping[str, dict[str, Any]], wide: bool, drops: bool = False) -> None:
+    def _launch(self, mode: int, targets: Mapping[str, dict[str, Any]], wide: bool, drops: bool = False
+                ) -> _Launch | None:
         """One kernel launch over every chunk of the tensors in ``targets`` (name -> column values
-        of its parameter row: ``out``, ``aux``, ``delta``, ``positive``, ``negative``, drops)."""
+        of its parameter row: ``out``, ``aux``, ``delta``, ``positive``, ``negative``, drops).
+        Returns what :func:`raise_bad` needs to report a bad chunk (no device sync here)."""
         k = _kernels()
         names = [n for n in targets if self.rows.get(n, -1) >= 0]
         if not names:
-            return
+            return None
         index = np.array([self.rows[n] for n in names], dtype=np.int64)
         params = self.params[index].copy()
         for t, name in enumerate(names):
@@ -172,19 +198,13 @@ class DeviceExpert:
         work_dev = torch.from_numpy(work).to(self.device)
         status = torch.zeros(work.shape[0], dtype=torch.int64, device=self.device)
         k.decode_chunks[(work.shape[0],)](self.words, params_dev, work_dev, status, MODE=mode, WIDE=wide,
-                                          DROPS=drops, BLOCK=BLOCK)
-        bad = torch.nonzero(status).flatten()
-        if bad.numel():
-            j = int(bad[0])
-            code = int(status[j])
-            name = names[int(work[j, 0])]
-            raise CorruptPayloadError(f"tensor {name!r}: chunk {int(work[j, 1])} is corrupt: "
-                                      f"{kernels.STATUS_MESSAGES.get(code, str(code))}", self.path)
+                                          DROPS=drops, BLOCK=BLOCK, num_warps=NUM_WARPS)
+        return _Launch(status, names, work, self.path)
 
     def check(self) -> None:
         """Decode every chunk without output once; raises :class:`CorruptPayloadError` on the first bad one."""
         if not self._checked:
-            self._launch(kernels.MODE_CHECK, {n: {} for n in self.rows}, wide=False)
+            raise_bad([self._launch(kernels.MODE_CHECK, {n: {} for n in self.rows}, wide=False)])
             self._checked = True
 
     # -- decoding ------------------------------------------------------------------------------
@@ -201,6 +221,7 @@ class DeviceExpert:
                 raise InvalidArgumentError(f"tensor {name!r} is not on this device", self.path)
             else:
                 by_dtype.setdefault(DTYPE_TO_TORCH[self.expert.entry(name).dtype], []).append(name)
+        launches = []
         for dtype, group in by_dtype.items():
             # one zero-filled buffer per dtype, each tensor a view of it: one memset, one launch
             entries = [self.expert.entry(n) for n in group]
@@ -213,7 +234,8 @@ class DeviceExpert:
                 positive, negative = value_patterns(e.scale, dtype)
                 targets[name] = dict(out=view.data_ptr(), positive=positive, negative=negative)
                 start += e.numel
-            self._launch(kernels.MODE_SCATTER, targets, wide=_WIDE[dtype])
+            launches.append(self._launch(kernels.MODE_SCATTER, targets, wide=_WIDE[dtype]))
+        raise_bad(launches)
         return {n: out[n] for n in names}
 
     # -- writing into weights ------------------------------------------------------------------
@@ -254,8 +276,7 @@ class DeviceExpert:
                                            "float16 and bfloat16", self.path)
             delta = float(np.float32(step * np.float32(kept_value(e.scale, DTYPE_TO_TORCH[e.dtype]))))
             by_mode.setdefault((_ADD_MODE[w.dtype], _WIDE[w.dtype]), {})[name] = dict(out=w.data_ptr(), delta=delta)
-        for (mode, wide), targets in by_mode.items():
-            self._launch(mode, targets, wide)
+        raise_bad([self._launch(mode, targets, wide) for (mode, wide), targets in by_mode.items()])
 
     def save_entries(self, state: Mapping[str, torch.Tensor], names: Sequence[str] | None = None
                      ) -> dict[str, torch.Tensor]:
@@ -274,8 +295,7 @@ class DeviceExpert:
             nnz = int(self.params[self.rows[name], kernels.P_NNZ]) if self.rows[name] >= 0 else 0
             slots = saved[name] = torch.empty(nnz, dtype=_INT_VIEW[w.dtype], device=self.device)
             by_width.setdefault(_WIDE[w.dtype], {})[name] = dict(out=w.data_ptr(), aux=slots.data_ptr())
-        for wide, targets in by_width.items():
-            self._launch(_kernels().MODE_SAVE, targets, wide)
+        raise_bad([self._launch(_kernels().MODE_SAVE, targets, wide) for wide, targets in by_width.items()])
         return saved
 
     def restore_entries(self, state: MutableMapping[str, torch.Tensor], saved: Mapping[str, torch.Tensor]) -> None:
@@ -288,16 +308,16 @@ class DeviceExpert:
                 w.copy_(slots)
                 continue
             by_width.setdefault(_WIDE[w.dtype], {})[name] = dict(out=w.data_ptr(), aux=slots.data_ptr())
-        for wide, targets in by_width.items():
-            self._launch(_kernels().MODE_RESTORE, targets, wide)
+        raise_bad([self._launch(_kernels().MODE_RESTORE, targets, wide) for wide, targets in by_width.items()])
 
     # -- merge accumulators --------------------------------------------------------------------
     def accumulate(self, mode: int, outs: Mapping[str, torch.Tensor], deltas: Mapping[str, float],
                    elected: Mapping[str, torch.Tensor] | None = None,
-                   drops: Mapping[str, tuple[int, int]] | None = None) -> None:
+                   drops: Mapping[str, tuple[int, int]] | None = None) -> _Launch | None:
         """Merge passes (``kernels.MODE_ADD_F32`` or ``MODE_TIES``) into float32 accumulators
         ``outs`` (flat; [2·numel] for MODE_TIES) on the device; ``elected``: the flat float32
-        sign-election sums of MODE_TIES; ``drops``: DARE (key, cut) per tensor."""
+        sign-election sums of MODE_TIES; ``drops``: DARE (key, cut) per tensor. Returns the launch
+        for :func:`raise_bad` (checked once per merge group rather than once per expert)."""
         targets = {}
         for name, out in outs.items():
             values: dict[str, Any] = dict(out=out.data_ptr(), delta=deltas[name])
@@ -306,4 +326,12 @@ class DeviceExpert:
             if drops:
                 values["drop_key"], values["drop_cut"] = drops[name]
             targets[name] = values
-        self._launch(mode, targets, wide=True, drops=bool(drops))
+        return self._launch(mode, targets, wide=True, drops=bool(drops))
+
+
+def on_device(expert: CompressedExpert, device: torch.device, names: Sequence[str]) -> DeviceExpert:
+    """``expert``'s tensors ``names`` on ``device``: the cached whole expert when they are all of
+    them (its bytes copied once, reused by later calls), else a new partial copy."""
+    if list(names) == expert.names:
+        return expert.to_device(device)
+    return DeviceExpert(expert, device, names)

@@ -49,13 +49,10 @@ class Accumulator:
 
     def __init__(self, experts: Sequence[CompressedExpert], payloads: list[dict[str, Any]], group: list[str],
                  weights: list[float], lam: float, drop_rate: float, seed: int,
-                 device: torch.device | None = None) -> None:
+                 on_device: Sequence[Any] | None = None) -> None:
         self.experts, self.payloads, self.group = experts, payloads, group
-        self.device = device  # None: the CPU kernels; else the GPU kernels, on that device
-        if device is not None:
-            from .gpu import DeviceExpert
-
-            self.on_device = [DeviceExpert(e, device, group, payloads=p) for e, p in zip(experts, payloads)]
+        self.on_device = on_device  # None: the CPU kernels; else each expert's DeviceExpert
+        self.device = None if on_device is None else on_device[0].device
         self.weights, self.lam, self.seed = weights, lam, seed
         self.keep = 1.0 - drop_rate
         self.cut = int(drop_rate * 2.0 ** 63)
@@ -65,6 +62,7 @@ class Accumulator:
         rows = 2 if mode == kernels.MODE_TIES else 1
         out = {n: torch.zeros((rows, self.experts[0].entry(n).numel), dtype=torch.float32,
                               device=self.device or "cpu") for n in self.group}
+        launches = []
         for i, expert in enumerate(self.experts):
             scale = scales[i] / self.keep
             batch = []
@@ -86,10 +84,14 @@ class Accumulator:
             if self.device is None:
                 golomb.decode_many(batch, mode, expert.path)
             else:
-                self.on_device[i].accumulate(
+                launches.append(self.on_device[i].accumulate(
                     mode, {n: out[n].view(-1) for n in steps}, steps,
                     None if elected is None else {n: elected[n].reshape(-1) for n in steps},
-                    {n: (_drop_key(self.seed, i, n), self.cut) for n in steps} if self.cut else None)
+                    {n: (_drop_key(self.seed, i, n), self.cut) for n in steps} if self.cut else None))
+        if launches:
+            from .gpu import raise_bad
+
+            raise_bad(launches)
         shapes = {n: self.experts[0].entry(n).shape for n in self.group}
         return {n: out[n].reshape((rows, *shapes[n])) if rows > 1 else out[n].reshape(shapes[n]) for n in self.group}
 
@@ -274,8 +276,14 @@ def merge(experts: Sequence[CompressedExpert | str | os.PathLike[str]], *, metho
             e.payloads(selected)
     for group in progress_bar(groups, "merging", progress):
         # CRCs verified here; a structurally bad chunk fails the first pass, before any write to `into`
-        payloads = [e.payloads(group, check=False) for e in opened]
-        merged = rule.combine(Accumulator(opened, payloads, group, coefficients, float(lam), drop_rate, seed, target))
+        if target is None:
+            payloads, placed = [e.payloads(group, check=False) for e in opened], None
+        else:
+            from .gpu import on_device
+
+            placed = [on_device(e, target, group) for e in opened]
+            payloads = [{n: d.dense.get(n, d) for n in group} for d in placed]
+        merged = rule.combine(Accumulator(opened, payloads, group, coefficients, float(lam), drop_rate, seed, placed))
         for name in group:
             if into is None:
                 result[name] = merged[name]

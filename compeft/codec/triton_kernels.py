@@ -77,6 +77,14 @@ def _splitmix64(x):
 
 
 @triton.jit
+def _add_as_cpu(w, d):
+    """float32 ``w + d`` where a NaN ``w`` comes out as x86 gives it (its own bits, quieted), not
+    as the GPU's canonical NaN: the CPU kernels' results, bit for bit (``d`` is never NaN)."""
+    quieted = (w.to(tl.uint32, bitcast=True) | 0x400000).to(tl.float32, bitcast=True)
+    return tl.where(w != w, quieted, w + d)
+
+
+@triton.jit
 def _f32_to_bf16_bits(f):
     """float32 -> bfloat16 bits (int32 holding 16 bits), nearest even; NaN keeps its top bits, quieted."""
     x = f.to(tl.uint32, bitcast=True)
@@ -168,7 +176,7 @@ def decode_chunks(words_ptr, params_ptr, work_ptr, status_ptr, MODE: tl.constexp
         inside = g < qend
         word = tl.load(words_ptr + unary_at + (g >> 6), mask=inside, other=0).to(tl.uint64, bitcast=True)
         term = inside & (((word >> (g & 63).to(tl.uint64)) & 1) != 0)
-        i = seen + tl.cumsum(term.to(tl.int64), 0) - 1  # the entry this terminator ends (chunk-local)
+        i = seen + tl.cumsum(term.to(tl.int32), 0).to(tl.int64) - 1  # the entry this terminator ends (chunk-local)
         valid = term & (i < count)
         e = first + i
         lpos = e * width
@@ -178,7 +186,7 @@ def decode_chunks(words_ptr, params_ptr, work_ptr, status_ptr, MODE: tl.constexp
         hi = tl.load(words_ptr + low_at + lw + 1, mask=valid & (lw + 1 < n_low), other=0).to(tl.uint64, bitcast=True)
         x = ((lo >> off) | ((hi << 1) << (63 - off))).to(tl.int64, bitcast=True) & mask_low
         long_form = valid & (x >= cut)
-        h = hpos + longs + tl.cumsum(long_form.to(tl.int64), 0) - 1
+        h = hpos + longs + tl.cumsum(long_form.to(tl.int32), 0).to(tl.int64) - 1
         hword = tl.load(words_ptr + high_at + (h >> 6), mask=long_form & (h < hend) & ((h >> 6) < n_high),
                         other=0).to(tl.uint64, bitcast=True)
         r = tl.where(valid, x + ((hword >> (h & 63).to(tl.uint64)) & 1).to(tl.int64) * half, 0)
@@ -205,15 +213,15 @@ def decode_chunks(words_ptr, params_ptr, work_ptr, status_ptr, MODE: tl.constexp
                     tl.store(out16 + pos, pattern.to(tl.int16), mask=ok)
             elif MODE == 2:
                 w32 = tl.load(out32 + pos, mask=ok, other=0).to(tl.float32, bitcast=True)
-                w32 = w32 + tl.where(neg, -delta, delta)
+                w32 = _add_as_cpu(w32, tl.where(neg, -delta, delta))
                 tl.store(out32 + pos, w32.to(tl.int32, bitcast=True), mask=ok)
             elif MODE == 3:
                 w16 = tl.load(out16 + pos, mask=ok, other=0).to(tl.uint16, bitcast=True).to(tl.uint32)
-                wf = (w16 << 16).to(tl.float32, bitcast=True) + tl.where(neg, -delta, delta)
+                wf = _add_as_cpu((w16 << 16).to(tl.float32, bitcast=True), tl.where(neg, -delta, delta))
                 tl.store(out16 + pos, _f32_to_bf16_bits(wf).to(tl.int16), mask=ok)
             elif MODE == 4:
                 w16 = tl.load(out16 + pos, mask=ok, other=0).to(tl.float16, bitcast=True)
-                wf = w16.to(tl.float32) + tl.where(neg, -delta, delta)
+                wf = _add_as_cpu(w16.to(tl.float32), tl.where(neg, -delta, delta))
                 tl.store(out16 + pos, _f32_to_f16_bits(wf).to(tl.int16), mask=ok)
             elif MODE == 6:
                 elected_negative = tl.load(aux_f + pos, mask=ok, other=0.0) < 0
