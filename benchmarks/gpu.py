@@ -270,7 +270,6 @@ def case_apply(expert: compeft.CompressedExpert, dense: dict[str, torch.Tensor],
 def case_merge(paths: list[Path], dense_experts: list[dict[str, torch.Tensor]], repeats: int) -> dict[str, Any]:
     from peft.utils import merge_utils
 
-    experts = [compeft.open(p) for p in paths]
     resident = [{n: t.to("cuda") for n, t in d.items()} for d in dense_experts]
     pinned = [{n: t.pin_memory() for n, t in d.items()} for d in dense_experts]
     weights = [1.0] * len(paths)
