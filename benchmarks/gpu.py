@@ -155,9 +155,10 @@ def numba_cuda_decoder(device_expert: Any) -> Callable[[torch.Tensor, np.ndarray
 
     def run(flat: torch.Tensor, params: np.ndarray, work: np.ndarray, offsets: np.ndarray) -> None:
         threads = 128
+        on_gpu = [torch.from_numpy(a).cuda() for a in (params, work, offsets)]  # numba's to_device needs old numpy
         scatter[(work.shape[0] + threads - 1) // threads, threads](
-            cuda.as_cuda_array(device_expert.words), cuda.to_device(params), cuda.to_device(work),
-            cuda.as_cuda_array(flat.view(torch.int16)), cuda.to_device(offsets))
+            cuda.as_cuda_array(device_expert.words), *(cuda.as_cuda_array(a) for a in on_gpu[:2]),
+            cuda.as_cuda_array(flat.view(torch.int16)), cuda.as_cuda_array(on_gpu[2]))
 
     return run
 

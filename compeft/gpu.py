@@ -197,8 +197,9 @@ class DeviceExpert:
         params_dev = torch.from_numpy(params).to(self.device)
         work_dev = torch.from_numpy(work).to(self.device)
         status = torch.zeros(work.shape[0], dtype=torch.int64, device=self.device)
+        small_m = bool((params[:, kernels.P_M] < 1 << 19).all()) and BLOCK <= 4096
         k.decode_chunks[(work.shape[0],)](self.words, params_dev, work_dev, status, MODE=mode, WIDE=wide,
-                                          DROPS=drops, BLOCK=BLOCK, num_warps=NUM_WARPS)
+                                          DROPS=drops, SMALL_M=small_m, BLOCK=BLOCK, num_warps=NUM_WARPS)
         return _Launch(status, names, work, self.path)
 
     def check(self) -> None:

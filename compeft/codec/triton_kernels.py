@@ -104,12 +104,13 @@ def _f32_to_f16_bits(f):
 
 @triton.jit
 def decode_chunks(words_ptr, params_ptr, work_ptr, status_ptr, MODE: tl.constexpr, WIDE: tl.constexpr,
-                  DROPS: tl.constexpr, BLOCK: tl.constexpr):
+                  DROPS: tl.constexpr, SMALL_M: tl.constexpr, BLOCK: tl.constexpr):
     """Decode chunk ``work[j, 1]`` of tensor ``work[j, 0]`` for program j (see the module docstring).
 
     ``words_ptr``: int64 words of every tensor's payload; ``params_ptr``: int64[t, N_GPU_PARAMS];
     ``work_ptr``: int64[w, 2]; ``status_ptr``: int64[w] receives 0 or an ``ERR_*`` code. ``WIDE``:
-    32-bit outputs (float32), else 16-bit. ``DROPS``: apply DARE drops.
+    32-bit outputs (float32), else 16-bit. ``DROPS``: apply DARE drops. ``SMALL_M``: every Golomb
+    parameter is below 2**19 (so a tile's Σ r fits int32). ``BLOCK`` <= 65535.
     """
     j = tl.program_id(0).to(tl.int64)
     t = tl.load(work_ptr + 2 * j)
@@ -164,12 +165,12 @@ def decode_chunks(words_ptr, params_ptr, work_ptr, status_ptr, MODE: tl.constexp
     drop_key = tl.load(row + _P_DROP_KEY).to(tl.uint64, bitcast=True)
     drop_cut = tl.load(row + _P_DROP_CUT).to(tl.uint64, bitcast=True)
 
+    # Carries from tile to tile. Block-wide reductions cost a barrier each, so a tile does two:
+    # the entry, long-form and bad-entry counts packed into one int64 sum, and the Σ r.
     seen = tl.zeros((), tl.int64)  # terminators so far
     longs = tl.zeros((), tl.int64)  # long-form remainders so far
     rsum = tl.zeros((), tl.int64)  # Σ r so far
-    last_one = qpos - 1
-    last_pos = base - 1
-    bad = tl.zeros((), tl.int32)
+    bad = tl.zeros((), tl.int64)  # entries whose position fell outside the chunk
     lanes = tl.arange(0, BLOCK).to(tl.int64)
     for start in range(qpos, qend, BLOCK):
         g = start + lanes
@@ -190,15 +191,18 @@ def decode_chunks(words_ptr, params_ptr, work_ptr, status_ptr, MODE: tl.constexp
         hword = tl.load(words_ptr + high_at + (h >> 6), mask=long_form & (h < hend) & ((h >> 6) < n_high),
                         other=0).to(tl.uint64, bitcast=True)
         r = tl.where(valid, x + ((hword >> (h & 63).to(tl.uint64)) & 1).to(tl.int64) * half, 0)
+        if SMALL_M:  # every r < 2**19: the tile's prefix sums fit int32
+            r_before = tl.cumsum(r.to(tl.int32), 0).to(tl.int64)
+        else:
+            r_before = tl.cumsum(r, 0)
         zeros = g - qpos - i  # Σ q over this entry and the ones before it
-        pos = base + m * tl.minimum(zeros, qmax) + rsum + tl.cumsum(r, 0) + i
+        pos = base + m * tl.minimum(zeros, qmax) + rsum + r_before + i
         ok = valid & (zeros <= qmax) & (pos >= base) & (pos < end)  # >= base: no wrapped sum slips in
-        bad = bad | tl.max((valid & ~ok).to(tl.int32), 0)
-        seen += tl.sum(term.to(tl.int64), 0)
-        longs += tl.sum(long_form.to(tl.int64), 0)
+        counts = tl.sum(term.to(tl.int64) | (long_form.to(tl.int64) << 16) | ((valid & ~ok).to(tl.int64) << 32), 0)
+        seen += counts & 0xFFFF
+        longs += (counts >> 16) & 0xFFFF
+        bad += counts >> 32
         rsum += tl.sum(r, 0)
-        last_one = tl.maximum(last_one, tl.max(tl.where(term, g, -1), 0))
-        last_pos = tl.maximum(last_pos, tl.max(tl.where(ok, pos, -1), 0))
         if MODE != 0:
             sword = tl.load(words_ptr + signs_at + (e >> 6), mask=ok & ((e >> 6) < n_signs),
                             other=0).to(tl.uint64, bitcast=True)
@@ -242,11 +246,16 @@ def decode_chunks(words_ptr, params_ptr, work_ptr, status_ptr, MODE: tl.constexp
                 else:
                     tl.store(out16 + pos, tl.load(aux16 + e, mask=ok, other=0), mask=ok)
 
+    # With exactly `count` terminators, the last at bit qend - 1, the last entry's position follows
+    # from the carries: Σ q = (qend - 1 - qpos) - (count - 1).
+    last_word = tl.load(words_ptr + unary_at + ((qend - 1) >> 6), mask=qend > qpos, other=0).to(tl.uint64, bitcast=True)
+    ends_on_one = (qend > qpos) & (((last_word >> ((qend - 1) & 63).to(tl.uint64)) & 1) != 0)
+    last_pos = base + m * tl.minimum(qend - qpos - count, qmax) + rsum + count - 1
     code = tl.zeros((), tl.int64)
     code = tl.where((c + 1 < n_chunks) & (last_pos + 1 != end), 6, code)
     code = tl.where(bad != 0, 3, code)
     code = tl.where(longs != hend - hpos, 5, code)
-    code = tl.where((seen > count) | (last_one != qend - 1), 4, code)
+    code = tl.where((seen > count) | ~ends_on_one, 4, code)
     code = tl.where(seen < count, 1, code)
     tl.store(status_ptr + j, code)
 
