@@ -74,6 +74,16 @@ def kernel_device(device: str | torch.device) -> torch.device:
     return dev
 
 
+def _is_narrow(streams: golomb.GolombStreams, numel: int) -> bool:
+    """Whether the kernel may decode this tensor with int32 chunk-relative arithmetic: every chunk
+    spans fewer than 2**30 positions and unary bits, and m < 2**19 (so a tile's Σ r, at most
+    BLOCK · m, fits too)."""
+    table = streams.table
+    spans = np.diff(table[:, 0], append=numel)
+    bits = np.diff(table[:, 1], append=streams.unary_bits)
+    return bool(streams.golomb_m < 1 << 19 and spans.max() < 1 << 30 and bits.max() < 1 << 30)
+
+
 class _Launch(NamedTuple):
     status: torch.Tensor  # int64[chunks] on the device
     names: list[str]
@@ -123,6 +133,7 @@ class DeviceExpert:
         self.rows: dict[str, int] = {}
         parts: list[np.ndarray] = []
         rows: list[list[int]] = []
+        narrow: list[bool] = []
         offset = 0
         for name in self.names:
             payload = payloads[name]
@@ -142,10 +153,10 @@ class DeviceExpert:
                 offset += part.size
                 row.append(offset)
             b = golomb_width(payload.golomb_m)
-            cut = (1 << b) - payload.golomb_m if b else 1 << 62  # m = 1: no remainders, never a long form
+            cut = (1 << b) - payload.golomb_m if b else 1  # m = 1: the low field is always 0, never a long form
             half = (1 << (b - 1)) - cut if b else 0
-            rows.append(row + [0, 0, max(b - 1, 0), cut, half, e.numel // payload.golomb_m, 0, 0, 0,
-                               payload.table.shape[0]])
+            rows.append(row + [0, 0, max(b - 1, 0), cut, half, 0, 0, 0, payload.table.shape[0]])
+            narrow.append(_is_narrow(payload, e.numel))
         params = np.array(rows, dtype=np.int64).reshape(len(rows), _kernels().N_GPU_PARAMS)
         words = np.concatenate(parts) if parts else np.empty(0, np.uint64)
         status = np.zeros(len(rows), dtype=np.int64)
@@ -156,6 +167,7 @@ class DeviceExpert:
             name = compressed[int(bad[0])]
             raise CorruptPayloadError(f"tensor {name!r}: {kernels.STATUS_MESSAGES[int(status[bad[0]])]}", self.path)
         self.params = params
+        self.narrow = np.array(narrow, dtype=bool)
         host = torch.from_numpy(words.view(np.int64))
         if self.device.type == "cuda":
             host = host.pin_memory()
@@ -197,9 +209,11 @@ class DeviceExpert:
         params_dev = torch.from_numpy(params).to(self.device)
         work_dev = torch.from_numpy(work).to(self.device)
         status = torch.zeros(work.shape[0], dtype=torch.int64, device=self.device)
-        small_m = bool((params[:, kernels.P_M] < 1 << 19).all()) and BLOCK <= 4096
+        import triton.language as tl
+
+        index_type = tl.int32 if self.narrow[index].all() else tl.int64
         k.decode_chunks[(work.shape[0],)](self.words, params_dev, work_dev, status, MODE=mode, WIDE=wide,
-                                          DROPS=drops, SMALL_M=small_m, BLOCK=BLOCK, num_warps=NUM_WARPS)
+                                          DROPS=drops, IDX=index_type, BLOCK=BLOCK, num_warps=NUM_WARPS)
         return _Launch(status, names, work, self.path)
 
     def check(self) -> None:

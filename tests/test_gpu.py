@@ -88,6 +88,34 @@ def test_spec_vectors_decode_exactly(name):
         assert same_bits(got[key].cpu(), want), key
 
 
+@pytest.mark.parametrize("path", sorted((VECTORS / "invalid").glob("*.cpeft")), ids=lambda p: p.name)
+def test_invalid_vectors_fail_as_on_the_cpu(path):
+    try:
+        compeft.open(path).verify()
+    except CorruptPayloadError:
+        with pytest.raises(CorruptPayloadError):
+            compeft.open(path).to_device(DEVICE).state_dict()
+    except compeft.CompeftError:
+        pass  # refused before any payload is decoded: the same code path for both decoders
+    else:
+        pytest.fail(f"{path.name} verified on the CPU")
+
+
+def device_expert(expert: compeft.CompressedExpert, wide: bool) -> DeviceExpert:
+    """A device copy; ``wide`` forces the kernel's int64 arithmetic (chosen otherwise only for
+    chunks spanning 2**30 positions or more)."""
+    placed = DeviceExpert(expert, DEVICE)
+    if wide:
+        placed.narrow[:] = False
+    return placed
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_wide_index_arithmetic_matches_cpu(dtype):
+    expert = compeft.compress(task_vector(13, dtype), density=0.15, scope="tensor", chunk_size=64)
+    assert_same(device_expert(expert, wide=True).state_dict(), cpu_state(expert))
+
+
 def corrupt_variants(expert: compeft.CompressedExpert, tmp_path: Path) -> list[Path]:
     """Copies of ``expert`` with one payload bit flipped in a compressed tensor and its CRC fixed:
     bits the checksum no longer guards, so only the decoder's own checks stand."""
@@ -109,7 +137,8 @@ def corrupt_variants(expert: compeft.CompressedExpert, tmp_path: Path) -> list[P
     return paths
 
 
-def test_corrupt_bits_behave_as_on_the_cpu(tmp_path):
+@pytest.mark.parametrize("wide", [False, True], ids=["int32", "int64"])
+def test_corrupt_bits_behave_as_on_the_cpu(tmp_path, wide):
     expert = compeft.compress(task_vector(4, torch.bfloat16), density=0.2, scope="tensor", chunk_size=64)
     errors = 0
     for path in corrupt_variants(expert, tmp_path):
@@ -118,9 +147,9 @@ def test_corrupt_bits_behave_as_on_the_cpu(tmp_path):
         except CorruptPayloadError:
             errors += 1
             with pytest.raises(CorruptPayloadError, match=r"tensor '"):
-                compeft.open(path).to_device(DEVICE).state_dict()
+                device_expert(compeft.open(path), wide).state_dict()
         else:  # the flip still decodes: the GPU must decode the same thing
-            assert_same(compeft.open(path).to_device(DEVICE).state_dict(), want)
+            assert_same(device_expert(compeft.open(path), wide).state_dict(), want)
     assert errors >= 10
 
 

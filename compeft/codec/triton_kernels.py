@@ -27,8 +27,8 @@ import triton.language as tl
 from . import kernels
 
 # Columns of a GPU parameter row: the CPU kernel's P_* (0..15), then these.
-G_WIDTH, G_CUT, G_HALF, G_QMAX, G_OUT, G_AUX, G_DELTA, G_CHUNKS = range(kernels.N_PARAMS, kernels.N_PARAMS + 8)
-N_GPU_PARAMS = kernels.N_PARAMS + 8
+G_WIDTH, G_CUT, G_HALF, G_OUT, G_AUX, G_DELTA, G_CHUNKS = range(kernels.N_PARAMS, kernels.N_PARAMS + 7)
+N_GPU_PARAMS = kernels.N_PARAMS + 7
 N_GPU_PARAMS_C = tl.constexpr(N_GPU_PARAMS)
 
 # Modes: the CPU kernel's, plus the two of a reversible apply.
@@ -60,7 +60,6 @@ _P_DROP_CUT = tl.constexpr(kernels.P_DROP_CUT)
 _G_WIDTH = tl.constexpr(G_WIDTH)
 _G_CUT = tl.constexpr(G_CUT)
 _G_HALF = tl.constexpr(G_HALF)
-_G_QMAX = tl.constexpr(G_QMAX)
 _G_OUT = tl.constexpr(G_OUT)
 _G_AUX = tl.constexpr(G_AUX)
 _G_DELTA = tl.constexpr(G_DELTA)
@@ -104,13 +103,14 @@ def _f32_to_f16_bits(f):
 
 @triton.jit
 def decode_chunks(words_ptr, params_ptr, work_ptr, status_ptr, MODE: tl.constexpr, WIDE: tl.constexpr,
-                  DROPS: tl.constexpr, SMALL_M: tl.constexpr, BLOCK: tl.constexpr):
+                  DROPS: tl.constexpr, IDX: tl.constexpr, BLOCK: tl.constexpr):
     """Decode chunk ``work[j, 1]`` of tensor ``work[j, 0]`` for program j (see the module docstring).
 
     ``words_ptr``: int64 words of every tensor's payload; ``params_ptr``: int64[t, N_GPU_PARAMS];
     ``work_ptr``: int64[w, 2]; ``status_ptr``: int64[w] receives 0 or an ``ERR_*`` code. ``WIDE``:
-    32-bit outputs (float32), else 16-bit. ``DROPS``: apply DARE drops. ``SMALL_M``: every Golomb
-    parameter is below 2**19 (so a tile's Σ r fits int32). ``BLOCK`` <= 65535.
+    32-bit outputs (float32), else 16-bit. ``DROPS``: apply DARE drops. ``IDX``: tl.int32 when
+    every chunk of the launch is narrow (see :func:`compeft.gpu.narrow`), else tl.int64.
+    ``BLOCK`` <= 4096.
     """
     j = tl.program_id(0).to(tl.int64)
     t = tl.load(work_ptr + 2 * j)
@@ -128,11 +128,7 @@ def decode_chunks(words_ptr, params_ptr, work_ptr, status_ptr, MODE: tl.constexp
     width = tl.load(row + _G_WIDTH)
     cut = tl.load(row + _G_CUT)
     half = tl.load(row + _G_HALF)
-    qmax = tl.load(row + _G_QMAX)
     n_chunks = tl.load(row + _G_CHUNKS)
-    n_low = high_at - low_at
-    n_high = signs_at - high_at
-    n_signs = tl.load(row + _P_END) - signs_at
 
     base = tl.load(words_ptr + table + 3 * c)
     qpos = tl.load(words_ptr + table + 3 * c + 1)
@@ -145,70 +141,90 @@ def decode_chunks(words_ptr, params_ptr, work_ptr, status_ptr, MODE: tl.constexp
                     tl.load(row + _P_HIGH_BITS))
     first = c * chunk
     count = tl.minimum(chunk, nnz - first)
-    mask_low = (tl.full((), 1, tl.int64) << width) - 1
+    span = end - base
+
+    # Chunk-relative coordinates in IDX: int32 when the host found every chunk of the launch narrow
+    # (spans < 2**30, m < 2**19), which halves the cost of most lane arithmetic; else int64.
+    nbits = (qend - qpos).to(IDX)
+    count_i = count.to(IDX)
+    span_i = span.to(IDX)
+    m_i = m.to(IDX)
+    width_i = width.to(IDX)
+    cut_i = cut.to(IDX)
+    half_i = half.to(IDX)
+    qcap = (span // m + 1).to(IDX)  # a valid entry has fewer zeros before it than this
+    mask_low = (tl.full((), 1, IDX) << width_i) - 1
+    unary0 = words_ptr + unary_at + (qpos >> 6)
+    unary_bit = (qpos & 63).to(IDX)
+    low_first = first * width
+    low0 = words_ptr + low_at + (low_first >> 6)
+    low_bit = (low_first & 63).to(IDX)
+    low_words = tl.minimum(high_at - low_at - (low_first >> 6), 1 << 30).to(IDX)
+    high0 = words_ptr + high_at + (hpos >> 6)
+    high_bit = (hpos & 63).to(IDX)
+    high_count = (hend - hpos).to(IDX)
+    signs0 = words_ptr + signs_at + (first >> 6)
+    sign_bit = (first & 63).to(IDX)
 
     if MODE != 0:
         if WIDE:
-            out32 = tl.load(row + _G_OUT).to(tl.pointer_type(tl.int32))
+            out32 = tl.load(row + _G_OUT).to(tl.pointer_type(tl.int32)) + base
         else:
-            out16 = tl.load(row + _G_OUT).to(tl.pointer_type(tl.int16))
+            out16 = tl.load(row + _G_OUT).to(tl.pointer_type(tl.int16)) + base
     if MODE == 7 or MODE == 8:
         if WIDE:
-            aux32 = tl.load(row + _G_AUX).to(tl.pointer_type(tl.int32))
+            aux32 = tl.load(row + _G_AUX).to(tl.pointer_type(tl.int32)) + first
         else:
-            aux16 = tl.load(row + _G_AUX).to(tl.pointer_type(tl.int16))
+            aux16 = tl.load(row + _G_AUX).to(tl.pointer_type(tl.int16)) + first
     if MODE == 6:
-        aux_f = tl.load(row + _G_AUX).to(tl.pointer_type(tl.float32))
+        aux_f = tl.load(row + _G_AUX).to(tl.pointer_type(tl.float32)) + base
+        counted = tl.load(row + _G_OUT).to(tl.pointer_type(tl.int32)) + numel + base
     positive = tl.load(row + _P_POSITIVE)
     negative = tl.load(row + _P_NEGATIVE)
     delta = tl.load(row + _G_DELTA).to(tl.int32).to(tl.float32, bitcast=True)
-    drop_key = tl.load(row + _P_DROP_KEY).to(tl.uint64, bitcast=True)
+    drop_key = tl.load(row + _P_DROP_KEY).to(tl.uint64, bitcast=True) + first.to(tl.uint64, bitcast=True)
     drop_cut = tl.load(row + _P_DROP_CUT).to(tl.uint64, bitcast=True)
 
     # Carries from tile to tile. Block-wide reductions cost a barrier each, so a tile does two:
     # the entry, long-form and bad-entry counts packed into one int64 sum, and the Σ r.
-    seen = tl.zeros((), tl.int64)  # terminators so far
-    longs = tl.zeros((), tl.int64)  # long-form remainders so far
-    rsum = tl.zeros((), tl.int64)  # Σ r so far
+    seen = tl.zeros((), IDX)  # terminators so far
+    longs = tl.zeros((), IDX)  # long-form remainders so far
+    rsum = tl.zeros((), IDX)  # Σ r so far
     bad = tl.zeros((), tl.int64)  # entries whose position fell outside the chunk
-    lanes = tl.arange(0, BLOCK).to(tl.int64)
-    for start in range(qpos, qend, BLOCK):
-        g = start + lanes
-        inside = g < qend
-        word = tl.load(words_ptr + unary_at + (g >> 6), mask=inside, other=0).to(tl.uint64, bitcast=True)
-        term = inside & (((word >> (g & 63).to(tl.uint64)) & 1) != 0)
-        i = seen + tl.cumsum(term.to(tl.int32), 0).to(tl.int64) - 1  # the entry this terminator ends (chunk-local)
-        valid = term & (i < count)
-        e = first + i
-        lpos = e * width
-        lw = lpos >> 6
-        off = (lpos & 63).to(tl.uint64)
-        lo = tl.load(words_ptr + low_at + lw, mask=valid & (lw < n_low), other=0).to(tl.uint64, bitcast=True)
-        hi = tl.load(words_ptr + low_at + lw + 1, mask=valid & (lw + 1 < n_low), other=0).to(tl.uint64, bitcast=True)
-        x = ((lo >> off) | ((hi << 1) << (63 - off))).to(tl.int64, bitcast=True) & mask_low
-        long_form = valid & (x >= cut)
-        h = hpos + longs + tl.cumsum(long_form.to(tl.int32), 0).to(tl.int64) - 1
-        hword = tl.load(words_ptr + high_at + (h >> 6), mask=long_form & (h < hend) & ((h >> 6) < n_high),
-                        other=0).to(tl.uint64, bitcast=True)
-        r = tl.where(valid, x + ((hword >> (h & 63).to(tl.uint64)) & 1).to(tl.int64) * half, 0)
-        if SMALL_M:  # every r < 2**19: the tile's prefix sums fit int32
-            r_before = tl.cumsum(r.to(tl.int32), 0).to(tl.int64)
-        else:
-            r_before = tl.cumsum(r, 0)
-        zeros = g - qpos - i  # Σ q over this entry and the ones before it
-        pos = base + m * tl.minimum(zeros, qmax) + rsum + r_before + i
-        ok = valid & (zeros <= qmax) & (pos >= base) & (pos < end)  # >= base: no wrapped sum slips in
+    lanes = tl.arange(0, BLOCK).to(IDX)
+    for start in range(0, nbits, BLOCK):
+        rel = start + lanes  # unary bit, from the chunk's first
+        inside = rel < nbits
+        bit = unary_bit + rel
+        word = tl.load(unary0 + (bit >> 6), mask=inside, other=0).to(tl.uint64, bitcast=True)
+        term = inside & (((word >> (bit & 63).to(tl.uint64)) & 1) != 0)
+        i = seen + tl.cumsum(term.to(IDX), 0) - 1  # the entry this terminator ends (chunk-local)
+        valid = term & (i < count_i)
+        lbit = low_bit + i * width_i
+        lw = lbit >> 6
+        off = (lbit & 63).to(tl.uint64)
+        lo = tl.load(low0 + lw, mask=valid & (lw < low_words), other=0).to(tl.uint64, bitcast=True)
+        hi = tl.load(low0 + lw + 1, mask=valid & (lw + 1 < low_words), other=0).to(tl.uint64, bitcast=True)
+        x = ((lo >> off) | ((hi << 1) << (63 - off))).to(tl.int64, bitcast=True).to(IDX) & mask_low
+        long_form = valid & (x >= cut_i)
+        h = longs + tl.cumsum(long_form.to(IDX), 0) - 1
+        hbit = high_bit + h
+        hword = tl.load(high0 + (hbit >> 6), mask=long_form & (h < high_count), other=0).to(tl.uint64, bitcast=True)
+        r = tl.where(valid, x + ((hword >> (hbit & 63).to(tl.uint64)) & 1).to(IDX) * half_i, 0)
+        zeros = rel - i  # Σ q over this entry and the ones before it
+        pos = m_i * tl.minimum(zeros, qcap) + rsum + tl.cumsum(r, 0) + i  # from the chunk's base
+        ok = valid & (zeros < qcap) & (pos >= 0) & (pos < span_i)  # >= 0: no wrapped sum slips in
         counts = tl.sum(term.to(tl.int64) | (long_form.to(tl.int64) << 16) | ((valid & ~ok).to(tl.int64) << 32), 0)
-        seen += counts & 0xFFFF
-        longs += (counts >> 16) & 0xFFFF
+        seen += (counts & 0xFFFF).to(IDX)
+        longs += ((counts >> 16) & 0xFFFF).to(IDX)
         bad += counts >> 32
         rsum += tl.sum(r, 0)
         if MODE != 0:
-            sword = tl.load(words_ptr + signs_at + (e >> 6), mask=ok & ((e >> 6) < n_signs),
-                            other=0).to(tl.uint64, bitcast=True)
-            neg = ((sword >> (e & 63).to(tl.uint64)) & 1) != 0
+            sbit = sign_bit + i
+            sword = tl.load(signs0 + (sbit >> 6), mask=ok, other=0).to(tl.uint64, bitcast=True)
+            neg = ((sword >> (sbit & 63).to(tl.uint64)) & 1) != 0
             if DROPS:
-                ok = ok & ((_splitmix64(drop_key + e.to(tl.uint64, bitcast=True)) >> 1) >= drop_cut)
+                ok = ok & ((_splitmix64(drop_key + i.to(tl.uint64)) >> 1) >= drop_cut)
             if MODE == 5:
                 pattern = tl.where(neg, negative, positive)
                 if WIDE:
@@ -233,29 +249,30 @@ def decode_chunks(words_ptr, params_ptr, work_ptr, status_ptr, MODE: tl.constexp
                 w32 = tl.load(out32 + pos, mask=agree, other=0).to(tl.float32, bitcast=True)
                 w32 = w32 + tl.where(neg, -delta, delta)
                 tl.store(out32 + pos, w32.to(tl.int32, bitcast=True), mask=agree)
-                n32 = tl.load(out32 + numel + pos, mask=agree, other=0).to(tl.float32, bitcast=True) + 1.0
-                tl.store(out32 + numel + pos, n32.to(tl.int32, bitcast=True), mask=agree)
+                n32 = tl.load(counted + pos, mask=agree, other=0).to(tl.float32, bitcast=True) + 1.0
+                tl.store(counted + pos, n32.to(tl.int32, bitcast=True), mask=agree)
             elif MODE == 7:
                 if WIDE:
-                    tl.store(aux32 + e, tl.load(out32 + pos, mask=ok, other=0), mask=ok)
+                    tl.store(aux32 + i, tl.load(out32 + pos, mask=ok, other=0), mask=ok)
                 else:
-                    tl.store(aux16 + e, tl.load(out16 + pos, mask=ok, other=0), mask=ok)
+                    tl.store(aux16 + i, tl.load(out16 + pos, mask=ok, other=0), mask=ok)
             elif MODE == 8:
                 if WIDE:
-                    tl.store(out32 + pos, tl.load(aux32 + e, mask=ok, other=0), mask=ok)
+                    tl.store(out32 + pos, tl.load(aux32 + i, mask=ok, other=0), mask=ok)
                 else:
-                    tl.store(out16 + pos, tl.load(aux16 + e, mask=ok, other=0), mask=ok)
+                    tl.store(out16 + pos, tl.load(aux16 + i, mask=ok, other=0), mask=ok)
 
-    # With exactly `count` terminators, the last at bit qend - 1, the last entry's position follows
-    # from the carries: Σ q = (qend - 1 - qpos) - (count - 1).
-    last_word = tl.load(words_ptr + unary_at + ((qend - 1) >> 6), mask=qend > qpos, other=0).to(tl.uint64, bitcast=True)
-    ends_on_one = (qend > qpos) & (((last_word >> ((qend - 1) & 63).to(tl.uint64)) & 1) != 0)
-    last_pos = base + m * tl.minimum(qend - qpos - count, qmax) + rsum + count - 1
+    # With exactly `count` terminators, the last at the chunk's last unary bit, the last entry's
+    # position follows from the carries: Σ q = (nbits - 1) - (count - 1).
+    last = unary_bit + nbits - 1
+    last_word = tl.load(unary0 + (last >> 6), mask=nbits > 0, other=0).to(tl.uint64, bitcast=True)
+    ends_on_one = (nbits > 0) & (((last_word >> (last & 63).to(tl.uint64)) & 1) != 0)
+    last_pos = m_i * tl.minimum(nbits - count_i, qcap) + rsum + count_i - 1
     code = tl.zeros((), tl.int64)
-    code = tl.where((c + 1 < n_chunks) & (last_pos + 1 != end), 6, code)
+    code = tl.where((c + 1 < n_chunks) & (last_pos + 1 != span_i), 6, code)
     code = tl.where(bad != 0, 3, code)
-    code = tl.where(longs != hend - hpos, 5, code)
-    code = tl.where((seen > count) | ~ends_on_one, 4, code)
-    code = tl.where(seen < count, 1, code)
+    code = tl.where(longs != high_count, 5, code)
+    code = tl.where((seen > count_i) | ~ends_on_one, 4, code)
+    code = tl.where(seen < count_i, 1, code)
     tl.store(status_ptr + j, code)
 
