@@ -89,6 +89,8 @@ def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
 # numba-cuda: the CPU kernel's walk, one thread per chunk (measured against the Triton kernel)
 
 def numba_cuda_decoder(device_expert: Any) -> Callable[[torch.Tensor, np.ndarray], None] | None:
+    if not hasattr(np, "row_stack"):  # numba-cuda still calls it; numpy 2.4+ removed it
+        np.row_stack = np.vstack
     try:
         from numba import cuda
     except ImportError:

@@ -34,8 +34,8 @@ from .sources import DTYPE_TO_TORCH
 if TYPE_CHECKING:  # pragma: no cover
     from .expert import CompressedExpert
 
-BLOCK = 1024  # unary bits per tile of the decode kernel (benchmarks/gpu.py --sweep measures the choice)
-NUM_WARPS = 4
+BLOCK = 512  # unary bits per tile of the decode kernel: the best of benchmarks/gpu.py's sweep on an H100
+NUM_WARPS = 2
 _WIDE = {torch.float32: True, torch.float16: False, torch.bfloat16: False}
 _INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 _ADD_MODE = {torch.float32: kernels.MODE_ADD_F32, torch.float16: kernels.MODE_ADD_F16,
