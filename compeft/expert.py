@@ -24,6 +24,10 @@ _COPY_BLOCK = 16 * 1024 * 1024
 _GAP = 64 * 1024  # payloads closer than this are fetched in one read
 _MAX_READ = 256 * 1024 * 1024  # ... as long as that read stays below this
 _NO_OUTPUT = np.empty(0, dtype=np.uint16)
+try:
+    _PHYSICAL_MEMORY = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+except (AttributeError, ValueError, OSError):  # not POSIX: rely on the allocator's own refusal
+    _PHYSICAL_MEMORY = 1 << 62
 
 
 def flat_bits(tensor: torch.Tensor) -> np.ndarray:
@@ -60,12 +64,15 @@ def allocate(e: TensorEntry, shape: tuple[int, ...], dtype: torch.dtype, path: o
     """The output buffer of a decode. A compressed payload can declare far more elements than the file
     holds bytes (a 2**48-element tensor of zeros has an empty payload), so an output too large for
     this machine is a clear error, not a MemoryError or RuntimeError from deep inside torch."""
-    try:
-        return torch.zeros(shape, dtype=dtype) if zero else torch.empty(shape, dtype=dtype)
-    except (RuntimeError, MemoryError) as exc:
-        size = math.prod(shape) * dtype.itemsize
-        raise OutputTooLargeError(f"tensor {e.name!r}: cannot allocate its decoded output of {size:,} bytes "
-                                  f"({str(exc).splitlines()[0][:120]})", path) from None
+    size = math.prod(shape) * dtype.itemsize
+    reason = "more than this machine's memory" if size > _PHYSICAL_MEMORY else ""
+    if not reason:  # (checked first: with overcommit, an allocation can succeed and the zero-fill kill us)
+        try:
+            return torch.zeros(shape, dtype=dtype) if zero else torch.empty(shape, dtype=dtype)
+        except (RuntimeError, MemoryError) as exc:
+            reason = str(exc).splitlines()[0][:120]
+    raise OutputTooLargeError(f"tensor {e.name!r}: cannot allocate its decoded output of {size:,} bytes ({reason})",
+                              path)
 
 
 class CompressedExpert:
