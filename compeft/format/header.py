@@ -315,7 +315,7 @@ def _parse_entry(raw: Any, index: int, path: object) -> TensorEntry:
         return value
 
     dtype = raw.get("dtype")
-    if dtype not in DTYPE_SIZES:
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:  # (a list or object is not even hashable)
         raise bad(f"unknown dtype {dtype!r}")
     shape = raw.get("shape")
     if type(shape) is not list or len(shape) > MAX_NDIM or not all(_is_int(d, MAX_NUMEL) for d in shape):
