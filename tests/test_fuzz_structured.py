@@ -90,6 +90,9 @@ def edited_files(draw) -> bytes:
     fields, doc, data = split(blob)
     tensors = doc["tensors"]
     data = bytearray(data)
+    # compressed payloads as the unedited header places them: (entry, offset, length, table words)
+    streams = [(t, t["offset"], t["length"], 3 * -(-t["nnz"] // t["chunk_size"])) for t in tensors
+               if t["encoding"] == "ternary-golomb" and t["length"] >= 8]
     raw_preamble = {}
     for _ in range(draw(st.integers(1, 3))):
         kind = draw(st.sampled_from(["tensor", "tensor", "tensor", "table", "table", "metadata", "preamble",
@@ -101,19 +104,16 @@ def edited_files(draw) -> bytes:
                 entry.pop(key, None)
             else:
                 entry[key] = draw(field_value(entry.get(key)))
-        elif kind == "table":  # a chunk-table word (or any payload word) of a compressed tensor
-            golomb = [t for t in tensors if t.get("encoding") == "ternary-golomb" and t.get("length", 0) >= 8]
-            if golomb:
-                entry = draw(st.sampled_from(golomb))
-                word = draw(st.integers(0, entry["length"] // 8 - 1))
-                if draw(st.booleans()):
-                    word = min(word, 3 * -(-entry["nnz"] // entry["chunk_size"]) - 1)  # a table word
-                at = entry["offset"] + 8 * word
-                old = struct.unpack_from("<q", data, at)[0]
-                new = draw(numbers(old)) % 2**64
-                struct.pack_into("<Q", data, at, new)
-                if draw(st.integers(0, 4)):  # usually fix the payload CRC: test the structure checks
-                    entry["crc32"] = zlib.crc32(data[entry["offset"]:entry["offset"] + entry["length"]])
+        elif kind == "table" and streams:  # a chunk-table word (or any payload word) of a compressed tensor
+            entry, offset, length, table_words = draw(st.sampled_from(streams))
+            word = draw(st.integers(0, length // 8 - 1))
+            if draw(st.booleans()):
+                word = min(word, table_words - 1)
+            at = offset + 8 * word
+            new = draw(numbers(struct.unpack_from("<q", data, at)[0])) % 2**64
+            struct.pack_into("<Q", data, at, new)
+            if draw(st.integers(0, 4)):  # usually fix the payload CRC: test the structure checks
+                entry["crc32"] = zlib.crc32(data[offset:offset + length])
         elif kind == "metadata":
             doc["metadata"][draw(st.sampled_from(META_FIELDS))] = draw(field_value(None))
         elif kind == "preamble":
