@@ -95,6 +95,15 @@ def test_t1_brackets_inside_strings_do_not_count(tmp_path, container):
     compeft.open(write(tmp_path, raw)).verify()
 
 
+def test_t1_container_count_is_linear_on_hostile_strings(tmp_path, container):
+    """Skipping strings must not backtrack: '"\\"\\"…' once made the scan quadratic (hours at 64 MiB)."""
+    import time
+    text = b'{"x":"' + b'\\"' * 2_000_000 + b"[" * (fmt.MAX_JSON_CONTAINERS + 1)
+    start = time.perf_counter()
+    rejected(write(tmp_path, container.build(text=text)), HeaderError, "JSON")  # an unterminated string
+    assert time.perf_counter() - start < 30
+
+
 def test_t1_tensor_count_limit(tmp_path):
     text = json.dumps(header_doc([{}] * (fmt.MAX_TENSORS + 1))).encode()
     rejected(write(tmp_path, deflated(text)), HeaderError, f"exceed the limit of {fmt.MAX_TENSORS}")

@@ -222,7 +222,9 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return doc
 
 
-_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+# A JSON string; the closing quote is optional so that the pattern never fails once it starts: a
+# failing match would be retried at the next quote, which is quadratic on '"\"\"\"…' (a hang).
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"?', re.DOTALL)
 
 
 def _count_containers(text: bytes) -> int:
