@@ -133,6 +133,16 @@ def test_t3_non_finite_scale_is_rejected(tmp_path, container, scale):
     rejected(write(tmp_path, container.build(text=raw)), HeaderError, "")
 
 
+@pytest.mark.parametrize("field,text", [("scale", b"3.4028235677973366e+38"), ("scale", b"1" + b"0" * 400),
+                                        ("init", b"-" + b"9" * 400)])
+def test_t3_numbers_beyond_float_ranges_are_header_errors(tmp_path, container, field, text):
+    """Fuzzer finding: a scale just beyond float32's range raised OverflowError; so did huge integers."""
+    entry = golomb_entry("w", [4], init=0.0)
+    raw = container.encode_text(header_doc([entry]))
+    raw = raw.replace(b'"scale":0.5' if field == "scale" else b'"init":0.0', f'"{field}":'.encode() + text)
+    rejected(write(tmp_path, container.build(text=raw)), HeaderError, field)
+
+
 @pytest.mark.parametrize("key,value", [("base_fingerprint", 12), ("created_by", ["x"]), ("alpha", "1"),
                                        ("sigma", None), ("threshold", True)])
 def test_t4_metadata_fields_readers_use_are_typed(tmp_path, container, key, value):

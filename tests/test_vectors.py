@@ -69,6 +69,7 @@ INVALID_EXPECTED = {
     "number_overflow.cpeft": ("HeaderError", "overflows a double"),
     "dtype_not_a_string.cpeft": ("HeaderError", "unknown dtype ['F32']"),
     "fingerprint_not_a_string.cpeft": ("HeaderError", "base_fingerprint must be a string"),
+    "scale_beyond_float32.cpeft": ("HeaderError", "must be a finite, non-negative float32 value"),
     "chunk_offset_outside_stream.cpeft": ("CorruptPayloadError", "lies outside the tensor or its stream"),
     "gap_past_end.cpeft": ("CorruptPayloadError", "chunk 8 is corrupt: a decoded position lies outside"),
 }

@@ -442,6 +442,14 @@ def _dtype_not_a_string(blob: bytes) -> tuple[bytes, str]:
             "recomputed")
 
 
+def _scale_beyond_float32(blob: bytes) -> tuple[bytes, str]:
+    def change(d: dict[str, Any]) -> None:
+        tensor(d, "w")["scale"] = 3.4028235677973366e+38
+    return (edit_doc(blob, change),
+            "tensor 'w' \"scale\" -> 3.4028235677973366e+38 (a finite double just beyond float32's range, which "
+            "once raised OverflowError; found by tests/test_fuzz_structured.py); header CRC recomputed")
+
+
 def _fingerprint_type(blob: bytes) -> tuple[bytes, str]:
     def change(d: dict[str, Any]) -> None:
         d["metadata"]["base_fingerprint"] = 12345
@@ -498,6 +506,7 @@ INVALID: tuple[Invalid, ...] = (
     Invalid("number_overflow", "f32_global", "HeaderError", "open", _number_overflow),
     Invalid("dtype_not_a_string", "small_chunks", "HeaderError", "open", _dtype_not_a_string),
     Invalid("fingerprint_not_a_string", "small_chunks", "HeaderError", "open", _fingerprint_type),
+    Invalid("scale_beyond_float32", "small_chunks", "HeaderError", "open", _scale_beyond_float32),
     Invalid("chunk_offset_outside_stream", "small_chunks", "CorruptPayloadError", "verify", _chunk_outside,
             tensor="w"),
     Invalid("gap_past_end", "small_chunks", "CorruptPayloadError", "verify", _gap_past_end, tensor="w"),

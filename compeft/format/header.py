@@ -296,6 +296,21 @@ def _check_metadata(meta: Mapping[str, Any], path: object) -> None:
             raise HeaderError(f"metadata {key} must be a finite number, got {value!r}", path)
 
 
+def _finite(value: Any) -> bool:
+    """A JSON number that is a finite double (an integer of 400 digits is not: float() overflows)."""
+    try:
+        return type(value) in (int, float) and math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
+def _is_float32(value: float) -> bool:
+    try:
+        return struct.unpack("<f", struct.pack("<f", value))[0] == value
+    except OverflowError:  # beyond float32's range (3.4028235677973366e+38 was found by the fuzzer)
+        return False
+
+
 def _is_int(value: Any, limit: int) -> bool:
     return type(value) is int and 0 <= value <= limit
 
@@ -332,7 +347,7 @@ def _parse_entry(raw: Any, index: int, path: object) -> TensorEntry:
     if role not in ROLES:
         raise bad(f"role {role!r} is not one of {ROLES}")
     init = raw.get("init")
-    if init is not None and (type(init) not in (int, float) or not math.isfinite(init)):
+    if init is not None and not _finite(init):
         raise bad("init must be a finite number or null")
     entry = TensorEntry(name=name, dtype=dtype, shape=tuple(shape), encoding=encoding, role=role,
                         init=None if init is None else float(init), offset=integer("offset"),
@@ -352,8 +367,7 @@ def _parse_entry(raw: Any, index: int, path: object) -> TensorEntry:
     unary_bits = entry.unary_bits = integer("unary_bits")
     high_bits = entry.high_bits = integer("high_bits")
     scale = raw.get("scale")
-    if (type(scale) not in (int, float) or not math.isfinite(scale) or scale < 0
-            or struct.unpack("<f", struct.pack("<f", scale))[0] != scale):
+    if not _finite(scale) or scale < 0 or not _is_float32(scale):
         raise bad(f"scale {scale!r} must be a finite, non-negative float32 value")
     entry.scale = float(scale)
     if nnz > numel:
