@@ -221,37 +221,93 @@ def _check_base(expert: CompressedExpert, state: Mapping[str, torch.Tensor], che
                                     expert.path)
 
 
+class Restore:
+    """What :func:`apply` with ``restorable=True`` returns: :meth:`restore` puts back, bit for bit,
+    every weight value the apply changed. On a GPU it holds only the overwritten values (one 16- or
+    32-bit slot per kept entry); on the CPU a copy of each weight the expert touches."""
+
+    def __init__(self, expert: CompressedExpert, state_dict: MutableMapping[str, torch.Tensor]) -> None:
+        self._expert, self._state = expert, state_dict
+        self._saved: list[tuple[Any, dict[str, torch.Tensor]]] = []  # (device expert or None, saved)
+        self._done = False
+
+    def restore(self) -> None:
+        """Undo the apply (once)."""
+        if self._done:
+            raise InvalidArgumentError("this apply was already restored", self._expert.path)
+        for device_expert, saved in self._saved:
+            if device_expert is None:
+                for name, original in saved.items():
+                    self._state[name].copy_(original)
+            else:
+                device_expert.restore_entries(self._state, saved)
+        self._done = True
+        self._saved.clear()
+
+
 @torch.no_grad()
 def apply(expert: CompressedExpert | PathLike, state_dict: MutableMapping[str, torch.Tensor], *,
-          scale: float = 1.0, check_base: bool = True, progress: bool = False) -> None:
+          scale: float = 1.0, check_base: bool = True, restorable: bool = False, progress: bool = False
+          ) -> Restore | None:
     """Add ``scale`` × τ̃ into the weights of ``state_dict`` in place (no dense copy of τ̃).
 
     Every kept entry does ``w = dtype(float32(w) + float32(scale) * float32(v))`` where ``v`` is the
     entry's decoded value; ``value`` tensors are copied over their weights. Everything is read and
     verified before the first weight changes, so a corrupt expert leaves the weights untouched.
+    Weights on a CUDA device are updated there, from the compressed bytes copied to it once
+    (bit-identical to the CPU path). ``restorable=True`` returns a :class:`Restore` whose
+    ``restore()`` undoes the apply bit for bit (hot-swapping experts in a resident model).
 
     Examples
     --------
     >>> import torch, compeft
     >>> base = {"w": torch.zeros(4, 4, dtype=torch.bfloat16)}
-    >>> compeft.apply(compeft.compress({"w": torch.eye(4)}, density=0.25), base, scale=0.5)
+    >>> undo = compeft.apply(compeft.compress({"w": torch.eye(4)}, density=0.25), base, scale=0.5, restorable=True)
     >>> int((base["w"] != 0).sum())
     4
+    >>> undo.restore(); int((base["w"] != 0).sum())
+    0
     """
     expert = _as_expert(expert)
     if not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise InvalidArgumentError(f"scale must be a finite number, got {scale!r}")
     _check_base(expert, state_dict, check_base)
-    _apply(expert, state_dict, expert.names, scale, progress)
+    return _apply(expert, state_dict, expert.names, scale, progress, restorable)
+
+
+def _on_gpu(w: torch.Tensor) -> bool:
+    return w.device.type == "cuda" and w.is_contiguous() and w.dtype in _ADD_MODE
 
 
 def _apply(expert: CompressedExpert, state_dict: MutableMapping[str, torch.Tensor], names: Sequence[str],
-           scale: float, progress: bool) -> None:
-    payloads = expert.payloads(names)  # phase 1: read and verify everything before any write
+           scale: float, progress: bool, restorable: bool = False) -> Restore | None:
+    on_gpu: dict[torch.device, list[str]] = {}
+    for name in names:
+        if _on_gpu(state_dict[name]):
+            on_gpu.setdefault(state_dict[name].device, []).append(name)
+    on_host = [n for n in names if not _on_gpu(state_dict[n])]
+    # phase 1: read and verify everything before any write
+    payloads = expert.payloads(on_host)
+    device_experts = []
+    if on_gpu:
+        from .gpu import DeviceExpert
+    for device, group in on_gpu.items():
+        whole = len(group) == len(expert)
+        device_expert = expert.to_device(device) if whole else DeviceExpert(expert, device, group)
+        device_expert.check()
+        device_experts.append((device_expert, None if whole else group))
+    undo = Restore(expert, state_dict) if restorable else None
+    if undo is not None:
+        undo._saved.append((None, {n: state_dict[n].detach().clone() for n in on_host}))
+        for device_expert, group in device_experts:
+            undo._saved.append((device_expert, device_expert.save_entries(state_dict, group)))
+    # phase 2: write
+    for device_expert, group in device_experts:
+        device_expert.add_into(state_dict, scale, group)
     step = np.float32(scale)
     jobs = []
     copies_back = []
-    for name in progress_bar(names, "applying", progress):  # phase 2: write
+    for name in progress_bar(on_host, "applying", progress):
         e, w, payload = expert.entry(name), state_dict[name], payloads[name]
         if isinstance(payload, torch.Tensor):
             if e.role == "value":
@@ -267,13 +323,14 @@ def _apply(expert: CompressedExpert, state_dict: MutableMapping[str, torch.Tenso
                 copies_back.append((target, work))
             jobs.append((_ADD_MODE[target.dtype],
                          golomb.DecodeJob(payload, e.numel, flat_bits(work), f"tensor {name!r}", delta=delta)))
-        else:  # float64 or another device: the same rule on the kept positions only
+        else:  # float64, a strided GPU weight or another device: the same rule on the kept positions only
             dense = expert.to_dense(name).to(target.device)
             target.copy_(torch.where(dense != 0, _added(target, float(step) * dense.float()), target))
     for mode in sorted({mode for mode, _ in jobs}):
         golomb.decode_many([job for m, job in jobs if m == mode], mode, expert.path)
     for target, work in copies_back:
         target.copy_(work)
+    return undo
 
 
 def _added(weight: torch.Tensor, step: torch.Tensor) -> torch.Tensor:

@@ -59,16 +59,19 @@ def kept_value(scale: float, dtype: torch.dtype) -> float:
     return float(np.array([bits], dtype=np.uint16).view(np.float16)[0])
 
 
-def allocate(e: TensorEntry, shape: tuple[int, ...], dtype: torch.dtype, path: object, *, zero: bool = False
-             ) -> torch.Tensor:
+def allocate(e: TensorEntry, shape: tuple[int, ...], dtype: torch.dtype, path: object, *, zero: bool = False,
+             device: Any = None) -> torch.Tensor:
     """The output buffer of a decode. A compressed payload can declare far more elements than the file
     holds bytes (a 2**48-element tensor of zeros has an empty payload), so an output too large for
     this machine is a clear error, not a MemoryError or RuntimeError from deep inside torch."""
     size = math.prod(shape) * dtype.itemsize
-    reason = "more than this machine's memory" if size > _PHYSICAL_MEMORY else ""
+    on_cpu = device is None or torch.device(device).type == "cpu"
+    reason = "more than this machine's memory" if on_cpu and size > _PHYSICAL_MEMORY else ""
     if not reason:  # (checked first: with overcommit, an allocation can succeed and the zero-fill kill us)
+        device = device or "cpu"
         try:
-            return torch.zeros(shape, dtype=dtype) if zero else torch.empty(shape, dtype=dtype)
+            return (torch.zeros(shape, dtype=dtype, device=device) if zero
+                    else torch.empty(shape, dtype=dtype, device=device))
         except (RuntimeError, MemoryError) as exc:
             reason = str(exc).splitlines()[0][:120]
     raise OutputTooLargeError(f"tensor {e.name!r}: cannot allocate its decoded output of {size:,} bytes ({reason})",
@@ -91,6 +94,7 @@ class CompressedExpert:
         self._reader = reader
         self.header = header if header is not None else read_header(reader)
         self._checked: set[str] = set()
+        self._on_device: dict[torch.device, Any] = {}
 
     # -- description ---------------------------------------------------------------------------
     @property
@@ -182,11 +186,25 @@ class CompressedExpert:
         self._checked.update(unchecked)
         return out
 
-    def state_dict(self, names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+    def to_device(self, device: str | torch.device = "cuda") -> Any:
+        """The expert's compressed bytes copied to a GPU once (cached per device): a
+        :class:`compeft.gpu.DeviceExpert` that decodes, applies and merges there."""
+        from .gpu import DeviceExpert, kernel_device
+
+        dev = kernel_device(device)
+        if dev not in self._on_device:
+            self._on_device[dev] = DeviceExpert(self, dev)
+        return self._on_device[dev]
+
+    def state_dict(self, names: Sequence[str] | None = None, *, device: str | torch.device | None = None
+                   ) -> dict[str, torch.Tensor]:
         """Tensors decoded (all, or ``names``), in their original dtypes and shapes; see :meth:`to_dense`.
 
-        Every payload is read (neighbours in one read), verified and decoded in one parallel pass.
+        Every payload is read (neighbours in one read), verified and decoded in one parallel pass;
+        with a CUDA ``device``, the compressed bytes are copied there (once) and decoded there.
         """
+        if device is not None and torch.device(device).type != "cpu":
+            return self.to_device(device).state_dict(names)
         entries = self._entries(names)
         out: dict[str, torch.Tensor] = {}
         jobs = []
@@ -203,13 +221,15 @@ class CompressedExpert:
         self._checked.update(e.name for e in entries)
         return out if names is None else {n: out[n] for n in names}
 
-    def to_dense(self, name: str, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def to_dense(self, name: str, *, dtype: torch.dtype | None = None, device: str | torch.device | None = None
+                 ) -> torch.Tensor:
         """Decode one tensor to a dense torch tensor in its original dtype and shape.
 
         A ``delta`` tensor gives the reconstructed residual τ̃ (without the PEFT ``init``); a
-        ``value`` tensor gives its stored value. ``dtype`` converts the result.
+        ``value`` tensor gives its stored value. ``dtype`` converts the result. A CUDA ``device``
+        decodes there from the compressed bytes (bit-identical to the CPU decoder).
         """
-        out = self.state_dict([name])[name]
+        out = self.state_dict([name], device=device)[name]
         return out if dtype is None else out.to(dtype)
 
     # -- whole-file operations -----------------------------------------------------------------

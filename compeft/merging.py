@@ -39,6 +39,7 @@ from .progress import progress_bar
 from .sources import DTYPE_TO_TORCH
 
 GROUP_PARAMETERS = 1 << 24  # accumulators for at most this many parameters at a time (64 MiB each)
+GPU_GROUP_PARAMETERS = 1 << 28  # on a GPU: fewer, larger launches (1 GiB per accumulator)
 
 
 class Accumulator:
@@ -47,8 +48,11 @@ class Accumulator:
     returns name -> float32 tensor."""
 
     def __init__(self, experts: Sequence[CompressedExpert], payloads: list[dict[str, Any]], group: list[str],
-                 weights: list[float], lam: float, drop_rate: float, seed: int) -> None:
+                 weights: list[float], lam: float, drop_rate: float, seed: int,
+                 on_device: Sequence[Any] | None = None) -> None:
         self.experts, self.payloads, self.group = experts, payloads, group
+        self.on_device = on_device  # None: the CPU kernels; else each expert's DeviceExpert
+        self.device = None if on_device is None else on_device[0].device
         self.weights, self.lam, self.seed = weights, lam, seed
         self.keep = 1.0 - drop_rate
         self.cut = int(drop_rate * 2.0 ** 63)
@@ -57,11 +61,13 @@ class Accumulator:
              ) -> dict[str, torch.Tensor]:
         rows = 2 if mode == kernels.MODE_TIES else 1  # MODE_TIES also counts, in a second row
         first = self.experts[0]
-        out = {n: allocate(first.entry(n), (rows, first.entry(n).numel), torch.float32, first.path, zero=True)
-               for n in self.group}
+        out = {n: allocate(first.entry(n), (rows, first.entry(n).numel), torch.float32, first.path, zero=True,
+                           device=self.device) for n in self.group}
+        launches = []
         for i, expert in enumerate(self.experts):
             scale = scales[i] / self.keep
             batch = []
+            steps: dict[str, float] = {}
             for name in self.group:
                 payload, e = self.payloads[i][name], expert.entry(name)
                 aux = None if elected is None else elected[name]
@@ -70,12 +76,23 @@ class Accumulator:
                                 self.cut, self.seed, i, name)
                     continue
                 value = kept_value(e.scale, DTYPE_TO_TORCH[e.dtype])
-                batch.append(golomb.DecodeJob(
-                    payload, e.numel, flat_bits(out[name]),
-                    f"tensor {name!r}", delta=float(np.float32(scale) * np.float32(value)),
-                    aux=None if aux is None else aux.reshape(-1).numpy(),
-                    drop_key=_drop_key(self.seed, i, name) if self.cut else 0, drop_cut=self.cut))
-            golomb.decode_many(batch, mode, expert.path)
+                steps[name] = float(np.float32(scale) * np.float32(value))
+                if self.device is None:
+                    batch.append(golomb.DecodeJob(
+                        payload, e.numel, flat_bits(out[name]), f"tensor {name!r}", delta=steps[name],
+                        aux=None if aux is None else aux.reshape(-1).numpy(),
+                        drop_key=_drop_key(self.seed, i, name) if self.cut else 0, drop_cut=self.cut))
+            if self.device is None:
+                golomb.decode_many(batch, mode, expert.path)
+            else:
+                launches.append(self.on_device[i].accumulate(
+                    mode, {n: out[n].view(-1) for n in steps}, steps,
+                    None if elected is None else {n: elected[n].reshape(-1) for n in steps},
+                    {n: (_drop_key(self.seed, i, n), self.cut) for n in steps} if self.cut else None))
+        if launches:
+            from .gpu import raise_bad
+
+            raise_bad(launches)
         shapes = {n: self.experts[0].entry(n).shape for n in self.group}
         return {n: out[n].reshape((rows, *shapes[n])) if rows > 1 else out[n].reshape(shapes[n]) for n in self.group}
 
@@ -155,12 +172,12 @@ def _check_compatible(experts: Sequence[CompressedExpert], check_base: bool) -> 
                                            "vectors can be merged", e.path)
 
 
-def _groups(expert: CompressedExpert, names: Sequence[str]) -> list[list[str]]:
+def _groups(expert: CompressedExpert, names: Sequence[str], limit: int) -> list[list[str]]:
     groups: list[list[str]] = [[]]
     size = 0
     for name in names:
         numel = expert.entry(name).numel
-        if groups[-1] and size + numel > GROUP_PARAMETERS:
+        if groups[-1] and size + numel > limit:
             groups.append([])
             size = 0
         groups[-1].append(name)
@@ -171,7 +188,7 @@ def _groups(expert: CompressedExpert, names: Sequence[str]) -> list[list[str]]:
 def merge(experts: Sequence[CompressedExpert | str | os.PathLike[str]], *, method: str = "task_arithmetic",
           weights: Sequence[float] | None = None, lam: float = 1.0, normalize: bool = True, drop_rate: float = 0.0,
           seed: int = 0, into: MutableMapping[str, torch.Tensor] | None = None, names: Sequence[str] | None = None,
-          check_base: bool = True, progress: bool = False) -> MergeResult:
+          check_base: bool = True, device: str | torch.device | None = None, progress: bool = False) -> MergeResult:
     """Merge compressed experts from their streams.
 
     Parameters
@@ -194,6 +211,10 @@ def merge(experts: Sequence[CompressedExpert | str | os.PathLike[str]], *, metho
         result is then empty apart from its metadata.
     names
         Merge only these tensors (e.g. one shard's); default all.
+    device
+        A CUDA device: each expert's compressed bytes are copied there (once per tensor group) and
+        merged there; the result lives there. Bit-identical to the CPU merge (the same float32
+        operations in the same order per parameter).
 
     Returns
     -------
@@ -244,14 +265,26 @@ def merge(experts: Sequence[CompressedExpert | str | os.PathLike[str]], *, metho
     result = MergeResult()
     result.metadata = {"method": method, "weights": coefficients, "lambda": float(lam), "drop_rate": drop_rate,
                        "seed": seed, "experts": [e.path for e in opened]}
-    groups = _groups(opened[0], selected)
+    target = None
+    if device is not None:
+        from .gpu import interpreted, kernel_device
+
+        if torch.device(device).type != "cpu" or interpreted():  # interpreted: the kernels' CPU test mode
+            target = kernel_device(device)
+    groups = _groups(opened[0], selected, GROUP_PARAMETERS if target is None else GPU_GROUP_PARAMETERS)
     if into is not None and len(groups) > 1:  # a corrupt later group must not find earlier ones written
         for e in opened:
             e.payloads(selected)
     for group in progress_bar(groups, "merging", progress):
         # CRCs verified here; a structurally bad chunk fails the first pass, before any write to `into`
-        payloads = [e.payloads(group, check=False) for e in opened]
-        merged = rule.combine(Accumulator(opened, payloads, group, coefficients, float(lam), drop_rate, seed))
+        if target is None:
+            payloads, placed = [e.payloads(group, check=False) for e in opened], None
+        else:
+            from .gpu import on_device
+
+            placed = [on_device(e, target, group) for e in opened]
+            payloads = [{n: d.dense.get(n, d) for n in group} for d in placed]
+        merged = rule.combine(Accumulator(opened, payloads, group, coefficients, float(lam), drop_rate, seed, placed))
         for name in group:
             if into is None:
                 result[name] = merged[name]
@@ -266,11 +299,11 @@ def _dense_step(mode: int, out: torch.Tensor, dense: torch.Tensor, scale: float,
                 seed: int, expert: int, name: str) -> None:
     """The kernels' rules for a delta stored dense (flat): its non-zero entries are its kept entries.
     ``out`` is [1, numel], or [2, numel] for MODE_TIES (sum, then count)."""
-    values = dense.float()
+    values = dense.to(out.device).float()
     kept = values != 0
-    if cut:
+    if cut:  # drawn on the CPU whatever the device, so that drops do not depend on it
         generator = torch.Generator().manual_seed(_drop_key(seed, expert, name))
-        kept &= torch.rand(values.shape, generator=generator) >= cut / 2.0 ** 63
+        kept &= (torch.rand(values.shape, generator=generator) >= cut / 2.0 ** 63).to(out.device)
     zeros = torch.zeros_like(values)
     if mode == kernels.MODE_ADD_F32:
         out[0].add_(torch.where(kept, values * np.float32(scale), zeros))
