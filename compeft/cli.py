@@ -16,6 +16,13 @@ def _size(n: float) -> str:
     return str(n)
 
 
+def _shown(value: object) -> str:
+    """``value`` as text safe for a terminal: a hostile file's names and metadata may hold escape
+    sequences (which could rewrite the screen), so non-printable characters are shown escaped."""
+    text = str(value)
+    return text if text.isprintable() else "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
 def _parse_meta(items: Sequence[str]) -> dict[str, str]:
     from .errors import InvalidArgumentError
     out = {}
@@ -54,6 +61,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"{args.file}: compeft format v{summary['format_version']}, source={m.get('source')}, "
           f"scope={m.get('scope')}, density={m.get('density')}, alpha={m.get('alpha')}")
     rows = summary["tensors"]
+    for r in rows:
+        r["name"] = _shown(r["name"])
     width = max([len("name"), *(len(r["name"]) for r in rows)])
     print(f"{'name':<{width}}  {'dtype':<5} {'shape':<18} {'encoding':<15} {'nnz':>12} {'bytes':>12} {'bits/param':>10}")
     for r in rows:

@@ -47,6 +47,10 @@ class CorruptPayloadError(CompeftError):
     """A payload passed its checksum but its content contradicts the header."""
 
 
+class OutputTooLargeError(CompeftError, MemoryError):
+    """A tensor the file declares cannot be allocated: its decoded size exceeds the memory available."""
+
+
 class SourceError(CompeftError):
     """An input adapter, model directory or tensor mapping cannot be read or is inconsistent."""
 

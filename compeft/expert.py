@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import os
 import struct
 from typing import Any, Iterator, Sequence
@@ -11,7 +12,7 @@ import numpy as np
 import torch
 
 from .codec import golomb, kernels
-from .errors import InvalidArgumentError, LayoutError
+from .errors import InvalidArgumentError, LayoutError, OutputTooLargeError
 from .format import ENCODING_DENSE, Header, RangeReader, TensorEntry, atomic_write, check_crc, read_header
 from .sources import DTYPE_TO_TORCH
 
@@ -23,6 +24,10 @@ _COPY_BLOCK = 16 * 1024 * 1024
 _GAP = 64 * 1024  # payloads closer than this are fetched in one read
 _MAX_READ = 256 * 1024 * 1024  # ... as long as that read stays below this
 _NO_OUTPUT = np.empty(0, dtype=np.uint16)
+try:
+    _PHYSICAL_MEMORY = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+except (AttributeError, ValueError, OSError):  # not POSIX: rely on the allocator's own refusal
+    _PHYSICAL_MEMORY = 1 << 62
 
 
 def flat_bits(tensor: torch.Tensor) -> np.ndarray:
@@ -52,6 +57,25 @@ def kept_value(scale: float, dtype: torch.dtype) -> float:
     if dtype == torch.bfloat16:
         return struct.unpack("<f", struct.pack("<I", bits << 16))[0]
     return float(np.array([bits], dtype=np.uint16).view(np.float16)[0])
+
+
+def allocate(e: TensorEntry, shape: tuple[int, ...], dtype: torch.dtype, path: object, *, zero: bool = False,
+             device: Any = None) -> torch.Tensor:
+    """The output buffer of a decode. A compressed payload can declare far more elements than the file
+    holds bytes (a 2**48-element tensor of zeros has an empty payload), so an output too large for
+    this machine is a clear error, not a MemoryError or RuntimeError from deep inside torch."""
+    size = math.prod(shape) * dtype.itemsize
+    on_cpu = device is None or torch.device(device).type == "cpu"
+    reason = "more than this machine's memory" if on_cpu and size > _PHYSICAL_MEMORY else ""
+    if not reason:  # (checked first: with overcommit, an allocation can succeed and the zero-fill kill us)
+        device = device or "cpu"
+        try:
+            return (torch.zeros(shape, dtype=dtype, device=device) if zero
+                    else torch.empty(shape, dtype=dtype, device=device))
+        except (RuntimeError, MemoryError) as exc:
+            reason = str(exc).splitlines()[0][:120]
+    raise OutputTooLargeError(f"tensor {e.name!r}: cannot allocate its decoded output of {size:,} bytes ({reason})",
+                              path)
 
 
 class CompressedExpert:
@@ -129,10 +153,10 @@ class CompressedExpert:
         entries = list(self.header.tensors) if names is None else [self.entry(n) for n in names]
         return sorted(entries, key=lambda e: e.offset)
 
-    def _parse(self, e: TensorEntry, payload: memoryview) -> golomb.GolombStreams:
+    def _parse(self, e: TensorEntry, payload: memoryview, check: bool = False) -> golomb.GolombStreams:
         return golomb.parse_payload(payload, nnz=e.nnz, numel=e.numel, golomb_m=e.golomb_m, chunk_size=e.chunk_size,
                                     unary_bits=e.unary_bits, high_bits=e.high_bits,
-                                    where=f"tensor {e.name!r}", path=self.path, check=False)
+                                    where=f"tensor {e.name!r}", path=self.path, check=check)
 
     @staticmethod
     def _dense(e: TensorEntry, payload: memoryview) -> torch.Tensor:
@@ -189,10 +213,10 @@ class CompressedExpert:
                 out[e.name] = self._dense(e, payload)
                 continue
             dtype = DTYPE_TO_TORCH[e.dtype]
-            tensor = out[e.name] = torch.empty(e.shape, dtype=dtype)
+            streams = self._parse(e, payload, check=True)  # the chunk table is sound before the output exists
+            tensor = out[e.name] = allocate(e, e.shape, dtype, self.path)
             positive, negative = value_patterns(e.scale, dtype)
-            jobs.append(golomb.DecodeJob(self._parse(e, payload), e.numel, flat_bits(tensor), f"tensor {e.name!r}",
-                                         positive, negative))
+            jobs.append(golomb.DecodeJob(streams, e.numel, flat_bits(tensor), f"tensor {e.name!r}", positive, negative))
         golomb.decode_many(jobs, kernels.MODE_DENSE, self.path)
         self._checked.update(e.name for e in entries)
         return out if names is None else {n: out[n] for n in names}

@@ -34,7 +34,7 @@ import torch
 
 from .codec import golomb, kernels
 from .errors import BaseMismatchError, InvalidArgumentError
-from .expert import CompressedExpert, flat_bits, kept_value
+from .expert import CompressedExpert, allocate, flat_bits, kept_value
 from .progress import progress_bar
 from .sources import DTYPE_TO_TORCH
 
@@ -59,9 +59,10 @@ class Accumulator:
 
     def _run(self, mode: int, scales: Sequence[float], elected: dict[str, torch.Tensor] | None = None
              ) -> dict[str, torch.Tensor]:
-        rows = 2 if mode == kernels.MODE_TIES else 1
-        out = {n: torch.zeros((rows, self.experts[0].entry(n).numel), dtype=torch.float32,
-                              device=self.device or "cpu") for n in self.group}
+        rows = 2 if mode == kernels.MODE_TIES else 1  # MODE_TIES also counts, in a second row
+        first = self.experts[0]
+        out = {n: allocate(first.entry(n), (rows, first.entry(n).numel), torch.float32, first.path, zero=True,
+                           device=self.device) for n in self.group}
         launches = []
         for i, expert in enumerate(self.experts):
             scale = scales[i] / self.keep

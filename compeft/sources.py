@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,6 +144,15 @@ def _dtype_shape(handle: Any, name: str, path: Path) -> tuple[torch.dtype, tuple
 # PEFT adapters
 
 
+def _load_failure(exc: Exception) -> str:
+    """The reason in torch's refusal, on one line (its long message also suggests ``weights_only=False``,
+    which would execute the file's code: advice compeft must not pass on)."""
+    text = " ".join(str(exc).split())
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1].split(" Check the documentation", 1)[0].strip()
+    return (text or type(exc).__name__)[:200]
+
+
 def from_peft_dir(directory: str | os.PathLike[str]) -> Source:
     """A PEFT adapter directory: ``adapter_config.json`` + ``adapter_model.safetensors`` (or a
     ``.bin`` read with ``torch.load(weights_only=True)``). LoRA-style weights are residuals from 0;
@@ -167,9 +177,12 @@ def from_peft_dir(directory: str | os.PathLike[str]) -> Source:
         loader = {n: (lambda n=n, h=h: h.get_tensor(n)) for n, (p, h) in located.items()}
     else:
         try:
-            state = torch.load(weights, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch warns about pickle protocols before it refuses
+                warnings.simplefilter("ignore")
+                state = torch.load(weights, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises many kinds here; none may escape unexplained
-            raise SourceError(f"cannot read adapter weights safely ({exc})", weights) from None
+            raise SourceError(f"cannot read adapter weights safely ({_load_failure(exc)}); compeft never unpickles "
+                              "anything but tensors: convert it to adapter_model.safetensors", weights) from None
         if not isinstance(state, dict):
             raise SourceError("adapter weights are not a tensor dictionary", weights)
         entries, loader = {}, {}

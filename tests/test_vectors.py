@@ -65,6 +65,13 @@ INVALID_EXPECTED = {
     "chunk_base_shifted.cpeft": ("CorruptPayloadError", "next chunk's base"),
     "chunk_unary_offset.cpeft": ("CorruptPayloadError", "unary bits do not end"),
     "nonzero_padding.cpeft": ("LayoutError", "non-zero padding"),
+    "duplicate_key.cpeft": ("HeaderError", "duplicate key 'dtype'"),
+    "number_overflow.cpeft": ("HeaderError", "overflows a double"),
+    "dtype_not_a_string.cpeft": ("HeaderError", "unknown dtype ['F32']"),
+    "fingerprint_not_a_string.cpeft": ("HeaderError", "base_fingerprint must be a string"),
+    "scale_beyond_float32.cpeft": ("HeaderError", "must be a finite, non-negative float32 value"),
+    "chunk_offset_outside_stream.cpeft": ("CorruptPayloadError", "lies outside the tensor or its stream"),
+    "gap_past_end.cpeft": ("CorruptPayloadError", "chunk 8 is corrupt: a decoded position lies outside"),
 }
 INVALID_ROWS = mv.parse_invalid_readme((INVALID / "README.md").read_text(encoding="utf-8"))
 

@@ -411,6 +411,78 @@ def _dense_length(blob: bytes) -> tuple[bytes, str]:
             "tensor 'step' \"shape\" [3] -> [4] (24-byte I64 payload needs 32); header CRC recomputed")
 
 
+def _raw_header_edit(blob: bytes, old: bytes, new: bytes) -> bytes:
+    """Replace ``old`` by ``new`` in the header's JSON text (edits json.dumps cannot express), re-pad
+    it and recompute header_length, the header CRC and file_length."""
+    fields, header, data = split(blob)
+    text = header.rstrip(b" ")
+    assert text.count(old) == 1
+    return join(fields, text.replace(old, new), data)
+
+
+def _duplicate_key(blob: bytes) -> tuple[bytes, str]:
+    t = tensor(header_doc(blob), "layer1.mlp.bias")
+    old = f'"name":"layer1.mlp.bias","dtype":"F32","shape":{json.dumps(t["shape"], separators=(",", ":"))}'.encode()
+    new = old.replace(b'"dtype":"F32"', b'"dtype":"F32","dtype":"F16"')
+    return (_raw_header_edit(blob, old, new),
+            "tensor 'layer1.mlp.bias' gets a second \"dtype\" key (\"F16\") after its \"F32\" one; header CRC "
+            "recomputed")
+
+
+def _number_overflow(blob: bytes) -> tuple[bytes, str]:
+    return (_raw_header_edit(blob, b'"alpha":1.0', b'"alpha":1e999'),
+            'metadata "alpha" 1.0 -> 1e999 (parses to infinity); header CRC recomputed')
+
+
+def _dtype_not_a_string(blob: bytes) -> tuple[bytes, str]:
+    def change(d: dict[str, Any]) -> None:
+        tensor(d, "w")["dtype"] = ["F32"]
+    return (edit_doc(blob, change),
+            'tensor \'w\' "dtype" "F32" -> ["F32"] (a list; found by tests/test_fuzz_structured.py); header CRC '
+            "recomputed")
+
+
+def _scale_beyond_float32(blob: bytes) -> tuple[bytes, str]:
+    def change(d: dict[str, Any]) -> None:
+        tensor(d, "w")["scale"] = 3.4028235677973366e+38
+    return (edit_doc(blob, change),
+            "tensor 'w' \"scale\" -> 3.4028235677973366e+38 (a finite double just beyond float32's range, which "
+            "once raised OverflowError; found by tests/test_fuzz_structured.py); header CRC recomputed")
+
+
+def _fingerprint_type(blob: bytes) -> tuple[bytes, str]:
+    def change(d: dict[str, Any]) -> None:
+        d["metadata"]["base_fingerprint"] = 12345
+    return (edit_doc(blob, change), 'metadata "base_fingerprint" null -> 12345 (a number); header CRC recomputed')
+
+
+def _chunk_outside(blob: bytes) -> tuple[bytes, str]:
+    return _chunk_table(blob, 5, 1, lambda old: 1 << 62, "unary bit offset")
+
+
+def _gap_past_end(blob: bytes) -> tuple[bytes, str]:
+    """Move the last terminating 1 bit of tensor 'w''s unary stream 6 bits on: the last quotient grows
+    by 6, so the last gap runs 18 positions (m = 3) past the end of the tensor."""
+    doc = header_doc(blob)
+    t = tensor(doc, "w")
+    unary_start = data_start(blob) + t["offset"] + 8 * 3 * -(-t["nnz"] // t["chunk_size"])
+    last = t["unary_bits"] - 1
+    words = bytearray(blob[unary_start:unary_start + 16])
+    assert words[last >> 3] >> (last & 7) & 1 and last + 6 < 128
+    words[last >> 3] &= ~(1 << (last & 7)) & 0xFF
+    words[(last + 6) >> 3] |= 1 << ((last + 6) & 7)
+    edited = set_bytes(blob, unary_start, bytes(words))
+    payload = edited[data_start(blob) + t["offset"]:data_start(blob) + t["offset"] + t["length"]]
+
+    def change(d: dict[str, Any]) -> None:
+        tensor(d, "w")["unary_bits"] = t["unary_bits"] + 6
+        tensor(d, "w")["crc32"] = zlib.crc32(payload)
+    return (edit_doc(edited, change),
+            f"tensor 'w' unary stream: the last 1 bit moved from bit {last} to {last + 6} and \"unary_bits\" "
+            f"{t['unary_bits']} -> {t['unary_bits'] + 6}, so the last gap runs past the tensor's end; crc32 and "
+            "header CRC recomputed")
+
+
 INVALID: tuple[Invalid, ...] = (
     Invalid("bad_magic", "f32_global", "NotACompeftFileError", "open", _bad_magic),
     Invalid("version_2", "f32_global", "UnsupportedVersionError", "open", _version_2),
@@ -430,6 +502,14 @@ INVALID: tuple[Invalid, ...] = (
     Invalid("chunk_base_shifted", "small_chunks", "CorruptPayloadError", "verify", _chunk_shift, tensor="w"),
     Invalid("chunk_unary_offset", "small_chunks", "CorruptPayloadError", "verify", _chunk_unary, tensor="w"),
     Invalid("nonzero_padding", "dense_passthrough", "LayoutError", "verify", _nonzero_padding),
+    Invalid("duplicate_key", "f32_global", "HeaderError", "open", _duplicate_key),
+    Invalid("number_overflow", "f32_global", "HeaderError", "open", _number_overflow),
+    Invalid("dtype_not_a_string", "small_chunks", "HeaderError", "open", _dtype_not_a_string),
+    Invalid("fingerprint_not_a_string", "small_chunks", "HeaderError", "open", _fingerprint_type),
+    Invalid("scale_beyond_float32", "small_chunks", "HeaderError", "open", _scale_beyond_float32),
+    Invalid("chunk_offset_outside_stream", "small_chunks", "CorruptPayloadError", "verify", _chunk_outside,
+            tensor="w"),
+    Invalid("gap_past_end", "small_chunks", "CorruptPayloadError", "verify", _gap_past_end, tensor="w"),
 )
 
 

@@ -15,6 +15,8 @@ import numpy as np
 from numba import njit, prange
 from numba.cpython.unsafe.numbers import trailing_zeros
 
+from .threads import serialized  # importing it pins a thread-safe threading layer (see threads.py)
+
 # Status codes a decode kernel returns per chunk (0 = the chunk decoded and matched the table).
 OK = 0
 ERR_QUOTIENT_OVERRUN = 1  # the unary stream ended before the chunk's entries did
@@ -402,6 +404,7 @@ def check_tables(words, params, status):
         status[t] = check_table(table, row[P_NNZ], row[P_NUMEL], row[P_CHUNK], row[P_UNARY_BITS], row[P_HIGH_BITS])
 
 
+@serialized
 @njit(cache=True, parallel=True)
 def decode_golomb(words, params, outs, auxs, deltas, work, mode, f16_lut, status):
     """Decode many tensors' chunks in one parallel region.
@@ -425,6 +428,7 @@ def decode_golomb(words, params, outs, auxs, deltas, work, mode, f16_lut, status
 # selection: exact k-th smallest |value| by two 16-bit histogram passes over float32 bit patterns
 
 
+@serialized
 @njit(cache=True, parallel=True)
 def histogram_high(values, hist, blocks):
     """Add the histogram of the top 16 bits of |values| (float32[n]) into ``hist`` (int64[65536]).
@@ -452,6 +456,7 @@ def histogram_high(values, hist, blocks):
     return total
 
 
+@serialized
 @njit(cache=True, parallel=True)
 def histogram_low(values, high, mean, hist, blocks):
     """Histogram the low 16 bits of |values| whose top 16 bits equal ``high`` into ``hist``.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 import zlib
 from dataclasses import dataclass, field
@@ -34,6 +35,10 @@ MAX_NUMEL = 1 << 48
 MAX_CHUNK_SIZE = 1 << 20
 MAX_GOLOMB_M = 1 << 48
 MAX_JSON_DEPTH = 64
+# JSON objects and arrays in a header (outside strings), counted before parsing: every tensor needs
+# two (its entry and its shape), metadata a few. Parsing costs ~60 bytes of memory per container
+# (so a 64 MiB header of "{}," would need ~1.5 GB); this bound keeps that below ~150 MB.
+MAX_JSON_CONTAINERS = 2 * MAX_TENSORS + 65536
 
 ENCODING_DENSE = "dense"
 ENCODING_GOLOMB = "ternary-golomb"
@@ -190,8 +195,11 @@ def _inflate(region: bytes, path: object) -> bytes:
 
 
 def _json_depth(value: Any, depth: int = 0) -> int:
+    """Nesting depth of ``value``; raises ValueError on a number that overflowed to infinity."""
     if depth > MAX_JSON_DEPTH:
         return depth
+    if isinstance(value, float) and not math.isfinite(value):  # 1e999 parses to inf, i.e. Infinity
+        raise ValueError(f"number {value} overflows a double")
     if isinstance(value, dict):
         return max((_json_depth(v, depth + 1) for v in value.values()), default=depth + 1)
     if isinstance(value, list):
@@ -203,6 +211,30 @@ def _reject_constant(token: str) -> None:
     raise ValueError(f"{token} is not allowed in a compeft header")
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # Two readers of one file must not see different values: JSON parsers disagree on which of two
+    # equal keys wins, so a header with both is rejected instead of guessed.
+    doc = dict(pairs)
+    if len(doc) != len(pairs):
+        seen: set[str] = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"duplicate key {twice[:80]!r}")
+    return doc
+
+
+# A JSON string; the closing quote is optional so that the pattern never fails once it starts: a
+# failing match would be retried at the next quote, which is quadratic on '"\"\"\"…' (a hang).
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"?', re.DOTALL)
+
+
+def _count_containers(text: bytes) -> int:
+    """JSON objects and arrays in ``text``, not counting brackets inside strings."""
+    if text.count(b"{") + text.count(b"[") <= MAX_JSON_CONTAINERS:
+        return 0  # the cheap upper bound already fits: no need to strip the strings
+    bare = _JSON_STRING.sub(b"", text)
+    return bare.count(b"{") + bare.count(b"[")
+
+
 def parse_header(text: bytes, header_crc: int, data_start: int, file_length: int, path: object,
                  flags: int = 0) -> Header:
     """Verify the header's CRC, parse its JSON and validate every field and the layout."""
@@ -210,8 +242,11 @@ def parse_header(text: bytes, header_crc: int, data_start: int, file_length: int
         raise HeaderError("header checksum mismatch (the header bytes are corrupt)", path)
     if flags & FLAG_DEFLATE:
         text = _inflate(text, path)
+    if _count_containers(text) > MAX_JSON_CONTAINERS:
+        raise HeaderError(f"header holds more than {MAX_JSON_CONTAINERS} JSON objects and arrays", path)
     try:
-        doc = json.loads(text.decode("utf-8"), parse_constant=_reject_constant)
+        doc = json.loads(text.decode("utf-8"), parse_constant=_reject_constant,
+                         object_pairs_hook=_unique_keys)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise HeaderError(f"header is not valid UTF-8 JSON ({exc})", path) from None
     if not isinstance(doc, dict) or doc.get("format") != "compeft":
@@ -223,7 +258,11 @@ def parse_header(text: bytes, header_crc: int, data_start: int, file_length: int
     if not isinstance(metadata, dict) or not isinstance(raw_tensors, list):
         raise HeaderError('header needs a "metadata" object and a "tensors" array', path)
     # Tensor entries have a fixed shape (checked field by field); free-form JSON lives in metadata.
-    if _json_depth(metadata) > MAX_JSON_DEPTH:
+    try:
+        too_deep = _json_depth(metadata) > MAX_JSON_DEPTH
+    except ValueError as exc:
+        raise HeaderError(f"metadata: {exc}", path) from None
+    if too_deep:
         raise HeaderError(f"header JSON nests deeper than {MAX_JSON_DEPTH} levels", path)
     _check_metadata(metadata, path)
     if len(raw_tensors) > MAX_TENSORS:
@@ -248,6 +287,28 @@ def _check_metadata(meta: Mapping[str, Any], path: object) -> None:
     config = meta.get("adapter_config")
     if config is not None and not isinstance(config, dict):
         raise HeaderError("metadata adapter_config must be a JSON object or null", path)
+    for key in ("created_by", "base_fingerprint"):  # compared and printed by readers: strings only
+        if not isinstance(meta.get(key, ""), (str, type(None))):
+            raise HeaderError(f"metadata {key} must be a string or null", path)
+    for key in ("alpha", "sigma", "threshold"):
+        value = meta.get(key, 0.0)
+        if type(value) not in (int, float):
+            raise HeaderError(f"metadata {key} must be a finite number, got {value!r}", path)
+
+
+def _finite(value: Any) -> bool:
+    """A JSON number that is a finite double (an integer of 400 digits is not: float() overflows)."""
+    try:
+        return type(value) in (int, float) and math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
+def _is_float32(value: float) -> bool:
+    try:
+        return struct.unpack("<f", struct.pack("<f", value))[0] == value
+    except OverflowError:  # beyond float32's range (3.4028235677973366e+38 was found by the fuzzer)
+        return False
 
 
 def _is_int(value: Any, limit: int) -> bool:
@@ -271,7 +332,7 @@ def _parse_entry(raw: Any, index: int, path: object) -> TensorEntry:
         return value
 
     dtype = raw.get("dtype")
-    if dtype not in DTYPE_SIZES:
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:  # (a list or object is not even hashable)
         raise bad(f"unknown dtype {dtype!r}")
     shape = raw.get("shape")
     if type(shape) is not list or len(shape) > MAX_NDIM or not all(_is_int(d, MAX_NUMEL) for d in shape):
@@ -286,7 +347,7 @@ def _parse_entry(raw: Any, index: int, path: object) -> TensorEntry:
     if role not in ROLES:
         raise bad(f"role {role!r} is not one of {ROLES}")
     init = raw.get("init")
-    if init is not None and (type(init) not in (int, float) or not math.isfinite(init)):
+    if init is not None and not _finite(init):
         raise bad("init must be a finite number or null")
     entry = TensorEntry(name=name, dtype=dtype, shape=tuple(shape), encoding=encoding, role=role,
                         init=None if init is None else float(init), offset=integer("offset"),
@@ -306,8 +367,7 @@ def _parse_entry(raw: Any, index: int, path: object) -> TensorEntry:
     unary_bits = entry.unary_bits = integer("unary_bits")
     high_bits = entry.high_bits = integer("high_bits")
     scale = raw.get("scale")
-    if (type(scale) not in (int, float) or not math.isfinite(scale) or scale < 0
-            or struct.unpack("<f", struct.pack("<f", scale))[0] != scale):
+    if not _finite(scale) or scale < 0 or not _is_float32(scale):
         raise bad(f"scale {scale!r} must be a finite, non-negative float32 value")
     entry.scale = float(scale)
     if nnz > numel:

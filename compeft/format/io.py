@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import tempfile
@@ -95,24 +96,91 @@ def check_crc(data: bytes | memoryview, expected: int, what: str, path: object) 
 def atomic_write(path: str | os.PathLike[str], chunks: Iterable[bytes | memoryview]) -> None:
     """Write ``chunks`` to a temporary file beside ``path``, fsync, then rename over ``path``.
 
-    A crash at any point leaves either the old file or none at ``path``, never a partial one.
+    A crash at any point leaves either the old file or none at ``path``, never a partial one. On
+    Linux the temporary file has no name until its content is complete and synced (``O_TMPFILE``),
+    so a writer killed mid-write leaves nothing behind either (only a kill between the two system
+    calls that name it and rename it can leave a hidden ``.NAME.*.tmp``); elsewhere the temporary
+    file is such a hidden file from the start.
     """
     target = Path(path)
     directory = target.parent if str(target.parent) else Path(".")
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
+        fd, tmp = _unnamed_file(directory)
+        if tmp is None:
+            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
     except OSError as exc:
         raise CompeftError(f"cannot write: {exc.strerror}", path) from None
+    renamed = False
     try:
         with os.fdopen(fd, "wb") as handle:
             for chunk in chunks:
                 handle.write(chunk)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, target)
+            if not tmp:  # unnamed and complete: name it and rename it at once
+                tmp = str(directory / f".{target.name}.{os.getpid()}.{id(handle):x}.tmp")
+                try:
+                    _link(handle.fileno(), directory, Path(tmp).name)
+                except OSError:  # linkat through /proc refused (some sandboxes): copy it instead
+                    tmp = _named_copy(handle.fileno(), directory, target.name)
+                os.replace(tmp, target)
+                renamed = True
+        if not renamed:
+            os.replace(tmp, target)
+        _sync_directory(directory)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        if tmp and not renamed:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
         raise
+
+
+def _unnamed_file(directory: Path) -> tuple[int, str | None]:
+    """(fd, "") of an O_TMPFILE file in ``directory``, or (-1, None) where the OS or file system lacks it."""
+    flag = getattr(os, "O_TMPFILE", 0)
+    if not flag or not os.path.isdir("/proc/self/fd"):
+        return -1, None
+    try:
+        return os.open(directory, flag | os.O_RDWR, 0o600), ""  # 0o600: the mode mkstemp gives too
+    except OSError as exc:
+        if exc.errno in (errno.EISDIR, errno.EOPNOTSUPP, errno.EINVAL):
+            return -1, None  # EISDIR: a kernel without O_TMPFILE; EOPNOTSUPP: a file system without it
+        raise
+
+
+def _link(fd: int, directory: Path, name: str) -> None:
+    """Give the unnamed file ``fd`` the name ``directory/name`` (linkat with AT_SYMLINK_FOLLOW through
+    /proc: a directory fd makes os.link use linkat, which follows the /proc link to the file)."""
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=dir_fd, follow_symlinks=True)
+    finally:
+        os.close(dir_fd)
+
+
+def _named_copy(fd: int, directory: Path, name: str) -> str:
+    """A hidden, fsynced copy of the finished unnamed file ``fd``; returns its path."""
+    out_fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+    with os.fdopen(out_fd, "wb") as out:
+        os.lseek(fd, 0, os.SEEK_SET)
+        while block := os.read(fd, 1 << 20):
+            out.write(block)
+        out.flush()
+        os.fsync(out.fileno())
+    return tmp
+
+
+def _sync_directory(directory: Path) -> None:
+    """Make the rename itself durable (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
