@@ -178,8 +178,24 @@ def _encode_dense(t: SourceTensor, kind: str) -> tuple[dict[str, Any], list[memo
     return dict(encoding=ENCODING_DENSE, role="delta" if is_delta else "value", init=None), pieces
 
 
-def open(path: PathLike) -> CompressedExpert:  # noqa: A001 - mirrors safetensors.safe_open / builtins.open
-    """Open a ``.cpeft`` file lazily: reads and validates the preamble and header only.
+def open(path: PathLike, *, storage_options: Mapping[str, Any] | None = None,  # noqa: A001 - as safetensors
+         cache: PathLike | None = None, progress: bool = False) -> CompressedExpert:
+    """Open a ``.cpeft`` file or URL lazily: reads and validates the preamble and header only.
+
+    Parameters
+    ----------
+    path
+        A local path, or any fsspec URL (``https://…``, ``s3://bucket/key``, ``hf://…``,
+        ``file://…``, chained ``simplecache::s3://…``). Reading one tensor of a remote expert is
+        one range request; many tensors are fetched concurrently (README "Remote").
+    storage_options
+        Options for the URL's file system (credentials, ``client_kwargs``…), passed to fsspec.
+    cache
+        A directory for a persistent cache of fetched bytes, keyed by the URL and the object's
+        ETag / version / size, so a changed object is never served stale; several processes may
+        share it. Not used for local files.
+    progress
+        Show a progress bar of bytes fetched on long transfers.
 
     Examples
     --------
@@ -188,8 +204,11 @@ def open(path: PathLike) -> CompressedExpert:  # noqa: A001 - mirrors safetensor
     >>> compeft.compress({"w": torch.randn(8, 8)}).save(path)
     >>> compeft.open(path).names
     ['w']
+    >>> compeft.open("file://" + path).names
+    ['w']
     """
-    return CompressedExpert(FileReader(path))
+    from .remote import open_reader
+    return CompressedExpert(open_reader(path, storage_options, cache, progress=progress))
 
 
 def _as_expert(expert: CompressedExpert | PathLike) -> CompressedExpert:
