@@ -333,6 +333,7 @@ def decompress(expert: CompressedExpert | PathLike, output: PathLike, *, base: P
     out = Path(output)
     if base is not None:
         return _decompress_onto_base(expert, Path(base), out, force, progress)
+    expert.prefetch()  # from a URL: every payload requested at once, not tensor by tensor
     if out.suffix == ".safetensors":
         tensors = {n: expert.to_dense(n).contiguous() for n in progress_bar(expert.names, "decoding", progress)}
         _save_safetensors(tensors, out)
