@@ -68,6 +68,7 @@ class ObjectServer:
         self.fail_next = 0  # answer this many coming requests with 503
         self.cut_next = 0  # send only half of this many coming bodies, then close the connection
         self.log: list[Served] = []
+        self.in_flight = self.max_in_flight = 0  # GETs being answered now, and the most at once
         self._versions: dict[str, float] = {}
         self._lock = threading.Lock()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
@@ -99,6 +100,7 @@ class ObjectServer:
     def reset_counts(self) -> None:
         with self._lock:
             self.log.clear()
+            self.max_in_flight = 0
 
     @property
     def requests(self) -> int:
@@ -135,7 +137,14 @@ def _handler(server: ObjectServer) -> type[BaseHTTPRequestHandler]:
             self._answer(body=False)
 
         def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
-            self._answer(body=True)
+            with server._lock:
+                server.in_flight += 1
+                server.max_in_flight = max(server.max_in_flight, server.in_flight)
+            try:
+                self._answer(body=True)
+            finally:
+                with server._lock:
+                    server.in_flight -= 1
 
         def _answer(self, body: bool) -> None:
             name = self.path.lstrip("/").split("?", 1)[0]
