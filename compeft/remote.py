@@ -430,9 +430,9 @@ class RemoteReader:
         """The bytes of each (offset, length) range: ranges in memory or in the cache are reused, the
         rest fetched concurrently; a progress bar shows long transfers."""
         plans, submitted = self._schedule(ranges)
-        wanted = {id(f) for plan in plans for *_, f in plan}
-        fresh = [f for f in submitted if id(f) in wanted]
-        total = sum(e - s for plan in plans for s, e, _, f in plan if f in fresh)
+        fresh = {id(f): f for plan in plans for *_, f in plan if f in submitted}.values()
+        with self._lock:
+            total = sum(e - s for (s, e), f in self._parts.items() if f in fresh)
         bar = byte_bar(total, "fetching", self._progress and total > BAR_BYTES)
         try:
             for future in as_completed(fresh):
