@@ -21,7 +21,7 @@ from .codec import golomb
 from .encode import Selection, select, ternary_scale
 from .errors import BaseMismatchError, InvalidArgumentError, SourceError
 from .expert import _ADD_MODE, CompressedExpert, flat_bits, kept_value
-from .format import (ENCODING_DENSE, ENCODING_GOLOMB, BytesReader, FileReader, TensorEntry, atomic_write,
+from .format import (ENCODING_DENSE, ENCODING_GOLOMB, BytesReader, TensorEntry, atomic_write,
                      encode_header)
 from .format.header import MAX_CHUNK_SIZE, PAYLOAD_ALIGNMENT, SCOPES, round_up
 from .progress import progress_bar
