@@ -117,8 +117,20 @@ def object_identity(info: Mapping[str, Any]) -> str | None:
     return ";".join([*found, f"size={info.get('size')}"])
 
 
+def _cause(exc: BaseException) -> BaseException:
+    """What really failed: fsspec's HTTP ``info`` turns every failure (a 503, a refused connection)
+    into FileNotFoundError; the HTTP status or connection error under it is what counts."""
+    cause = exc.__cause__
+    if isinstance(exc, FileNotFoundError) and cause is not None and (
+            isinstance(getattr(cause, "status", None), int) or isinstance(cause, OSError)
+            or type(cause).__module__.startswith("aiohttp")):
+        return cause
+    return exc
+
+
 def is_transient(exc: BaseException) -> bool:
     """Whether another try may succeed: connection trouble, timeouts, throttling, 5xx answers."""
+    exc = _cause(exc)
     if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
         return False
     status = getattr(exc, "status", None)
@@ -163,8 +175,10 @@ def attempt(call: Callable[[], T], what: str, name: str, retries: int = DEFAULT_
 
 def failure(exc: BaseException, what: str, name: str, attempts: int) -> CompeftError:
     """The compeft error for a store's exception: missing, denied, out of range, or what it said."""
-    if isinstance(exc, FileNotFoundError):
+    cause = _cause(exc)
+    if isinstance(cause, FileNotFoundError) or getattr(cause, "status", None) == 404:
         return RemoteError("no such object", name)
+    exc = cause
     if isinstance(exc, PermissionError):
         return RemoteError("access denied (check the credentials in storage_options)", name)
     if _not_satisfiable(exc):
@@ -204,7 +218,7 @@ class PieceCache:
 
     def __init__(self, root: str | os.PathLike[str], url: str, identity: str) -> None:
         key = hashlib.sha256(f"{url}\n{identity}".encode()).hexdigest()
-        self.directory = Path(root) / "compeft-v1" / key[:2] / key
+        self.directory = Path(root).expanduser() / "compeft-v1" / key[:2] / key
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             note = self.directory / "object.json"

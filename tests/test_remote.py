@@ -163,6 +163,14 @@ def test_transient_failures_are_retried(http, blob, decoded):
     assert opened._reader.stats.retries == 3
 
 
+def test_transient_failure_of_the_metadata_request_is_retried(http, blob, decoded, tmp_path):
+    url = http.put("e.cpeft", blob)
+    http.fail_next = 2  # fsspec reports a failed HEAD as FileNotFoundError; the 503 under it counts
+    opened = quick(url, cache=tmp_path)
+    assert same_state(opened.state_dict(), decoded)
+    assert opened._reader.stats.retries >= 1
+
+
 def test_retries_are_bounded(http, blob):
     url = http.put("e.cpeft", blob)
     http.fail_next = 100
@@ -423,3 +431,31 @@ def test_cli_inspect_url_imports_neither_torch_nor_numba(http, blob):
     assert proc.returncode == 0, proc.stderr
     assert "120 tensors" in proc.stdout
     assert http.gets == 2
+
+
+def test_core_works_without_the_remote_extra(expert, tmp_path):
+    """With aiohttp and s3fs unimportable, local files and memory:// work and http:// names the extra."""
+    path = tmp_path / "e.cpeft"
+    expert.save(path)
+    code = textwrap.dedent(f"""
+        import sys
+        sys.modules["aiohttp"] = None  # as if not installed
+        sys.modules["s3fs"] = None
+        import compeft
+        from compeft.errors import RemoteError
+        local = compeft.open({str(path)!r})
+        local.save("memory://no-extra/e.cpeft")
+        assert compeft.open("memory://no-extra/e.cpeft").names == local.names
+        for url in ("http://127.0.0.1:9/e.cpeft", "s3://bucket/e.cpeft"):
+            try:
+                compeft.open(url)
+            except RemoteError as exc:
+                assert "compeft[remote]" in str(exc), exc
+            else:
+                raise AssertionError("opened without the extra")
+        print("ok")
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "ok"
