@@ -21,7 +21,7 @@ from .codec import golomb
 from .encode import Selection, select, ternary_scale
 from .errors import BaseMismatchError, InvalidArgumentError, SourceError
 from .expert import _ADD_MODE, CompressedExpert, flat_bits, kept_value
-from .format import (ENCODING_DENSE, ENCODING_GOLOMB, BytesReader, FileReader, TensorEntry, atomic_write,
+from .format import (ENCODING_DENSE, ENCODING_GOLOMB, BytesReader, TensorEntry, atomic_write,
                      encode_header)
 from .format.header import MAX_CHUNK_SIZE, PAYLOAD_ALIGNMENT, SCOPES, round_up
 from .progress import progress_bar
@@ -178,8 +178,24 @@ def _encode_dense(t: SourceTensor, kind: str) -> tuple[dict[str, Any], list[memo
     return dict(encoding=ENCODING_DENSE, role="delta" if is_delta else "value", init=None), pieces
 
 
-def open(path: PathLike) -> CompressedExpert:  # noqa: A001 - mirrors safetensors.safe_open / builtins.open
-    """Open a ``.cpeft`` file lazily: reads and validates the preamble and header only.
+def open(path: PathLike, *, storage_options: Mapping[str, Any] | None = None,  # noqa: A001 - as safetensors
+         cache: PathLike | None = None, progress: bool = False) -> CompressedExpert:
+    """Open a ``.cpeft`` file or URL lazily: reads and validates the preamble and header only.
+
+    Parameters
+    ----------
+    path
+        A local path, or any fsspec URL (``https://…``, ``s3://bucket/key``, ``hf://…``,
+        ``file://…``, chained ``simplecache::s3://…``). Reading one tensor of a remote expert is
+        one range request; many tensors are fetched concurrently (README "Remote").
+    storage_options
+        Options for the URL's file system (credentials, ``client_kwargs``…), passed to fsspec.
+    cache
+        A directory for a persistent cache of fetched bytes, keyed by the URL and the object's
+        ETag / version / size, so a changed object is never served stale; several processes may
+        share it. Not used for local files.
+    progress
+        Show a progress bar of bytes fetched on long transfers.
 
     Examples
     --------
@@ -188,8 +204,11 @@ def open(path: PathLike) -> CompressedExpert:  # noqa: A001 - mirrors safetensor
     >>> compeft.compress({"w": torch.randn(8, 8)}).save(path)
     >>> compeft.open(path).names
     ['w']
+    >>> compeft.open("file://" + path).names
+    ['w']
     """
-    return CompressedExpert(FileReader(path))
+    from .remote import open_reader
+    return CompressedExpert(open_reader(path, storage_options, cache, progress=progress))
 
 
 def _as_expert(expert: CompressedExpert | PathLike) -> CompressedExpert:
@@ -371,6 +390,7 @@ def decompress(expert: CompressedExpert | PathLike, output: PathLike, *, base: P
     out = Path(output)
     if base is not None:
         return _decompress_onto_base(expert, Path(base), out, force, progress)
+    expert.prefetch()  # from a URL: every payload requested at once, not tensor by tensor
     if out.suffix == ".safetensors":
         tensors = {n: expert.to_dense(n).contiguous() for n in progress_bar(expert.names, "decoding", progress)}
         _save_safetensors(tensors, out)

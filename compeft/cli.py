@@ -34,12 +34,57 @@ def _parse_meta(items: Sequence[str]) -> dict[str, str]:
     return out
 
 
+def _storage_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``--storage-options JSON`` merged with each ``--storage-option KEY=VALUE`` (a dotted KEY
+    nests: ``client_kwargs.endpoint_url=…``; a VALUE that parses as JSON is taken as such)."""
+    from .errors import InvalidArgumentError
+    options: dict[str, Any] = {}
+    if getattr(args, "storage_options", None):
+        try:
+            options = json.loads(args.storage_options)
+        except ValueError as exc:
+            raise InvalidArgumentError(f"--storage-options is not JSON ({exc})") from None
+        if not isinstance(options, dict):
+            raise InvalidArgumentError("--storage-options must be a JSON object")
+    for item in getattr(args, "storage_option", None) or ():
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise InvalidArgumentError(f"--storage-option expects KEY=VALUE, got {item!r}")
+        try:
+            value: Any = json.loads(text)
+        except ValueError:
+            value = text
+        *parents, leaf = key.split(".")
+        node = options
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise InvalidArgumentError(f"--storage-option {key}: {part} is not an object")
+        node[leaf] = value
+    return options
+
+
+def _open(args: argparse.Namespace, target: str, progress: bool = False) -> Any:
+    import compeft
+    return compeft.open(target, storage_options=_storage_options(args), cache=getattr(args, "cache", None),
+                        progress=progress)
+
+
+def _remote_options(p: argparse.ArgumentParser, cache: bool = True) -> None:
+    p.add_argument("--storage-option", action="append", metavar="KEY=VALUE",
+                   help="an fsspec option for URLs (repeatable; dotted keys nest, e.g. "
+                        "client_kwargs.endpoint_url=http://…)")
+    p.add_argument("--storage-options", metavar="JSON", help="fsspec options for URLs as one JSON object")
+    if cache:
+        p.add_argument("--cache", metavar="DIR", help="persistent cache of bytes fetched from URLs (safe to share)")
+
+
 def cmd_compress(args: argparse.Namespace) -> int:
     import compeft
     expert = compeft.compress(args.source, base=args.base, density=args.density, alpha=args.alpha, scope=args.scope,
                               keep_dense=args.keep_dense or (), chunk_size=args.chunk_size,
                               metadata=_parse_meta(args.meta or ()), progress=not args.quiet)
-    expert.save(args.output)
+    expert.save(args.output, storage_options=_storage_options(args))
     if not args.quiet:
         from .report import describe
         totals = describe(expert.header)["totals"]
@@ -51,9 +96,10 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     # Header only: neither torch nor numba is imported here.
-    from .format import FileReader, read_header
+    from .format import read_header
+    from .remote import open_reader
     from .report import describe
-    summary = describe(read_header(FileReader(args.file)))
+    summary = describe(read_header(open_reader(args.file, _storage_options(args), args.cache)))
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
@@ -77,8 +123,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    import compeft
-    expert = compeft.open(args.file)
+    expert = _open(args, args.file, progress=not args.quiet)
     expert.verify()
     if not args.quiet:
         print(f"{args.file}: OK ({len(expert)} tensors, every checksum and structure verified)")
@@ -87,7 +132,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_decompress(args: argparse.Namespace) -> int:
     import compeft
-    out = compeft.decompress(args.file, args.output, base=args.base, force=args.force, progress=not args.quiet)
+    expert = _open(args, args.file, progress=not args.quiet)
+    out = compeft.decompress(expert, args.output, base=args.base, force=args.force, progress=not args.quiet)
     if not args.quiet:
         print(f"wrote {out}")
     return 0
@@ -108,7 +154,8 @@ def _parse_weights(text: str | None, count: int) -> list[float] | None:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from .api import merge_to
-    out = merge_to(args.experts, args.output, method=args.method, weights=_parse_weights(args.weights, len(args.experts)),
+    experts = [_open(args, e, progress=not args.quiet) for e in args.experts]
+    out = merge_to(experts, args.output, method=args.method, weights=_parse_weights(args.weights, len(args.experts)),
                    lam=args.lam, normalize=not args.no_normalize, drop_rate=args.drop_rate, seed=args.seed,
                    base=args.base, density=args.density, alpha=args.alpha, force=args.force, progress=not args.quiet)
     if not args.quiet:
@@ -130,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compress", help="compress a PEFT adapter dir, a fine-tune (with --base) into a .cpeft")
     p.add_argument("source", help="PEFT adapter directory, or fine-tuned model directory / .safetensors file")
-    p.add_argument("-o", "--output", required=True, help="the .cpeft file to write")
+    p.add_argument("-o", "--output", required=True, help="the .cpeft file or URL to write (atomic)")
     p.add_argument("--base", help="base model directory or .safetensors file (for full fine-tunes)")
     p.add_argument("--density", type=float, default=0.1, help="fraction k of entries kept, in (0, 1] (default 0.1)")
     p.add_argument("--alpha", type=float, default=1.0, help="kept entries become ±alpha·std(τ) (default 1.0)")
@@ -140,30 +187,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help="glob of tensor names stored verbatim (repeatable), e.g. '*classifier*'")
     p.add_argument("--chunk-size", type=int, default=16384, help="kept entries per chunk (parallel decode unit)")
     p.add_argument("--meta", action="append", metavar="KEY=VALUE", help="user metadata (repeatable)")
+    _remote_options(p, cache=False)
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("inspect", help="show tensors, shapes, nnz, bits/param and ratios (reads the header only)")
-    p.add_argument("file")
+    p.add_argument("file", help="a .cpeft file or URL")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    _remote_options(p)
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("verify", help="check every checksum and the structure of every payload")
-    p.add_argument("file")
+    p.add_argument("file", help="a .cpeft file or URL")
+    _remote_options(p)
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("decompress", help="restore a PEFT adapter dir, a dense task vector, or base + τ̃")
-    p.add_argument("file")
+    p.add_argument("file", help="a .cpeft file or URL")
     p.add_argument("-o", "--output", required=True,
                    help="adapter directory, .safetensors task vector, or (with --base) model directory")
     p.add_argument("--base", help="base model directory or .safetensors file: write base + τ̃")
     p.add_argument("--force", action="store_true", help="apply even if the base fingerprint differs")
+    _remote_options(p)
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_decompress)
 
     p = sub.add_parser("merge", help="merge compressed experts (task arithmetic, soups, TIES, DARE) from their streams")
-    p.add_argument("experts", nargs="+", help=".cpeft files, all on the same base")
+    p.add_argument("experts", nargs="+", help=".cpeft files or URLs, all on the same base")
     p.add_argument("-o", "--output", required=True,
                    help="a .safetensors merged task vector, a .cpeft (re-compressed), or with --base a model directory")
     p.add_argument("--method", default="task_arithmetic",
@@ -178,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "the first expert's)")
     p.add_argument("--alpha", type=float, default=1.0, help=".cpeft output: alpha of the re-compression")
     p.add_argument("--force", action="store_true", help="merge experts built on different bases")
+    _remote_options(p)
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_merge)
 

@@ -57,3 +57,8 @@ class SourceError(CompeftError):
 
 class BaseMismatchError(CompeftError):
     """The base weights do not match the expert (names, shapes, dtypes or fingerprint)."""
+
+
+class RemoteError(CompeftError):
+    """A URL cannot be read or written: no such object, access denied, a package for its protocol
+    missing, or the store still failing after the bounded retries."""

@@ -6,7 +6,7 @@ import functools
 import math
 import os
 import struct
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -130,24 +130,53 @@ class CompressedExpert:
                 f"density={m.get('density')}, scope={m.get('scope')!r}, bytes={self.header.file_length})")
 
     # -- payload access ------------------------------------------------------------------------
-    def _read(self, entries: Sequence[TensorEntry]) -> list[memoryview]:
-        """CRC-verified payloads of ``entries`` (in file order); neighbours come in one read."""
-        views: list[memoryview] = []
+    def _runs(self, entries: Sequence[TensorEntry]) -> list[tuple[int, int]]:
+        """(start index, end index) into ``entries`` (in file order) of the runs read together: a run
+        grows while the next payload is near and the run stays bounded."""
+        runs = []
         i = 0
         while i < len(entries):
-            j = i + 1  # extend the run while the next payload is near and the run stays bounded
+            j = i + 1
             while (j < len(entries) and entries[j].offset - (entries[j - 1].offset + entries[j - 1].length) <= _GAP
                    and entries[j].offset + entries[j].length - entries[i].offset <= _MAX_READ):
                 j += 1
-            start = entries[i].offset
-            end = entries[j - 1].offset + entries[j - 1].length
-            data = memoryview(self._reader.read(self.header.data_start + start, end - start) if end > start else b"")
+            runs.append((i, j))
+            i = j
+        return runs
+
+    def _ranges(self, entries: Sequence[TensorEntry], runs: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+        """(file offset, length) of each run."""
+        starts = [entries[i].offset for i, _ in runs]
+        ends = [entries[j - 1].offset + entries[j - 1].length for _, j in runs]
+        return [(self.header.data_start + s, e - s) for s, e in zip(starts, ends)]
+
+    def _read(self, entries: Sequence[TensorEntry]) -> list[memoryview]:
+        """CRC-verified payloads of ``entries`` (in file order); neighbours come in one read, and a
+        reader that can (a remote one) fetches all the runs concurrently."""
+        runs = self._runs(entries)
+        ranges = self._ranges(entries, runs)
+        read_many = getattr(self._reader, "read_many", None)
+        wanted = [(o, n) for o, n in ranges if n]
+        got = iter(read_many(wanted) if read_many is not None else [self._reader.read(o, n) for o, n in wanted])
+        views: list[memoryview] = []
+        for (i, j), (offset, length) in zip(runs, ranges):
+            data = memoryview(next(got) if length else b"")
+            start = offset - self.header.data_start
             for e in entries[i:j]:
                 view = data[e.offset - start: e.offset - start + e.length]
                 check_crc(view, e.crc32, f"tensor {e.name!r}", self.path)
                 views.append(view)
-            i = j
         return views
+
+    def prefetch(self, names: Sequence[str] | None = None) -> None:
+        """Start fetching these tensors' payloads (default all) in the background, when the expert
+        is read from a URL; later reads of them wait for those bytes instead of asking again. Lets a
+        caller overlap the network with decoding. Does nothing for local files."""
+        prefetch = getattr(self._reader, "prefetch", None)
+        if prefetch is None:
+            return
+        entries = self._entries(names)
+        prefetch([r for r in self._ranges(entries, self._runs(entries)) if r[1]])
 
     def _entries(self, names: Sequence[str] | None) -> list[TensorEntry]:
         entries = list(self.header.tensors) if names is None else [self.entry(n) for n in names]
@@ -242,9 +271,15 @@ class CompressedExpert:
         """The whole container as bytes."""
         return b"".join(self._file_blocks())
 
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the container to ``path`` atomically (temporary file + rename)."""
-        atomic_write(path, self._file_blocks())
+    def save(self, path: str | os.PathLike[str], *, storage_options: Mapping[str, Any] | None = None) -> None:
+        """Write the container to ``path`` atomically: a local path or ``file://`` URL by temporary
+        file + rename, any other fsspec URL as :func:`compeft.remote.write` describes (one put on
+        object stores). ``storage_options`` go to fsspec."""
+        from .remote import is_url, write
+        if is_url(path):
+            write(str(path), self._file_blocks(), storage_options)
+        else:
+            atomic_write(path, self._file_blocks())
 
     def verify(self) -> None:
         """Check every checksum, the padding and every payload's structure (decodes without output)."""

@@ -47,7 +47,7 @@ class Accumulator:
     expert over its kept entries (DARE drops and the 1 / (1 − p) rescale already applied) and
     returns name -> float32 tensor."""
 
-    def __init__(self, experts: Sequence[CompressedExpert], payloads: list[dict[str, Any]], group: list[str],
+    def __init__(self, experts: Sequence[CompressedExpert], payloads: Any, group: list[str],
                  weights: list[float], lam: float, drop_rate: float, seed: int,
                  on_device: Sequence[Any] | None = None) -> None:
         self.experts, self.payloads, self.group = experts, payloads, group
@@ -275,10 +275,17 @@ def merge(experts: Sequence[CompressedExpert | str | os.PathLike[str]], *, metho
     if into is not None and len(groups) > 1:  # a corrupt later group must not find earlier ones written
         for e in opened:
             e.payloads(selected)
-    for group in progress_bar(groups, "merging", progress):
-        # CRCs verified here; a structurally bad chunk fails the first pass, before any write to `into`
+    for e in opened:  # experts read from URLs: all start fetching the first group at once
+        e.prefetch(groups[0])
+    for k, group in enumerate(progress_bar(groups, "merging", progress)):
+        if k + 1 < len(groups):  # the next group downloads while this one decodes
+            for e in opened:
+                e.prefetch(groups[k + 1])
+        # CRCs verified on first use; a structurally bad chunk fails the first pass, before any write
+        # to `into`. Each expert's payloads are taken when its turn comes, so later experts' bytes
+        # are still arriving while the first ones decode.
         if target is None:
-            payloads, placed = [e.payloads(group, check=False) for e in opened], None
+            payloads, placed = _LazyPayloads(opened, group), None
         else:
             from .gpu import on_device
 
@@ -293,6 +300,19 @@ def merge(experts: Sequence[CompressedExpert | str | os.PathLike[str]], *, metho
                 with torch.no_grad():
                     target.copy_(_added(target, merged[name].to(target.device)))
     return result
+
+
+class _LazyPayloads:
+    """``payloads[i]``: expert i's verified payloads of ``group``, read on first use."""
+
+    def __init__(self, experts: Sequence[CompressedExpert], group: list[str]) -> None:
+        self._experts, self._group = experts, group
+        self._read: dict[int, dict[str, Any]] = {}
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        if i not in self._read:
+            self._read[i] = self._experts[i].payloads(self._group, check=False)
+        return self._read[i]
 
 
 def _dense_step(mode: int, out: torch.Tensor, dense: torch.Tensor, scale: float, aux: torch.Tensor | None, cut: int,

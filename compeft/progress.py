@@ -28,3 +28,12 @@ def progress_bar(items: Iterable[Any] | int, description: str, enabled: bool) ->
     from tqdm import tqdm
     total = items if isinstance(items, int) else None
     return tqdm(iterable, total=total, desc=description, unit="tensor", leave=False, file=sys.stderr)
+
+
+def byte_bar(total: int, description: str, enabled: bool) -> Any:
+    """A tqdm bar counting ``total`` bytes (call ``update(n)`` per n bytes), or a silent stand-in."""
+    if not enabled or not sys.stderr.isatty():
+        return _Silent(None)
+    from tqdm import tqdm
+    return tqdm(total=total, desc=description, unit="B", unit_scale=True, unit_divisor=1024, leave=False,
+                file=sys.stderr)
