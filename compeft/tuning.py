@@ -73,6 +73,8 @@ def score_function(spec: str) -> Callable[[CompressedExpert], float]:
         sys.path.insert(0, str(path.resolve().parent))  # the script may import its neighbours
         try:
             loader_spec.loader.exec_module(module)
+        except (Exception, SystemExit) as exc:  # the user's file: report it in one line, whatever it raised
+            raise InvalidArgumentError(f"running this file failed ({type(exc).__name__}: {exc})", path) from None
         finally:
             sys.path.remove(str(path.resolve().parent))
     else:
@@ -85,7 +87,11 @@ def score_function(spec: str) -> Callable[[CompressedExpert], float]:
         raise InvalidArgumentError(f"{where} has no function {name!r}")
 
     def evaluate(expert: CompressedExpert) -> float:
-        return _number(function(expert), f"score function {spec!r}")
+        try:
+            value = function(expert)
+        except (Exception, SystemExit) as exc:
+            raise InvalidArgumentError(f"score function {spec!r} raised {type(exc).__name__}: {exc}") from None
+        return _number(value, f"score function {spec!r}")
 
     return evaluate
 
