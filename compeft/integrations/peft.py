@@ -104,13 +104,12 @@ def load_adapter(model: torch.nn.Module, expert: ExpertLike, adapter_name: str =
     opened = _peft_expert(expert)
     config = adapter_config(opened, inference_mode=not is_trainable)
     state = adapter_state_dict(opened)
+    if isinstance(model, PeftModel) and adapter_name in model.peft_config:
+        raise InvalidArgumentError(f"the model already has an adapter named {adapter_name!r}", opened.path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if isinstance(model, PeftModel):
-                if adapter_name in model.peft_config:
-                    raise InvalidArgumentError(f"the model already has an adapter named {adapter_name!r}",
-                                               opened.path)
                 model.add_adapter(adapter_name, config)
                 if is_trainable:
                     model.set_requires_grad(adapter_name)
