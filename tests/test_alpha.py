@@ -202,7 +202,7 @@ def cli(*args: object) -> subprocess.CompletedProcess:
     # the score scripts import compeft too: make this checkout importable whether installed or not
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     return subprocess.run([sys.executable, "-m", "compeft.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=120, env=env)
+                          timeout=600, env=env)
 
 
 @pytest.fixture
@@ -220,22 +220,24 @@ def adapter_dir(tmp_path):
 
 def test_cli_tune_alpha_with_a_score_command(tmp_path, adapter_dir):
     script = tmp_path / "score.py"
-    # scores a candidate from its own header: best at alpha 4 (what a real script would measure)
+    # scores a candidate from its own header: best at alpha 4 (a real script would measure a task);
+    # reading only the header keeps torch out of each of these processes
     script.write_text(textwrap.dedent("""
-        import sys, compeft
-        m = compeft.open(sys.argv[1]).metadata
+        import sys
+        from compeft.format import FileReader, read_header
+        m = read_header(FileReader(sys.argv[1])).metadata
         print("evaluating", m["alpha"])
         print(-abs(m["alpha"] - 4) - m["density"])
     """))
     out = tmp_path / "best.cpeft"
-    proc = cli("tune-alpha", adapter_dir, "-o", out, "--densities", "0.1,0.2", "--alphas", "1,4,8,l2",
+    proc = cli("tune-alpha", adapter_dir, "-o", out, "--densities", "0.1,0.2", "--alphas", "1,4,l2",
                "--score-command", f"{sys.executable} {script} {{expert}}")
     assert proc.returncode == 0, proc.stderr
     assert "chosen" in proc.stdout and "alpha 4.0" in proc.stdout
     expert = compeft.open(out)
     assert expert.metadata["alpha"] == 4.0 and expert.metadata["density"] == 0.1
     assert expert.metadata["tuning"]["chosen"]["alpha"] == 4.0
-    assert len(expert.metadata["tuning"]["scores"]) == 8
+    assert len(expert.metadata["tuning"]["scores"]) == 6
     assert expert.metadata["adapter_config"]["peft_type"] == "LORA"
 
 
