@@ -11,17 +11,17 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["compress", "open", "apply", "decompress", "merge", "CompressedExpert", "CompeftError", "__version__"]
+__all__ = ["compress", "open", "apply", "decompress", "merge", "tune_alpha", "CompressedExpert", "CompeftError", "__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .api import apply, compress, decompress, open
+    from .api import apply, compress, decompress, open, tune_alpha
     from .errors import CompeftError
     from .expert import CompressedExpert
     from .merging import merge
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("compress", "open", "apply", "decompress"):
+    if name in ("compress", "open", "apply", "decompress", "tune_alpha"):
         from . import api
         return getattr(api, name)
     if name == "merge":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import json
 import math
@@ -19,24 +20,34 @@ from safetensors.torch import load_file
 from . import __version__
 from .codec import golomb
 from .encode import Selection, select, ternary_scale
-from .errors import BaseMismatchError, InvalidArgumentError, SourceError
+from .errors import BaseMismatchError, HeaderError, InvalidArgumentError, SourceError
 from .expert import _ADD_MODE, CompressedExpert, flat_bits, kept_value
 from .format import (ENCODING_DENSE, ENCODING_GOLOMB, BytesReader, TensorEntry, atomic_write,
                      encode_header)
 from .format.header import MAX_CHUNK_SIZE, PAYLOAD_ALIGNMENT, SCOPES, round_up
 from .progress import progress_bar
-from .sources import (ADAPTER_CONFIG, DTYPE_TO_TORCH, Source, SourceTensor, dtype_code, fingerprint, from_finetuned, from_mapping,
+from .sources import (ADAPTER_CONFIG, DTYPE_TO_TORCH, SAFETENSORS_INDEX, Source, SourceTensor, dtype_code, fingerprint, from_finetuned, from_mapping,
                       from_peft_dir, safetensors_files, safetensors_tensors)
 
 PathLike = str | os.PathLike[str]
 TensorSource = Mapping[str, torch.Tensor] | PathLike
 
 
-def _check_arguments(density: float, alpha: float, scope: str, chunk_size: int) -> None:
+ALPHA_L2 = "l2"  # the closed-form alpha: the mean kept |τ| of each scope (README "Choosing α")
+PAPER_ALPHAS = (0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0)  # the grid of Yadav et al. (2023)
+
+
+def _check_alpha(alpha: float | str) -> None:
+    if alpha == ALPHA_L2:
+        return
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha < 0:
+        raise InvalidArgumentError(f"alpha must be a finite number >= 0 or {ALPHA_L2!r}, got {alpha!r}")
+
+
+def _check_arguments(density: float, alpha: float | str, scope: str, chunk_size: int) -> None:
     if not isinstance(density, (int, float)) or not 0 < density <= 1:
         raise InvalidArgumentError(f"density must be in (0, 1], got {density!r}")
-    if not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha < 0:
-        raise InvalidArgumentError(f"alpha must be a finite number >= 0, got {alpha!r}")
+    _check_alpha(alpha)
     if scope not in SCOPES:
         raise InvalidArgumentError(f"scope must be one of {SCOPES}, got {scope!r}")
     if not isinstance(chunk_size, int) or not 1 <= chunk_size <= MAX_CHUNK_SIZE:
@@ -66,9 +77,10 @@ def _flat_f32(t: SourceTensor) -> np.ndarray:
     return tensor.to("cpu", torch.float32).contiguous().reshape(-1).numpy()
 
 
-def compress(source: TensorSource, *, base: PathLike | None = None, density: float = 0.1, alpha: float = 1.0,
-             scope: str = "global", keep_dense: Sequence[str] = (), chunk_size: int = golomb.DEFAULT_CHUNK_SIZE,
-             metadata: Mapping[str, str] | None = None, progress: bool = False) -> CompressedExpert:
+def compress(source: TensorSource, *, base: PathLike | None = None, density: float = 0.1,
+             alpha: float | str = 1.0, scope: str = "global", keep_dense: Sequence[str] = (), auto_dense: bool = True,
+             chunk_size: int = golomb.DEFAULT_CHUNK_SIZE, metadata: Mapping[str, str] | None = None,
+             progress: bool = False) -> CompressedExpert:
     """Compress a task vector with ComPEFT (top-``density`` of |τ| kept as ±``alpha``·σ(τ)).
 
     Parameters
@@ -81,12 +93,17 @@ def compress(source: TensorSource, *, base: PathLike | None = None, density: flo
     density
         k in (0, 1]: the fraction of entries kept, per scope.
     alpha
-        The multiplier of σ(τ) (unbiased std over the scope's entries).
+        The multiplier of σ(τ) (unbiased std over the scope's entries), or ``"l2"``: per scope the
+        α that minimises ‖τ − τ̃‖₂ for the chosen mask, α* = mean(|τ| over kept entries) / σ.
     scope
         ``"global"``: one threshold and σ over all compressed tensors (reference ComPEFT);
         ``"tensor"``: each tensor on its own.
     keep_dense
         Glob patterns (``fnmatch``) of tensor names stored verbatim, uncompressed.
+    auto_dense
+        PEFT adapters: store verbatim the tensors that are weights rather than residuals (DoRA
+        magnitudes, ``modules_to_save`` copies, base-layer biases, prompt embeddings, ...; README
+        "PEFT and Transformers"). ``False`` compresses every floating tensor (the reference rule).
     chunk_size
         Kept entries per chunk of the code: the unit of parallel decoding.
     metadata
@@ -106,19 +123,155 @@ def compress(source: TensorSource, *, base: PathLike | None = None, density: flo
     >>> expert = compeft.compress(tv, density=0.1, alpha=1.0)
     >>> int((expert.to_dense("layer.weight") != 0).sum())  # floor(d·k) + 1: ranks d−floor(d·k) … d
     6554
+    >>> round(compeft.compress(tv, density=0.1, alpha="l2").metadata["alpha"], 1)  # mean kept |τ| / σ
+    2.1
     """
     _check_arguments(density, alpha, scope, chunk_size)
+    encoded = _encode(_resolve_source(source, base), density=density, scope=scope, keep_dense=keep_dense,
+                      auto_dense=auto_dense, chunk_size=chunk_size, metadata=metadata, progress=progress,
+                      kept_sums=alpha == ALPHA_L2)
+    return encoded.build(alpha)
+
+
+@dataclasses.dataclass(frozen=True)
+class TuneResult:
+    """What :func:`tune_alpha` chose: the expert (its metadata records the sweep), its α and
+    density, its score, and every point scored as ``(density, alpha, score)`` in sweep order."""
+
+    expert: CompressedExpert
+    density: float
+    alpha: float | str
+    score: float
+    scores: tuple[tuple[float, float | str, float], ...]
+
+
+def tune_alpha(source: TensorSource, evaluate: Callable[[CompressedExpert], float], *,
+               base: PathLike | None = None, densities: Sequence[float] = (0.1,),
+               alphas: Sequence[float | str] = PAPER_ALPHAS, scope: str = "global", keep_dense: Sequence[str] = (),
+               auto_dense: bool = True, chunk_size: int = golomb.DEFAULT_CHUNK_SIZE,
+               metadata: Mapping[str, str] | None = None, progress: bool = False) -> TuneResult:
+    """Sweep α (and density) and keep the expert that ``evaluate`` scores highest.
+
+    Each density is selected and entropy-coded once; every α of the grid only rewrites the
+    header's scales, so a sweep costs about one :func:`compress` per density plus the evaluations.
+
+    Parameters
+    ----------
+    source, base, scope, keep_dense, auto_dense, chunk_size, metadata, progress
+        As for :func:`compress`.
+    evaluate
+        Called with each candidate expert (in memory); returns a score, higher is better (e.g. a
+        validation accuracy). Its exceptions propagate.
+    densities
+        The densities k to try.
+    alphas
+        The α grid (default the paper's 0.5, 1, 2, 3, 4, 5, 6, 8, 10); ``"l2"`` may be included.
+
+    Returns
+    -------
+    TuneResult
+        The best point (the first in sweep order among equal scores: densities in the order given,
+        then α). Its expert's metadata holds ``tuning``: the grid, every score and the choice.
+
+    Examples
+    --------
+    >>> import torch, compeft
+    >>> tau = {"w": torch.randn(64, 64)}
+    >>> def score(expert):  # minus the reconstruction error
+    ...     return -float((expert.to_dense("w") - tau["w"]).norm())
+    >>> result = compeft.tune_alpha(tau, score, densities=[0.1, 0.5])
+    >>> result.density, result.alpha
+    (0.5, 1.0)
+    """
+    if not callable(evaluate):
+        raise InvalidArgumentError("evaluate must be a callable taking an expert and returning a score")
+    densities = list(densities)
+    alphas = list(alphas)
+    if not densities or not alphas:
+        raise InvalidArgumentError("tune_alpha needs at least one density and one alpha")
+    for density in densities:
+        _check_arguments(density, alphas[0], scope, chunk_size)
+    for alpha in alphas:
+        _check_alpha(alpha)
+    src = _resolve_source(source, base)
+    need_sums = ALPHA_L2 in alphas
+    scored: list[tuple[float, float | str, float]] = []
+    best: tuple[float, float, float | str, _Encoded] | None = None
+    for density in densities:
+        encoded = _encode(src, density=density, scope=scope, keep_dense=keep_dense, auto_dense=auto_dense,
+                          chunk_size=chunk_size, metadata=metadata, progress=progress, kept_sums=need_sums)
+        for alpha in alphas:
+            score = evaluate(encoded.build(alpha))
+            if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
+                raise InvalidArgumentError(f"evaluate returned {score!r} for density {density}, alpha {alpha}; "
+                                           "it must return a finite number")
+            scored.append((float(density), alpha if alpha == ALPHA_L2 else float(alpha), float(score)))
+            if best is None or score > best[0]:
+                best = (float(score), float(density), alpha, encoded)
+    assert best is not None
+    score, density, alpha, encoded = best
+    record = {"densities": [float(d) for d in densities], "alphas": [a if a == ALPHA_L2 else float(a) for a in alphas],
+              "scores": [list(point) for point in scored], "chosen": {"density": density, "alpha": alpha,
+                                                                       "score": score}}
+    expert = encoded.build(alpha, {"tuning": record})
+    return TuneResult(expert, density, alpha if alpha == ALPHA_L2 else float(alpha), score, tuple(scored))
+
+
+class _Encoded:
+    """A source selected and entropy-coded once. α only sets the scale of each compressed tensor
+    (spec 7.3), so experts for many α are built from the same payloads by rewriting the header."""
+
+    def __init__(self, meta: dict[str, Any], entries: list[TensorEntry], parts: list[bytes | memoryview],
+                 data_length: int, scopes: list[list[str]], sigmas: dict[str, float],
+                 kept_sums: dict[str, float] | None) -> None:
+        self.meta, self.entries, self.parts, self.data_length = meta, entries, parts, data_length
+        self.scopes, self.sigmas, self.kept_sums = scopes, sigmas, kept_sums
+        self.by_name = {e.name: e for e in entries}
+
+    def l2_magnitude(self, names: Sequence[str]) -> float:
+        """The L2-optimal magnitude of a scope's kept entries: Σ_kept |τ| / n_kept (0 if none kept)."""
+        assert self.kept_sums is not None
+        kept = sum(self.by_name[n].nnz for n in names)
+        return math.fsum(self.kept_sums[n] for n in names) / kept if kept else 0.0
+
+    def build(self, alpha: float | str, extra: Mapping[str, Any] | None = None) -> CompressedExpert:
+        scales: dict[str, float] = {}
+        alphas: list[float] = []
+        for names in self.scopes:
+            sigma = self.sigmas[names[0]] if names else 0.0
+            if alpha == ALPHA_L2:
+                magnitude = self.l2_magnitude(names)
+                scale = float(np.float32(magnitude))
+                alphas.append(magnitude / sigma if sigma > 0 else 0.0)
+            else:
+                scale = ternary_scale(float(alpha), sigma)
+            scales.update((n, scale) for n in names)
+        meta = dict(self.meta)
+        if alpha == ALPHA_L2:
+            # one α per scope: a number in global scope; per tensor it lives in each scale only
+            meta.update(alpha=alphas[0] if self.meta["scope"] == "global" and alphas else None, alpha_rule=ALPHA_L2)
+        else:  # "alpha_rule" absent means the given α (so containers written before it are unchanged)
+            meta["alpha"] = float(alpha)
+        meta.update(extra or {})
+        entries = [dataclasses.replace(e, scale=scales[e.name]) if e.name in scales else e for e in self.entries]
+        blob = b"".join([encode_header(meta, entries, self.data_length), *self.parts])
+        return CompressedExpert(BytesReader(blob, name="<in-memory expert>"))
+
+
+def _encode(src: Source, *, density: float, scope: str, keep_dense: Sequence[str] | str, auto_dense: bool,
+            chunk_size: int, metadata: Mapping[str, str] | None, progress: bool, kept_sums: bool) -> _Encoded:
+    """Selection and coding of every tensor (everything of ``compress`` but the scales)."""
     if isinstance(keep_dense, str):
         keep_dense = (keep_dense,)
     user = dict(metadata or {})
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in user.items()):
         raise InvalidArgumentError("metadata must map strings to strings")
-    src = _resolve_source(source, base)
     compressed = [t for t in src.tensors
-                  if t.floating and not any(fnmatch.fnmatchcase(t.name, p) for p in keep_dense)]
+                  if t.floating and not (auto_dense and t.dense_reason)
+                  and not any(fnmatch.fnmatchcase(t.name, p) for p in keep_dense)]
     selections: dict[str, Selection] = {}
     meta: dict[str, Any] = {"created_by": f"compeft {__version__}", "source": src.kind, "density": float(density),
-                            "alpha": float(alpha), "scope": scope}
+                            "alpha": None, "scope": scope}
     if scope == "global":
         bar = progress_bar(2 * len(compressed), "selecting", progress)
 
@@ -132,14 +285,21 @@ def compress(source: TensorSource, *, base: PathLike | None = None, density: flo
         selections = {t.name: chosen for t in compressed}
         meta.update(sigma=chosen.sigma, threshold=chosen.threshold)
     meta.update(base_fingerprint=src.base_fingerprint, adapter_config=src.adapter_config, user=user)
+    if src.model_files:
+        meta["model_files"] = dict(src.model_files)
 
     entries: list[TensorEntry] = []
     parts: list[bytes | memoryview] = []
+    sigmas: dict[str, float] = {}
+    sums: dict[str, float] | None = {} if kept_sums else None
     offset = 0
     compressed_names = {t.name for t in compressed}
     for t in progress_bar(src.tensors, "encoding", progress):
         if t.name in compressed_names:
-            fields, pieces = _encode_compressed(t, selections.get(t.name), density, alpha, chunk_size)
+            fields, pieces, sigmas[t.name], kept = _encode_compressed(t, selections.get(t.name), density, chunk_size,
+                                                                      kept_sums)
+            if sums is not None:
+                sums[t.name] = kept
         else:
             fields, pieces = _encode_dense(t, src.kind)
         length = sum(len(p) for p in pieces)
@@ -152,22 +312,30 @@ def compress(source: TensorSource, *, base: PathLike | None = None, density: flo
         padded = round_up(offset + length, PAYLOAD_ALIGNMENT)
         parts.append(bytes(padded - offset - length))
         offset = padded
-    blob = b"".join([encode_header(meta, entries, offset), *parts])
-    return CompressedExpert(BytesReader(blob, name="<in-memory expert>"))
+    names = [t.name for t in compressed]
+    scopes = [names] if scope == "global" else [[n] for n in names]
+    return _Encoded(meta, entries, parts, offset, scopes, sigmas, sums)
 
 
-def _encode_compressed(t: SourceTensor, chosen: Selection | None, density: float, alpha: float,
-                       chunk_size: int) -> tuple[dict[str, Any], list[memoryview]]:
-    """Header fields and payload pieces of a ternary-golomb tensor (``chosen``: the global selection,
-    or None to select within the tensor)."""
+def _encode_compressed(t: SourceTensor, chosen: Selection | None, density: float, chunk_size: int,
+                       kept_sums: bool) -> tuple[dict[str, Any], list[memoryview], float, float]:
+    """Header fields (scale still 0), payload pieces, σ of the scope and (with ``kept_sums``)
+    Σ|τ| over the kept entries of a ternary-golomb tensor. ``chosen``: the global selection, or
+    None to select within the tensor."""
     values = _flat_f32(t)
     if chosen is None:
         chosen = select(lambda: [(t.name, values)], density)
     streams = golomb.encode(values, chosen.threshold, chunk_size)
-    fields = dict(encoding=ENCODING_GOLOMB, role="delta", init=t.init, nnz=streams.nnz,
-                  scale=ternary_scale(alpha, chosen.sigma), golomb_m=streams.golomb_m, chunk_size=chunk_size,
-                  unary_bits=streams.unary_bits, high_bits=streams.high_bits)
-    return fields, streams.payload_parts()
+    kept = 0.0
+    if kept_sums:  # the same rule as the encoder: τ != 0 and |τ| >= threshold
+        magnitudes = np.abs(values)
+        mask = magnitudes >= np.float32(chosen.threshold)
+        mask &= magnitudes != 0
+        kept = float(magnitudes[mask].sum(dtype=np.float64))
+    fields = dict(encoding=ENCODING_GOLOMB, role="delta", init=t.init, nnz=streams.nnz, scale=0.0,
+                  golomb_m=streams.golomb_m, chunk_size=chunk_size, unary_bits=streams.unary_bits,
+                  high_bits=streams.high_bits)
+    return fields, streams.payload_parts(), chosen.sigma, kept
 
 
 def _encode_dense(t: SourceTensor, kind: str) -> tuple[dict[str, Any], list[memoryview]]:
@@ -436,8 +604,26 @@ def merge_to(experts: Sequence[CompressedExpert | PathLike], output: PathLike, *
 
 
 def _decompress_onto_base(expert: CompressedExpert, base: Path, out: Path, force: bool, progress: bool) -> Path:
-    return _onto_base([expert], base, out, force, progress,
-                      lambda shard, names: _apply(expert, shard, names, 1.0, False))
+    files = _model_files(expert)
+    written = _onto_base([expert], base, out, force, progress,
+                         lambda shard, names: _apply(expert, shard, names, 1.0, False))
+    if written.is_dir():  # the fine-tune's own config files replace the base's copies
+        for name, text in files.items():
+            atomic_write(written / name, [text.encode("utf-8")])
+    return written
+
+
+def _model_files(expert: CompressedExpert) -> dict[str, str]:
+    """The header's ``model_files`` (a full fine-tune's small JSON files), checked: the header is
+    untrusted input, so a name must be a plain ``*.json`` file name, never a path."""
+    files = expert.metadata.get("model_files") or {}
+    if not isinstance(files, dict):
+        raise HeaderError("metadata model_files must be a JSON object", expert.path)
+    for name, text in files.items():
+        if (not isinstance(text, str) or not name.endswith(".json") or name != Path(name).name
+                or name in (".json", "..") or "\\" in name or name == SAFETENSORS_INDEX):
+            raise HeaderError(f"metadata model_files: {name!r} is not a plain .json file name with text", expert.path)
+    return files
 
 
 def _onto_base(experts: Sequence[CompressedExpert], base: Path, out: Path, force: bool, progress: bool,

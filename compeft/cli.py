@@ -79,11 +79,22 @@ def _remote_options(p: argparse.ArgumentParser, cache: bool = True) -> None:
         p.add_argument("--cache", metavar="DIR", help="persistent cache of bytes fetched from URLs (safe to share)")
 
 
+def _alpha(text: str) -> float | str:
+    """An --alpha value: a number, or "l2" for the closed-form α."""
+    if text.strip().lower() == "l2":
+        return "l2"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'l2', got {text!r}") from None
+
+
 def cmd_compress(args: argparse.Namespace) -> int:
     import compeft
     expert = compeft.compress(args.source, base=args.base, density=args.density, alpha=args.alpha, scope=args.scope,
-                              keep_dense=args.keep_dense or (), chunk_size=args.chunk_size,
-                              metadata=_parse_meta(args.meta or ()), progress=not args.quiet)
+                              keep_dense=args.keep_dense or (), auto_dense=not args.compress_all,
+                              chunk_size=args.chunk_size, metadata=_parse_meta(args.meta or ()),
+                              progress=not args.quiet)
     expert.save(args.output, storage_options=_storage_options(args))
     if not args.quiet:
         from .report import describe
@@ -169,6 +180,56 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_encoding_options(p: argparse.ArgumentParser) -> None:
+    """The options ``compress`` and ``tune-alpha`` share."""
+    p.add_argument("--scope", choices=("global", "tensor"), default="global",
+                   help="one threshold over all tensors (global, reference ComPEFT) or per tensor")
+    p.add_argument("--keep-dense", action="append", metavar="PATTERN",
+                   help="glob of tensor names stored verbatim (repeatable), e.g. '*classifier*'")
+    p.add_argument("--compress-all", action="store_true",
+                   help="PEFT adapters: compress every floating tensor, also DoRA magnitudes, modules_to_save heads "
+                        "and other weights that are kept dense by default")
+    p.add_argument("--chunk-size", type=int, default=16384, help="kept entries per chunk (parallel decode unit)")
+    p.add_argument("--meta", action="append", metavar="KEY=VALUE", help="user metadata (repeatable)")
+    p.add_argument("-q", "--quiet", action="store_true")
+
+
+def _numbers(text: str, what: str, allow_l2: bool = False) -> list[Any]:
+    from .errors import InvalidArgumentError
+    out: list[Any] = []
+    for item in text.split(","):
+        item = item.strip()
+        if allow_l2 and item.lower() == "l2":
+            out.append("l2")
+            continue
+        try:
+            out.append(float(item))
+        except ValueError:
+            raise InvalidArgumentError(f"{what} expects comma-separated numbers, got {text!r}") from None
+    return out
+
+
+def cmd_tune_alpha(args: argparse.Namespace) -> int:
+    import compeft
+    from .api import PAPER_ALPHAS
+    from .tuning import score_command, score_function
+    evaluate = score_command(args.score_command) if args.score_command else score_function(args.score_function)
+    alphas = PAPER_ALPHAS if args.alphas is None else _numbers(args.alphas, "--alphas", allow_l2=True)
+    result = compeft.tune_alpha(args.source, evaluate, base=args.base, densities=_numbers(args.densities, "--densities"),
+                                alphas=alphas, scope=args.scope, keep_dense=args.keep_dense or (),
+                                auto_dense=not args.compress_all, chunk_size=args.chunk_size,
+                                metadata=_parse_meta(args.meta or ()), progress=not args.quiet)
+    result.expert.save(args.output)
+    if args.json:
+        print(json.dumps(result.expert.metadata["tuning"], indent=2))
+    elif not args.quiet:
+        for density, alpha, value in result.scores:
+            mark = "  <- chosen" if (density, alpha) == (result.density, result.alpha) else ""
+            print(f"density {density:<6g} alpha {alpha!s:<5} score {value:.6g}{mark}")
+        print(f"wrote {args.output}: density {result.density:g}, alpha {result.alpha}, score {result.score:.6g}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     parser = argparse.ArgumentParser(prog="compeft", description="Compress fine-tuning residuals (ComPEFT).")
@@ -180,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="the .cpeft file or URL to write (atomic)")
     p.add_argument("--base", help="base model directory or .safetensors file (for full fine-tunes)")
     p.add_argument("--density", type=float, default=0.1, help="fraction k of entries kept, in (0, 1] (default 0.1)")
+<<<<<<< HEAD
     p.add_argument("--alpha", type=float, default=1.0, help="kept entries become ±alpha·std(τ) (default 1.0)")
     p.add_argument("--scope", choices=("global", "tensor"), default="global",
                    help="one threshold over all tensors (global, reference ComPEFT) or per tensor")
@@ -189,7 +251,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--meta", action="append", metavar="KEY=VALUE", help="user metadata (repeatable)")
     _remote_options(p, cache=False)
     p.add_argument("-q", "--quiet", action="store_true")
+=======
+    p.add_argument("--alpha", type=_alpha, default=1.0,
+                   help="kept entries become ±alpha·std(τ) (default 1.0); 'l2': the closed-form α that minimises "
+                        "the L2 error for the chosen mask")
+    _add_encoding_options(p)
+>>>>>>> issue-5
     p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("tune-alpha", help="sweep alpha (and density), score each candidate with your script, keep the "
+                                          "best; the sweep is recorded in the output's metadata")
+    p.add_argument("source", help="PEFT adapter directory, or fine-tuned model directory / .safetensors file")
+    p.add_argument("-o", "--output", required=True, help="the .cpeft file to write (the best candidate)")
+    p.add_argument("--base", help="base model directory or .safetensors file (for full fine-tunes)")
+    p.add_argument("--densities", default="0.1", help="comma-separated densities to try (default 0.1)")
+    p.add_argument("--alphas", default=None,
+                   help="comma-separated alphas, 'l2' allowed (default the paper's 0.5,1,2,3,4,5,6,8,10)")
+    score = p.add_mutually_exclusive_group(required=True)
+    score.add_argument("--score-command", metavar="CMD",
+                       help="run for each candidate ('{expert}' is replaced by the candidate's .cpeft path, else "
+                            "the path is appended); the last line of its output is the score, higher is better")
+    score.add_argument("--score-function", metavar="FILE.py:NAME",
+                       help="a Python function (in a file or an importable module: MODULE:NAME) taking the candidate "
+                            "CompressedExpert and returning its score, higher is better")
+    p.add_argument("--json", action="store_true", help="print every score and the choice as JSON")
+    _add_encoding_options(p)
+    p.set_defaults(func=cmd_tune_alpha)
 
     p = sub.add_parser("inspect", help="show tensors, shapes, nnz, bits/param and ratios (reads the header only)")
     p.add_argument("file", help="a .cpeft file or URL")

@@ -149,7 +149,8 @@ def _drop_key(seed: int, expert: int, name: str) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def _check_compatible(experts: Sequence[CompressedExpert], check_base: bool) -> None:
+def _check_compatible(experts: Sequence[CompressedExpert], check_base: bool,
+                      names: Sequence[str] | None = None) -> None:
     first = experts[0]
     for other in experts[1:]:
         if other.names != first.names:
@@ -166,8 +167,8 @@ def _check_compatible(experts: Sequence[CompressedExpert], check_base: bool) -> 
             raise BaseMismatchError(f"built on a different base than {first.path} (fingerprints differ); "
                                     "pass check_base=False to merge anyway", other.path)
     for e in experts:
-        for name in e.names:
-            if e.entry(name).role != "delta":
+        for name in e.names if names is None else names:  # values outside ``names`` (a head) are not merged
+            if name in e and e.entry(name).role != "delta":
                 raise InvalidArgumentError(f"tensor {name!r} is stored as a value, not a delta: only task "
                                            "vectors can be merged", e.path)
 
@@ -254,7 +255,7 @@ def merge(experts: Sequence[CompressedExpert | str | os.PathLike[str]], *, metho
         if total == 0:
             raise InvalidArgumentError("linear merge weights sum to zero; pass normalize=False")
         coefficients = [w / total for w in coefficients]
-    _check_compatible(opened, check_base)
+    _check_compatible(opened, check_base, names)
     selected = list(opened[0].names if names is None else names)
     if len(set(selected)) != len(selected):
         raise InvalidArgumentError("names holds a tensor twice")

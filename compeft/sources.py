@@ -51,6 +51,7 @@ class SourceTensor:
     init: float | None  # the constant τ is measured from (PEFT), or None: a base model's tensor
     load: Callable[[], torch.Tensor]
     load_value: Callable[[], torch.Tensor]  # the tensor itself, stored verbatim when kept dense
+    dense_reason: str | None = None  # why this tensor is a weight, not a residual (kept dense by default)
 
     @property
     def floating(self) -> bool:
@@ -64,6 +65,7 @@ class Source:
     adapter_config: dict[str, Any] | None = None
     base_fingerprint: str | None = None
     files: tuple[str, ...] = ()  # the fine-tuned model's shard names (full), for restoring its layout
+    model_files: dict[str, str] | None = None  # the fine-tune's small JSON files (config.json, ...), verbatim
 
 
 def _check_tensor(name: str, value: Any, where: object) -> torch.Tensor:
@@ -190,18 +192,57 @@ def from_peft_dir(directory: str | os.PathLike[str]) -> Source:
             v = _check_tensor(n, v, weights)
             entries[n] = (v.dtype, tuple(v.shape))
             loader[n] = (lambda v=v: v)
+    modules_to_save = config.get("modules_to_save") or []
+    if isinstance(modules_to_save, str):
+        modules_to_save = [modules_to_save]
     items = []
     for name in sorted(entries):
         dtype, shape = entries[name]
         init = 1.0 if peft_type == "IA3" and "ia3_l" in name else 0.0
+        reason = dense_reason(name, peft_type, modules_to_save)
         value = loader[name]
 
         def residual(value: Callable[[], torch.Tensor] = value, init: float = init) -> torch.Tensor:
             v = value()
             return v if init == 0.0 else v.float() - init
 
-        items.append(SourceTensor(name, dtype, shape, init, residual, value))
+        items.append(SourceTensor(name, dtype, shape, init, residual, value, reason))
     return Source("peft", tuple(items), adapter_config=config)
+
+
+# PEFT types whose whole state is values rather than residuals from a known init: prompt-learning
+# methods store (virtual token) embeddings, LN tuning stores whole LayerNorm weights.
+VALUE_PEFT_TYPES = frozenset({"PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "MULTITASK_PROMPT_TUNING", "CPT",
+                              "ADAPTION_PROMPT", "LN_TUNING"})
+# Name parts of the residual tensors of the adapters that also save base-layer tensors (bias="all").
+ADAPTER_PARTS = ("lora_", "ia3_l")
+TYPES_WITH_BASE_TENSORS = frozenset({"LORA", "ADALORA", "IA3"})
+
+
+def dense_reason(name: str, peft_type: str, modules_to_save: list[str]) -> str | None:
+    """Why a PEFT adapter tensor is a weight rather than a residual from 0 (or 1), or None.
+
+    ComPEFT keeps the top-k of |τ| with one magnitude; a weight is not small around 0, and
+    ternarizing it wrecks the layer it belongs to, so these are stored verbatim by default.
+    """
+    if peft_type in VALUE_PEFT_TYPES:
+        return f"{peft_type} adapters store values, not residuals"
+    if "lora_magnitude_vector" in name:
+        return "DoRA magnitude vector (column norms of the whole weight)"
+    if "trainable_tokens" in name:
+        return "trainable token rows (embedding values)"
+    parts = name.split(".")
+    if any(part.startswith(ADAPTER_PARTS) for part in parts):
+        return None
+    for module in modules_to_save:
+        want = str(module).split(".")
+        if any(parts[i:i + len(want)] == want for i in range(len(parts) - len(want) + 1)):
+            return f"modules_to_save copy of {module!r} (a whole weight)"
+    if peft_type in TYPES_WITH_BASE_TENSORS:
+        return "a base-layer tensor saved with the adapter (e.g. bias='all')"
+    if any(part in ("vera_A", "vera_B") for part in parts):
+        return "VeRA's shared random projection"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,4 +294,30 @@ def from_finetuned(finetuned: str | os.PathLike[str], base: str | os.PathLike[st
                                   (lambda h=handle, n=name: h.get_tensor(n))))
     print_fp = fingerprint((n, bs[n][1].get_tensor(n)) for n in sorted(bs))
     return Source("full", tuple(items), base_fingerprint=print_fp,
-                  files=tuple(p.name for p in ft_files) if ft_root.is_dir() else ())
+                  files=tuple(p.name for p in ft_files) if ft_root.is_dir() else (),
+                  model_files=model_files(ft_root) if ft_root.is_dir() else None)
+
+
+MODEL_FILE_LIMIT = 1 << 20  # larger JSON files (a big tokenizer.json) come from the base instead
+MODEL_FILES_LIMIT = 4 << 20
+
+
+def model_files(directory: Path) -> dict[str, str]:
+    """The small JSON files of a fine-tuned model directory (config.json, generation_config.json,
+    tokenizer configs, ...), whose text a restore writes over the base's copies: a fine-tune may
+    change them (labels, architectures). The safetensors index is not one: restores keep the base's
+    sharding."""
+    out: dict[str, str] = {}
+    total = 0
+    for path in sorted(directory.glob("*.json")):
+        if path.name == SAFETENSORS_INDEX or not path.is_file() or path.stat().st_size > MODEL_FILE_LIMIT:
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SourceError(f"cannot read model file ({exc})", path) from None
+        total += len(text)
+        if total > MODEL_FILES_LIMIT:
+            break
+        out[path.name] = text
+    return out

@@ -151,7 +151,8 @@ def test_full_finetune_compress_and_decompress_with_base(tmp_path, same):
         "--scope", "tensor", "-q")
     cli("decompress", expert_path, "--base", tmp_path / "base", "-o", tmp_path / "out", "-q")
     restored = load_file(str(tmp_path / "out" / "model.safetensors"))
-    assert (tmp_path / "out" / "config.json").read_text() == '{"name": "base"}'
+    # the fine-tune's config files are recorded in the header and replace the base's copies
+    assert (tmp_path / "out" / "config.json").read_text() == '{"name": "tuned"}'
     expected = {n: t.clone() for n, t in base.items()}
     compeft.apply(expert_path, expected)
     for name in base:

@@ -81,13 +81,17 @@ def load_peft(directory: Path) -> nn.Module:
 # PEFT adapters
 
 
-@pytest.mark.parametrize("keep_head", [False, True])
-def test_lora_adapter_roundtrip(workdir, reference, same, keep_head):
+@pytest.mark.parametrize("mode", ["reference", "auto", "glob"])
+def test_lora_adapter_roundtrip(workdir, reference, same, mode):
     adapter = workdir / "lora"
     saved = save_adapter(lora_config(), adapter, lambda n, p, g: torch.randn(p.shape, generator=g) * 0.2)
     assert any("head" in n for n in saved) and any("lora_A" in n for n in saved)
+    # "reference": every floating tensor compressed; "auto" (the default): the modules_to_save head
+    # is a whole weight and stays dense; "glob": the same asked for with keep_dense
+    keep_head = mode != "reference"
     keep = ["*head*"] if keep_head else []
-    expert = compeft.compress(adapter, density=0.3, alpha=2.0, keep_dense=keep)
+    expert = compeft.compress(adapter, density=0.3, alpha=2.0, keep_dense=keep if mode == "glob" else [],
+                              auto_dense=mode != "reference")
     assert expert.metadata["source"] == "peft"
     assert expert.metadata["adapter_config"]["peft_type"] == "LORA"
     for name in saved:
@@ -156,7 +160,7 @@ def test_bin_adapter_is_loaded(workdir, reference, same):
     (adapter / "adapter_model.safetensors").unlink()
     torch.save(saved, adapter / "adapter_model.bin")
     expert = compeft.compress(adapter, density=0.4)
-    ref = reference(saved, 0.4)
+    ref = reference(saved, 0.4, keep_dense=["*head*"])  # the modules_to_save head stays dense
     for name in saved:
         assert same(expert.to_dense(name), ref.values[name])
     out = compeft.decompress(expert, workdir / "restored")

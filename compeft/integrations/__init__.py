@@ -1,0 +1,1 @@
+"""Thin adapters between compressed experts and other libraries (PEFT, Transformers)."""

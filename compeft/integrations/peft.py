@@ -1,0 +1,208 @@
+"""PEFT and Transformers, without files in between.
+
+* :func:`load_adapter`: a compressed PEFT expert straight into a model as a named adapter;
+* :func:`merge_into`: an expert folded into a Transformers model's own weights, in place;
+* :func:`adapter_state_dict` / :func:`adapter_config`: the restored PEFT tensors and config.
+
+Everything goes through PEFT's public API (``PeftConfig.from_peft_type``, ``PeftModel``,
+``set_peft_model_state_dict``, ``merge_and_unload``), so every adapter type PEFT can load and merge
+works here too; compeft only supplies the decoded tensors and turns PEFT's complaints about keys
+and shapes into :mod:`compeft.errors` exceptions that name the expert.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any, Mapping
+
+import torch
+
+from ..api import _as_expert, _restored, apply
+from ..errors import BaseMismatchError, InvalidArgumentError, SourceError
+from ..expert import CompressedExpert
+
+ExpertLike = CompressedExpert | str | os.PathLike[str]
+
+
+def _peft_expert(expert: ExpertLike) -> CompressedExpert:
+    opened = _as_expert(expert)
+    if opened.metadata.get("source") != "peft" or not isinstance(opened.metadata.get("adapter_config"), dict):
+        raise InvalidArgumentError("this expert was not made from a PEFT adapter (no adapter_config in its header)",
+                                   opened.path)
+    return opened
+
+
+def adapter_state_dict(expert: ExpertLike) -> dict[str, torch.Tensor]:
+    """The adapter's tensors as PEFT saves them (``init`` + τ̃, e.g. 1 + τ̃ for (IA)³ vectors), under
+    their saved names: what ``compeft decompress`` writes to ``adapter_model.safetensors``."""
+    opened = _peft_expert(expert)
+    return {name: _restored(opened, name) for name in opened.names}
+
+
+def adapter_config(expert: ExpertLike, *, inference_mode: bool = True) -> Any:
+    """The expert's ``adapter_config.json`` (stored verbatim in its header) as a ``peft.PeftConfig``."""
+    from peft import PeftConfig
+
+    opened = _peft_expert(expert)
+    fields = dict(opened.metadata["adapter_config"])
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # keys from a newer PEFT are dropped by PEFT itself
+            config = PeftConfig.from_peft_type(**fields)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise SourceError(f"the stored adapter_config is not one this PEFT can build ({exc!r})", opened.path) from None
+    config.inference_mode = inference_mode
+    return config
+
+
+def load_adapter(model: torch.nn.Module, expert: ExpertLike, adapter_name: str = "default", *,
+                 is_trainable: bool = False) -> Any:
+    """Load a compressed PEFT expert into ``model`` as adapter ``adapter_name``; no files written.
+
+    Parameters
+    ----------
+    model
+        A base ``torch.nn.Module`` (e.g. a Transformers model; it is wrapped in place, like
+        ``PeftModel.from_pretrained`` does) or a ``peft.PeftModel`` to add the adapter to.
+    expert
+        A :class:`~compeft.CompressedExpert`, or anything :func:`compeft.open` accepts.
+    adapter_name
+        The adapter's name; must be new when ``model`` is already a ``PeftModel``.
+    is_trainable
+        Leave the adapter trainable (default: inference mode, like PEFT).
+
+    Returns
+    -------
+    peft.PeftModel
+        The model with the adapter loaded (active when it is the model's only adapter; call
+        ``set_adapter`` to switch otherwise).
+
+    Raises
+    ------
+    BaseMismatchError
+        The model lacks a module the adapter targets, a tensor's shape differs from the model's,
+        or the expert lacks tensors the adapter needs.
+    SourceError
+        The expert holds tensors that the adapter does not have.
+
+    Examples
+    --------
+    >>> import torch, compeft, tempfile, os
+    >>> from peft import LoraConfig, get_peft_model
+    >>> from compeft.integrations.peft import load_adapter
+    >>> d = tempfile.mkdtemp()
+    >>> get_peft_model(torch.nn.Sequential(torch.nn.Linear(8, 8)),
+    ...                LoraConfig(r=2, target_modules=["0"])).save_pretrained(d)
+    >>> model = load_adapter(torch.nn.Sequential(torch.nn.Linear(8, 8)), compeft.compress(d), "mine")
+    >>> sorted(model.peft_config)
+    ['mine']
+    """
+    from peft import PeftModel, set_peft_model_state_dict
+    from peft.auto import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
+
+    opened = _peft_expert(expert)
+    config = adapter_config(opened, inference_mode=not is_trainable)
+    state = adapter_state_dict(opened)
+    if isinstance(model, PeftModel) and adapter_name in model.peft_config:
+        raise InvalidArgumentError(f"the model already has an adapter named {adapter_name!r}", opened.path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if isinstance(model, PeftModel):
+                model.add_adapter(adapter_name, config)
+                if is_trainable:
+                    model.set_requires_grad(adapter_name)
+                peft_model = model
+            else:
+                cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type, PeftModel) if config.task_type else PeftModel
+                peft_model = cls(model, config, adapter_name)
+    except ValueError as exc:  # e.g. "Target modules {...} not found in the base model"
+        raise BaseMismatchError(f"the adapter does not fit the model: {exc}", opened.path) from None
+    _check_shapes(peft_model, state, adapter_name, opened)
+    result = set_peft_model_state_dict(peft_model, state, adapter_name=adapter_name)
+    if result.unexpected_keys:
+        raise SourceError(f"{len(result.unexpected_keys)} tensors of the expert are not parameters of the adapter "
+                          f"(e.g. {sorted(result.unexpected_keys)[:3]})", opened.path)
+    missing = _adapter_missing(peft_model, result.missing_keys, adapter_name)
+    if missing:
+        raise BaseMismatchError(f"the expert lacks {len(missing)} tensors the adapter needs "
+                                f"(e.g. {sorted(missing)[:3]})", opened.path)
+    if not is_trainable:
+        peft_model.eval()
+    return peft_model
+
+
+def _check_shapes(peft_model: Any, state: Mapping[str, torch.Tensor], adapter_name: str,
+                  expert: CompressedExpert) -> None:
+    """PEFT would raise a bare RuntimeError on a size mismatch; name the tensor and the expert."""
+    params = peft_model.state_dict()
+    for name, tensor in state.items():
+        # PEFT inserts the adapter name before the last component (and into modules_to_save copies)
+        head, _, last = name.rpartition(".")
+        for key in (f"{head}.{adapter_name}.{last}", f"{head}.modules_to_save.{adapter_name}.{last}", name):
+            if key in params:
+                if tuple(params[key].shape) != tuple(tensor.shape):
+                    raise BaseMismatchError(f"tensor {name!r}: expert shape {list(tensor.shape)}, model shape "
+                                            f"{list(params[key].shape)}", expert.path)
+                break
+
+
+def _adapter_missing(peft_model: Any, missing: list[str], adapter_name: str) -> list[str]:
+    """The missing keys that belong to the adapter (PEFT reports every base weight as missing too)."""
+    from peft.utils import get_peft_model_state_dict
+
+    wanted = get_peft_model_state_dict(peft_model, adapter_name=adapter_name)
+    # get_peft_model_state_dict names tensors as saved; map PEFT's missing keys to that form
+    saved = {k.replace(f".{adapter_name}.", ".").replace(".modules_to_save.", ".") for k in missing}
+    return [k for k in wanted if k in saved]
+
+
+@torch.no_grad()
+def merge_into(model: torch.nn.Module, expert: ExpertLike, *, check_base: bool = True) -> torch.nn.Module:
+    """Fold an expert into ``model``'s own weights, in place; returns ``model``.
+
+    - an expert made from a PEFT adapter: loaded as an adapter, merged by PEFT
+      (``merge_and_unload``: LoRA, rsLoRA, DoRA, (IA)³, ...), and the adapter layers removed again, so
+      ``model`` keeps its class and modules;
+    - a full fine-tune or task vector: τ̃ added with :func:`compeft.apply` into ``model.state_dict()``
+      (names may carry or lack the model's ``base_model_prefix``, e.g. ``bert.``).
+
+    Examples
+    --------
+    >>> import torch, compeft
+    >>> from compeft.integrations.peft import merge_into
+    >>> model = torch.nn.Linear(4, 4, bias=False)
+    >>> before = model.weight.clone()
+    >>> _ = merge_into(model, compeft.compress({"weight": torch.eye(4)}, density=0.25))
+    >>> int((model.weight != before).sum())
+    4
+    """
+    opened = _as_expert(expert)
+    if opened.metadata.get("source") == "peft":
+        peft_model = load_adapter(model, opened, "compeft_merge")
+        merged = peft_model.merge_and_unload()
+        if merged is not model:  # PEFT unwraps to the same module object; say so if that ever changes
+            raise InvalidArgumentError("PEFT returned a new model object from merge_and_unload", opened.path)
+        return model
+    state = model.state_dict(keep_vars=True)
+    names = _state_names(state, opened, getattr(model, "base_model_prefix", ""))
+    view = {name: state[key].data for name, key in names.items()}
+    apply(opened, view, check_base=check_base)
+    return model
+
+
+def _state_names(state: Mapping[str, Any], expert: CompressedExpert, prefix: str) -> dict[str, str]:
+    """expert name -> model state key; the two differ at most by ``prefix + '.'``."""
+    out = {}
+    for name in expert.names:
+        for key in (name, f"{prefix}.{name}" if prefix else None,
+                    name[len(prefix) + 1:] if prefix and name.startswith(prefix + ".") else None):
+            if key is not None and key in state:
+                out[name] = key
+                break
+    missing = [n for n in expert.names if n not in out]
+    if missing:
+        raise BaseMismatchError(f"{len(missing)} tensors of the expert are not in the model (e.g. {missing[:3]})",
+                                expert.path)
+    return out
