@@ -241,22 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="the .cpeft file or URL to write (atomic)")
     p.add_argument("--base", help="base model directory or .safetensors file (for full fine-tunes)")
     p.add_argument("--density", type=float, default=0.1, help="fraction k of entries kept, in (0, 1] (default 0.1)")
-<<<<<<< HEAD
-    p.add_argument("--alpha", type=float, default=1.0, help="kept entries become ±alpha·std(τ) (default 1.0)")
-    p.add_argument("--scope", choices=("global", "tensor"), default="global",
-                   help="one threshold over all tensors (global, reference ComPEFT) or per tensor")
-    p.add_argument("--keep-dense", action="append", metavar="PATTERN",
-                   help="glob of tensor names stored verbatim (repeatable), e.g. '*classifier*'")
-    p.add_argument("--chunk-size", type=int, default=16384, help="kept entries per chunk (parallel decode unit)")
-    p.add_argument("--meta", action="append", metavar="KEY=VALUE", help="user metadata (repeatable)")
-    _remote_options(p, cache=False)
-    p.add_argument("-q", "--quiet", action="store_true")
-=======
     p.add_argument("--alpha", type=_alpha, default=1.0,
                    help="kept entries become ±alpha·std(τ) (default 1.0); 'l2': the closed-form α that minimises "
                         "the L2 error for the chosen mask")
     _add_encoding_options(p)
->>>>>>> issue-5
+    _remote_options(p, cache=False)
     p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("tune-alpha", help="sweep alpha (and density), score each candidate with your script, keep the "

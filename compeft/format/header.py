@@ -292,6 +292,8 @@ def _check_metadata(meta: Mapping[str, Any], path: object) -> None:
             raise HeaderError(f"metadata {key} must be a string or null", path)
     for key in ("alpha", "sigma", "threshold"):
         value = meta.get(key, 0.0)
+        if value is None and key == "alpha":  # tensor scope with the closed-form α: one α per tensor
+            continue
         if type(value) not in (int, float):
             raise HeaderError(f"metadata {key} must be a finite number, got {value!r}", path)
 
