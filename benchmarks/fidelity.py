@@ -34,7 +34,6 @@ import argparse
 import datetime
 import hashlib
 import json
-import math
 import os
 import random
 import subprocess
@@ -52,7 +51,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import git_info, machine_info, print_table, table_row, versions, write_report  # noqa: E402
+from run import git_info, machine_info, table_row, versions, write_report  # noqa: E402
 
 import compeft  # noqa: E402
 

@@ -27,7 +27,7 @@ import torch
 
 from .codec import golomb, kernels
 from .errors import CorruptPayloadError, InvalidArgumentError
-from .expert import kept_value, value_patterns
+from .expert import allocate, kept_value, value_patterns
 from .format.header import golomb_width
 from .sources import DTYPE_TO_TORCH
 
@@ -240,7 +240,8 @@ class DeviceExpert:
         for dtype, group in by_dtype.items():
             # one zero-filled buffer per dtype, each tensor a view of it: one memset, one launch
             entries = [self.expert.entry(n) for n in group]
-            flat = torch.zeros(sum(e.numel for e in entries), dtype=dtype, device=self.device)
+            flat = allocate(entries[0], (sum(e.numel for e in entries),), dtype, self.path, zero=True,
+                            device=self.device)
             targets = {}
             start = 0
             for name, e in zip(group, entries):
