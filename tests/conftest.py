@@ -16,6 +16,7 @@ import fnmatch
 import itertools
 import json
 import math
+import os
 import struct
 import zlib
 from dataclasses import dataclass, field
@@ -25,6 +26,11 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Triton's CPU interpreter for tests/test_gpu.py: it must be chosen before anything (transformers
+    # and peft among them) imports triton, or kernels and their helpers end up compiled differently.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 COMPRESSIBLE = (torch.float32, torch.float16, torch.bfloat16)
 PREAMBLE = struct.Struct("<8sHHIIIQ")
