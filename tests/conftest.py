@@ -1,6 +1,7 @@
 """Shared helpers for the compeft test-suite.
 
-Everything here is exposed through fixtures (no test module imports this file):
+Mostly exposed through fixtures; a few plain helpers (``bits``, ``same_bits``, ``read_container``,
+``build_container``, ``set_payload``, ``load_tool``) are also imported by test modules directly:
 
 - ``reference``: the ComPEFT reference semantics written directly in torch (``reference_compress``);
 - ``apply_reference``: the float32 rule of ``compeft.apply`` written directly in torch;
@@ -214,6 +215,18 @@ def flip_byte(path: Path | str, offset: int, mask: int = 0x01) -> None:
     raw = bytearray(Path(path).read_bytes())
     raw[offset] ^= mask
     Path(path).write_bytes(bytes(raw))
+
+
+def load_tool(name: str) -> Any:
+    """The module ``tools/<name>.py`` (tools are scripts, not a package), registered under ``name``."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent.parent / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(name, module)
+    spec.loader.exec_module(module)
+    return module
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,11 +7,9 @@ the result. Only CompeftError subclasses may escape; a file that verifies must d
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import struct
-import sys
 import zlib
 from pathlib import Path
 
@@ -19,19 +17,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import load_tool  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 VECTORS = ROOT / "spec" / "vectors"
 
 
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("compeft_fuzz_tool", ROOT / "tools" / "fuzz.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("compeft_fuzz_tool", module)
-    spec.loader.exec_module(module)
-    return module
-
-
-fuzz = _load_tool()
+fuzz = load_tool("fuzz")
 SEEDS = {p.name: p.read_bytes() for p in sorted(VECTORS.glob("*.cpeft"))}
 EXAMPLES = int(os.environ.get("COMPEFT_FUZZ_EXAMPLES", "300"))
 PREAMBLE = struct.Struct("<8sHHIIIQ")

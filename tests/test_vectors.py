@@ -10,9 +10,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import numba
@@ -25,20 +23,14 @@ import compeft
 # Not "from compeft import errors": compeft.__getattr__('errors') recurses forever (reported to the owner).
 import compeft.errors as errors
 
+from conftest import load_tool  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 VECTORS = ROOT / "spec" / "vectors"
 INVALID = VECTORS / "invalid"
 
 
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("make_vectors", ROOT / "tools" / "make_vectors.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("make_vectors", module)
-    spec.loader.exec_module(module)
-    return module
-
-
-mv = _load_tool()
+mv = load_tool("make_vectors")
 BY_NAME = {v.name: v for v in mv.VECTORS}
 NAMES = sorted(BY_NAME)
 REQUIRED = {"f32_global", "bf16_fp16_tensor_scope", "empty_and_scalar", "nnz_zero", "density_one",
