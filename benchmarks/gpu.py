@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import compeft  # noqa: E402
-from compeft.codec import kernels  # noqa: E402
+from compeft.codec import golomb, kernels  # noqa: E402
 from run import git_info, machine_info, table_row, versions, write_report  # noqa: E402
 
 LLAMA_LAYER = {"q_proj": (4096, 4096), "k_proj": (4096, 4096), "v_proj": (4096, 4096), "o_proj": (4096, 4096),
@@ -208,10 +208,7 @@ def case_load(expert: compeft.CompressedExpert, dense: dict[str, torch.Tensor], 
         params = dev.params[[dev.rows[n] for n in names]].copy()
         sizes = np.array([expert.entry(n).numel for n in names], dtype=np.int64)
         offsets = np.cumsum(sizes) - sizes
-        chunks = params[:, tk.G_CHUNKS]
-        work = np.empty((int(chunks.sum()), 2), dtype=np.int64)
-        work[:, 0] = np.repeat(np.arange(len(names)), chunks)
-        work[:, 1] = np.arange(work.shape[0]) - np.repeat(np.cumsum(chunks) - chunks, chunks)
+        work = golomb.chunk_work(params[:, tk.G_CHUNKS])
         from compeft.expert import value_patterns
         for t, n in enumerate(names):
             params[t, 6], params[t, 7] = value_patterns(expert.entry(n).scale, torch.bfloat16)

@@ -130,50 +130,37 @@ class DeviceExpert:
             payloads = expert.payloads(names, check=False)
         self.names = list(payloads) if names is None else list(names)
         self.dense: dict[str, torch.Tensor] = {}
-        self.rows: dict[str, int] = {}
-        parts: list[np.ndarray] = []
-        rows: list[list[int]] = []
-        narrow: list[bool] = []
-        offset = 0
+        self.rows: dict[str, int] = {}  # name -> parameter row; -1 for a tensor with no kept entry
+        compressed: list[tuple[golomb.GolombStreams, int]] = []
         for name in self.names:
             payload = payloads[name]
             if isinstance(payload, torch.Tensor):
                 self.dense[name] = payload.to(self.device)
-                continue
-            e = expert.entry(name)
-            if payload.nnz == 0:
-                self.rows[name] = -1
-                continue
-            self.rows[name] = len(rows)
-            row = [payload.nnz, e.numel, payload.golomb_m, payload.chunk_size, payload.unary_bits,
-                   payload.high_bits, 0, 0, offset]
-            for part in (payload.table.reshape(-1).view(np.uint64), payload.unary, payload.low, payload.high,
-                         payload.signs):
-                parts.append(part)
-                offset += part.size
-                row.append(offset)
-            b = golomb_width(payload.golomb_m)
-            cut = (1 << b) - payload.golomb_m if b else 1  # m = 1: the low field is always 0, never a long form
-            half = (1 << (b - 1)) - cut if b else 0
-            rows.append(row + [0, 0, max(b - 1, 0), cut, half, 0, 0, 0, payload.table.shape[0]])
-            narrow.append(_is_narrow(payload, e.numel))
-        params = np.array(rows, dtype=np.int64).reshape(len(rows), _kernels().N_GPU_PARAMS)
-        words = np.concatenate(parts) if parts else np.empty(0, np.uint64)
-        status = np.zeros(len(rows), dtype=np.int64)
-        kernels.check_tables(words, params[:, :kernels.N_PARAMS].copy(), status)
-        compressed = [n for n in self.names if self.rows.get(n, -1) >= 0]
+            else:
+                self.rows[name] = len(compressed) if payload.nnz else -1
+                if payload.nnz:
+                    compressed.append((payload, expert.entry(name).numel))
+        words, cpu_params = golomb.pack(compressed)
+        status = np.zeros(len(compressed), dtype=np.int64)
+        kernels.check_tables(words, cpu_params, status)
         bad = np.flatnonzero(status)
         if bad.size:
-            name = compressed[int(bad[0])]
+            name = [n for n in self.rows if self.rows[n] >= 0][int(bad[0])]
             raise CorruptPayloadError(f"tensor {name!r}: {kernels.STATUS_MESSAGES[int(status[bad[0]])]}", self.path)
-        self.params = params
-        self.narrow = np.array(narrow, dtype=bool)
+        k = _kernels()
+        self.params = np.zeros((len(compressed), k.N_GPU_PARAMS), dtype=np.int64)
+        self.params[:, :kernels.N_PARAMS] = cpu_params
+        for t, (streams, _) in enumerate(compressed):
+            b = golomb_width(streams.golomb_m)
+            cut = (1 << b) - streams.golomb_m if b else 1  # m = 1: the low field is always 0, never a long form
+            half = (1 << (b - 1)) - cut if b else 0
+            self.params[t, [k.G_WIDTH, k.G_CUT, k.G_HALF, k.G_CHUNKS]] = (max(b - 1, 0), cut, half,
+                                                                           streams.table.shape[0])
+        self.narrow = np.array([_is_narrow(streams, numel) for streams, numel in compressed], dtype=bool)
         host = torch.from_numpy(words.view(np.int64))
         if self.device.type == "cuda":
             host = host.pin_memory()
         self.words = host.to(self.device, non_blocking=True)
-        chunks = params[:, _kernels().G_CHUNKS] if params.size else np.zeros(0, np.int64)
-        self._first_chunk = np.cumsum(chunks) - chunks
         self._checked = False
 
     # -- launching -----------------------------------------------------------------------------
@@ -202,10 +189,7 @@ class DeviceExpert:
             params[t, kernels.P_NEGATIVE] = values.get("negative", 0)
             params[t, kernels.P_DROP_KEY] = values.get("drop_key", 0)
             params[t, kernels.P_DROP_CUT] = values.get("drop_cut", 0)
-        chunks = params[:, k.G_CHUNKS]
-        work = np.empty((int(chunks.sum()), 2), dtype=np.int64)
-        work[:, 0] = np.repeat(np.arange(len(names)), chunks)
-        work[:, 1] = np.arange(work.shape[0]) - np.repeat(np.cumsum(chunks) - chunks, chunks)
+        work = golomb.chunk_work(params[:, k.G_CHUNKS])
         params_dev = torch.from_numpy(params).to(self.device)
         work_dev = torch.from_numpy(work).to(self.device)
         status = torch.zeros(work.shape[0], dtype=torch.int64, device=self.device)

@@ -158,33 +158,44 @@ def decode_many(jobs: Sequence[DecodeJob], mode: int, path: object) -> None:
         _decode_group(group, mode, np.empty(0, dtype=dtype), path)
 
 
-def _decode_group(group: list[DecodeJob], mode: int, empty: np.ndarray, path: object) -> None:
-    params = np.empty((len(group), kernels.N_PARAMS), dtype=np.int64)
+def pack(tensors: Sequence[tuple[GolombStreams, int]]) -> tuple[np.ndarray, np.ndarray]:
+    """The words of every (streams, numel) in one array, and a parameter row per tensor
+    (int64[t, N_PARAMS]: header fields and word offsets; value patterns and drops zero)."""
+    params = np.zeros((len(tensors), kernels.N_PARAMS), dtype=np.int64)
     parts: list[np.ndarray] = []
-    outs = List()
-    auxs = List()
     offset = 0
-    for t, job in enumerate(group):
-        s = job.streams
-        row = [s.nnz, job.numel, s.golomb_m, s.chunk_size, s.unary_bits, s.high_bits, job.positive,
-               job.negative, offset]
+    for t, (s, numel) in enumerate(tensors):
+        row = [s.nnz, numel, s.golomb_m, s.chunk_size, s.unary_bits, s.high_bits, 0, 0, offset]
         for part in (s.table.reshape(-1).view(np.uint64), s.unary, s.low, s.high, s.signs):
             parts.append(part)
             offset += part.size
             row.append(offset)
-        params[t] = [*row, job.drop_key, job.drop_cut]
+        params[t, :len(row)] = row
+    words = np.concatenate(parts) if parts else np.empty(0, np.uint64)
+    return words, params
+
+
+def chunk_work(chunks: np.ndarray) -> np.ndarray:
+    """(tensor, chunk) pairs, int64[Σ chunks, 2], for tensors with ``chunks[t]`` chunks each."""
+    work = np.empty((int(chunks.sum()), 2), dtype=np.int64)
+    work[:, 0] = np.repeat(np.arange(chunks.size), chunks)
+    work[:, 1] = np.arange(work.shape[0]) - np.repeat(np.cumsum(chunks) - chunks, chunks)
+    return work
+
+
+def _decode_group(group: list[DecodeJob], mode: int, empty: np.ndarray, path: object) -> None:
+    words, params = pack([(job.streams, job.numel) for job in group])
+    outs = List()
+    auxs = List()
+    for t, job in enumerate(group):
+        params[t, [kernels.P_POSITIVE, kernels.P_NEGATIVE, kernels.P_DROP_KEY, kernels.P_DROP_CUT]] = (
+            job.positive, job.negative, job.drop_key, job.drop_cut)
         outs.append(empty if mode == kernels.MODE_CHECK else job.out)
         auxs.append(_NO_AUX if job.aux is None else job.aux)
-    words = np.concatenate(parts) if parts else np.empty(0, np.uint64)
     status = np.zeros(len(group), dtype=np.int64)
     kernels.check_tables(words, params, status)
     _raise_first(status, None, group, path)
-    chunks = params[:, kernels.P_UNARY] - params[:, kernels.P_TABLE]
-    chunks //= 3
-    starts = np.cumsum(chunks) - chunks
-    work = np.empty((int(chunks.sum()), 2), dtype=np.int64)
-    work[:, 0] = np.repeat(np.arange(len(group)), chunks)
-    work[:, 1] = np.arange(work.shape[0]) - np.repeat(starts, chunks)
+    work = chunk_work((params[:, kernels.P_UNARY] - params[:, kernels.P_TABLE]) // 3)
     deltas = np.array([job.delta for job in group], dtype=np.float32)
     status = np.zeros(work.shape[0], dtype=np.int64)
     kernels.decode_golomb(words, params, outs, auxs, deltas, work, mode, kernels.F16_TO_F32, status)
