@@ -11,12 +11,14 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["compress", "open", "apply", "decompress", "merge", "tune_alpha", "CompressedExpert", "CompeftError", "__version__"]
+__all__ = ["compress", "open", "apply", "decompress", "merge", "tune_alpha", "build_library", "open_library",
+           "CompressedExpert", "CompeftError", "__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .api import apply, compress, decompress, open, tune_alpha
     from .errors import CompeftError
     from .expert import CompressedExpert
+    from .library import build_library, open_library
     from .merging import merge
 
 
@@ -24,6 +26,9 @@ def __getattr__(name: str) -> Any:
     if name in ("compress", "open", "apply", "decompress", "tune_alpha"):
         from . import api
         return getattr(api, name)
+    if name in ("build_library", "open_library"):
+        from . import library
+        return getattr(library, name)
     if name == "merge":
         from .merging import merge
         return merge

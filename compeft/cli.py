@@ -165,12 +165,65 @@ def _parse_weights(text: str | None, count: int) -> list[float] | None:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from .api import merge_to
-    experts = [_open(args, e, progress=not args.quiet) for e in args.experts]
+    if args.library:
+        import compeft
+        library = compeft.open_library(args.library, storage_options=_storage_options(args), cache=args.cache)
+        experts = library.select(args.experts)
+    else:
+        experts = [_open(args, e, progress=not args.quiet) for e in args.experts]
     out = merge_to(experts, args.output, method=args.method, weights=_parse_weights(args.weights, len(args.experts)),
                    lam=args.lam, normalize=not args.no_normalize, drop_rate=args.drop_rate, seed=args.seed,
                    base=args.base, density=args.density, alpha=args.alpha, force=args.force, progress=not args.quiet)
     if not args.quiet:
         print(f"wrote {out}")
+    return 0
+
+
+def cmd_library_build(args: argparse.Namespace) -> int:
+    import compeft
+    report = compeft.build_library(args.sources, args.out, base=args.base, density=args.density, alpha=args.alpha,
+                                   scope=args.scope, keep_dense=args.keep_dense or (), auto_dense=not args.compress_all,
+                                   chunk_size=args.chunk_size, storage_options=_storage_options(args),
+                                   scheduler=args.scheduler, workers=args.workers, progress=not args.quiet)
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        for failure in report.failed:
+            print(f"failed: {_shown(failure.name)}: {_shown(failure.reason)}", file=sys.stderr)
+        if not args.quiet:
+            print(f"{report.catalog}: built {len(report.built)}, already built {len(report.skipped)}, failed "
+                  f"{len(report.failed)} in {report.seconds:.1f} s on {report.workers} workers "
+                  f"({_size(report.bytes_read)} read, {_size(report.bytes_written)} written)")
+    return 0 if report.ok else 1
+
+
+def cmd_library_ls(args: argparse.Namespace) -> int:
+    import compeft
+    library = compeft.open_library(args.library, storage_options=_storage_options(args), cache=args.cache)
+    rows = [library.entries[n] for n in library]
+    if args.json:
+        print(json.dumps([r.to_json() for r in rows], indent=2))
+        return 0
+    width = max([len("name"), *(len(_shown(r.name)) for r in rows)])
+    print(f"{'name':<{width}}  {'source':<6} {'base':<24} {'size':>10} {'params':>13} {'density':>7} {'alpha':>6} scope")
+    for r in rows:
+        base = _shown(r.base_model or r.base_fingerprint or "-")
+        base = base if len(base) <= 24 else base[:23] + "…"
+        alpha = r.alpha_rule if r.alpha is None else f"{r.alpha:g}"
+        print(f"{_shown(r.name):<{width}}  {r.source:<6} {base:<24} {_size(r.size):>10} {r.parameters:>13,} "
+              f"{r.density:>7g} {alpha!s:>6} {r.scope}")
+    total = sum(r.size for r in rows)
+    print(f"{len(rows)} experts, {_size(total)}")
+    return 0
+
+
+def cmd_library_verify(args: argparse.Namespace) -> int:
+    import compeft
+    library = compeft.open_library(args.library, storage_options=_storage_options(args), cache=args.cache)
+    names = args.names or list(library)
+    library.verify(names, progress=not args.quiet)
+    if not args.quiet:
+        print(f"{args.library}: OK ({len(names)} experts match the catalog's SHA-256 and verify)")
     return 0
 
 
@@ -290,7 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_decompress)
 
     p = sub.add_parser("merge", help="merge compressed experts (task arithmetic, soups, TIES, DARE) from their streams")
-    p.add_argument("experts", nargs="+", help=".cpeft files or URLs, all on the same base")
+    p.add_argument("experts", nargs="+", help=".cpeft files or URLs, all on the same base (with --library: names)")
+    p.add_argument("--library", metavar="URL", help="take the experts by name from this library (its catalog)")
     p.add_argument("-o", "--output", required=True,
                    help="a .safetensors merged task vector, a .cpeft (re-compressed), or with --base a model directory")
     p.add_argument("--method", default="task_arithmetic",
@@ -308,6 +362,37 @@ def build_parser() -> argparse.ArgumentParser:
     _remote_options(p)
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_merge)
+
+    library = sub.add_parser("library", help="expert libraries: build many experts on Dask, list, verify")
+    lsub = library.add_subparsers(dest="library_command", required=True)
+    p = lsub.add_parser("build", help="compress many adapters (or fine-tunes) in parallel into a library with a catalog")
+    p.add_argument("sources", nargs="+", help="adapter directories or fine-tunes, paths or URLs; globs expand "
+                                              "(quote them), e.g. 's3://raw/adapters/*/'")
+    p.add_argument("--out", required=True, help="the library root: a directory or URL prefix")
+    p.add_argument("--base", help="base model (path readable by the workers, or URL) of full fine-tunes")
+    p.add_argument("--density", type=float, default=0.1, help="fraction k of entries kept, in (0, 1] (default 0.1)")
+    p.add_argument("--alpha", type=_alpha, default=1.0, help="kept entries become ±alpha·std(τ) (default 1.0), or 'l2'")
+    engine = p.add_mutually_exclusive_group()
+    engine.add_argument("--scheduler", metavar="ADDRESS", help="a Dask scheduler (tcp://host:8786); default: a local "
+                                                               "cluster on this machine")
+    engine.add_argument("--workers", type=int, help="worker processes of the local cluster (default: one per core)")
+    p.add_argument("--json", action="store_true", help="print the build report as JSON")
+    _add_encoding_options(p)
+    _remote_options(p, cache=False)
+    p.set_defaults(func=cmd_library_build)
+
+    p = lsub.add_parser("ls", help="list a library's experts: names, base, sizes, density, alpha (one request)")
+    p.add_argument("library", help="library root (or its catalog.json), path or URL")
+    p.add_argument("--json", action="store_true", help="the catalog entries as JSON")
+    _remote_options(p)
+    p.set_defaults(func=cmd_library_ls)
+
+    p = lsub.add_parser("verify", help="check experts against the catalog's SHA-256 and their own checksums")
+    p.add_argument("library", help="library root (or its catalog.json), path or URL")
+    p.add_argument("names", nargs="*", help="experts to check (default all)")
+    _remote_options(p)
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_library_verify)
 
     p = sub.add_parser("demo", help="fine-tune a small model in-process, compress, save, reopen, restore, report")
     p.add_argument("--density", type=float, default=0.1)

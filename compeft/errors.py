@@ -62,3 +62,7 @@ class BaseMismatchError(CompeftError):
 class RemoteError(CompeftError):
     """A URL cannot be read or written: no such object, access denied, a package for its protocol
     missing, or the store still failing after the bounded retries."""
+
+
+class CatalogError(CompeftError):
+    """A library catalog is malformed, of an unknown version, or does not match the expert files it lists."""

@@ -16,18 +16,21 @@ class _Silent:
     def update(self, n: int = 1) -> None:
         pass
 
+    def set_postfix_str(self, text: str) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
 
-def progress_bar(items: Iterable[Any] | int, description: str, enabled: bool) -> Any:
+def progress_bar(items: Iterable[Any] | int, description: str, enabled: bool, unit: str = "tensor") -> Any:
     """A tqdm bar over ``items`` (or of ``items`` steps when an int), or a silent stand-in."""
     iterable = None if isinstance(items, int) else items
     if not enabled or not sys.stderr.isatty():
         return _Silent(iterable)
     from tqdm import tqdm
     total = items if isinstance(items, int) else None
-    return tqdm(iterable, total=total, desc=description, unit="tensor", leave=False, file=sys.stderr)
+    return tqdm(iterable, total=total, desc=description, unit=unit, leave=False, file=sys.stderr)
 
 
 def byte_bar(total: int, description: str, enabled: bool) -> Any:

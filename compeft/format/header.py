@@ -222,6 +222,12 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return doc
 
 
+def strict_json(text: bytes) -> Any:
+    """Parse UTF-8 JSON, refusing duplicate keys and NaN/Infinity (``ValueError``, ``UnicodeDecodeError``
+    or ``RecursionError``): the rules every JSON document compeft reads follows (spec/FORMAT.md 3)."""
+    return json.loads(text.decode("utf-8"), parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
+
+
 # A JSON string; the closing quote is optional so that the pattern never fails once it starts: a
 # failing match would be retried at the next quote, which is quadratic on '"\"\"\"…' (a hang).
 _JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"?', re.DOTALL)
@@ -245,8 +251,7 @@ def parse_header(text: bytes, header_crc: int, data_start: int, file_length: int
     if _count_containers(text) > MAX_JSON_CONTAINERS:
         raise HeaderError(f"header holds more than {MAX_JSON_CONTAINERS} JSON objects and arrays", path)
     try:
-        doc = json.loads(text.decode("utf-8"), parse_constant=_reject_constant,
-                         object_pairs_hook=_unique_keys)
+        doc = strict_json(text)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise HeaderError(f"header is not valid UTF-8 JSON ({exc})", path) from None
     if not isinstance(doc, dict) or doc.get("format") != "compeft":

@@ -116,6 +116,7 @@ def atomic_write(path: str | os.PathLike[str], chunks: Iterable[bytes | memoryvi
             for chunk in chunks:
                 handle.write(chunk)
             handle.flush()
+            os.fchmod(handle.fileno(), _new_file_mode())
             os.fsync(handle.fileno())
             if not tmp:  # unnamed and complete: name it and rename it at once
                 tmp = str(directory / f".{target.name}.{os.getpid()}.{id(handle):x}.tmp")
@@ -135,6 +136,20 @@ def atomic_write(path: str | os.PathLike[str], chunks: Iterable[bytes | memoryvi
             except OSError:
                 pass
         raise
+
+
+def _new_file_mode() -> int:
+    """The mode ``open(path, "w")`` would give a new file (0o666 less the umask): the temporary file
+    starts private (0o600), but a published expert or catalog must be as readable as any other file.
+    The umask is read from /proc, since setting it to read it races with other threads."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o644
 
 
 def _unnamed_file(directory: Path) -> tuple[int, str | None]:
@@ -168,6 +183,7 @@ def _named_copy(fd: int, directory: Path, name: str) -> str:
         while block := os.read(fd, 1 << 20):
             out.write(block)
         out.flush()
+        os.fchmod(out.fileno(), _new_file_mode())
         os.fsync(out.fileno())
     return tmp
 
