@@ -414,7 +414,7 @@ def _engine(scheduler: Any, workers: int | None) -> Iterator[tuple[Any, int, int
         if isinstance(count, bool) or not isinstance(count, int) or count < 1:
             raise InvalidArgumentError(f"workers must be a positive integer, got {workers!r}")
         # One task per worker process; the cores are shared out so Numba's threads do not oversubscribe.
-        with LocalCluster(n_workers=count, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+        with LocalCluster(n_workers=count, threads_per_worker=1, processes=True, dashboard_address="127.0.0.1:0") as cluster, \
                 Client(cluster) as client:
             yield client, count, max(1, cores // count)
         return
