@@ -162,11 +162,11 @@ def _join(root: str, name: str) -> str:
 
 
 def _catalog_url(url: str) -> tuple[str, str]:
-    """(library root, catalog URL) for the root or the catalog itself."""
+    """(library root, catalog URL) for the root, or for a catalog file itself (any ``*.json``)."""
     text = os.fspath(url)
-    stripped = text.rstrip("/")
-    if stripped.endswith("/" + CATALOG_NAME) or stripped == CATALOG_NAME:
-        return stripped[: -len(CATALOG_NAME)].rstrip("/") or ".", stripped
+    if text.endswith(".json"):
+        cut = text.rfind("/")
+        return (text[:cut] if cut > 0 else "." if cut < 0 else "/"), text
     return text, _join(text, CATALOG_NAME)
 
 

@@ -370,3 +370,54 @@ def test_cli_build_ls_verify_merge(tmp_path: Path, cluster: Any, capsys: pytest.
     assert "no expert named 'nope'" in capsys.readouterr().err
     assert main(["library", "ls", str(src)]) == 2
     assert "no catalog here" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# spec/vectors/library (built by tools/make_vectors.py; the encoder direction is its --check)
+
+LIBRARY_VECTORS = Path(__file__).resolve().parent.parent / "spec" / "vectors" / "library"
+
+
+def _invalid_catalog_rows() -> list[tuple[str, str]]:
+    text = (LIBRARY_VECTORS / "README.md").read_text(encoding="utf-8")
+    rows = []
+    for line in text.splitlines():
+        if line.startswith("| `"):
+            cells = [c.strip().strip("`") for c in line.strip().strip("|").split(" | ")]
+            rows.append((cells[0], cells[1]))
+    return rows
+
+
+def test_library_vector_decodes_exactly() -> None:
+    from safetensors.torch import load_file
+    import hashlib
+    library = compeft.open_library(LIBRARY_VECTORS)
+    assert sorted(library) == ["code", "math"]
+    for name in library:
+        entry = library.entries[name]
+        data = (LIBRARY_VECTORS / entry.file).read_bytes()
+        assert (entry.size, entry.sha256) == (len(data), hashlib.sha256(data).hexdigest())
+        assert (entry.density, entry.alpha, entry.scope, entry.source, entry.peft_type) == (0.25, 2.0, "tensor", "peft",
+                                                                                             "LORA")
+        assert library[name].metadata["build"]["origin"] == entry.origin == f"s3://example-raw/adapters/{name}"
+        expected = load_file(LIBRARY_VECTORS / f"{name}.expected.safetensors")
+        got = library[name].state_dict()
+        assert got.keys() == expected.keys()
+        assert all(torch.equal(got[k].view(torch.int16), expected[k].view(torch.int16)) for k in got)
+    library.verify()
+    assert catalog_bytes(library.entries) == (LIBRARY_VECTORS / CATALOG_NAME).read_bytes()
+
+
+def test_invalid_library_vectors_table_matches_files() -> None:
+    listed = sorted(f for f, _ in _invalid_catalog_rows())
+    assert listed == sorted(p.name for p in (LIBRARY_VECTORS / "invalid").iterdir()) and len(listed) >= 9
+
+
+@pytest.mark.parametrize("file, error", _invalid_catalog_rows())
+def test_invalid_library_vector_raises_exactly(file: str, error: str) -> None:
+    import compeft.errors as errors
+    path = LIBRARY_VECTORS / "invalid" / file
+    with pytest.raises(errors.CompeftError) as info:
+        compeft.open_library(path)
+    assert type(info.value) is getattr(errors, error)
+    assert str(path) in str(info.value)

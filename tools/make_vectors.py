@@ -8,6 +8,9 @@ Every vector NAME is made of
 - ``NAME.expected.safetensors`` ``compeft.open(NAME.cpeft).to_dense(name)`` of every tensor;
 
 and ``invalid/*.cpeft`` are valid vectors with one precise edit each (see ``invalid/README.md``).
+``library/`` is an expert library (spec/LIBRARY.md): two experts built the way ``compeft library
+build`` builds them, their expected tensors, ``catalog.json``, and ``library/invalid/*.json``
+catalogs with one precise edit each.
 Both README files are generated here too, from the same tables that drive the build, so the
 recipes they print are exactly the code that ran.
 
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import filecmp
+import hashlib
 import json
 import math
 import struct
@@ -627,6 +631,132 @@ def parse_invalid_readme(text: str) -> list[dict[str, str | None]]:
 
 
 # ---------------------------------------------------------------------------------------------
+# expert library (spec/LIBRARY.md)
+
+# Two LoRA adapters, as a library build reads them (adapter_config.json + adapter_model.safetensors).
+LIBRARY_EXPERTS: dict[str, dict[str, str]] = {
+    "code": {"base_model.model.l0.q_proj.lora_A.weight": "torch.randn(4, 96, generator=g(11)).to(torch.bfloat16)",
+             "base_model.model.l0.q_proj.lora_B.weight": "(torch.randn(96, 4, generator=g(12)) / 50).to(torch.bfloat16)"},
+    "math": {"base_model.model.l0.q_proj.lora_A.weight": "torch.randn(4, 96, generator=g(21)).to(torch.bfloat16)",
+             "base_model.model.l0.q_proj.lora_B.weight": "(torch.randn(96, 4, generator=g(22)) / 50).to(torch.bfloat16)"},
+}
+LIBRARY_CONFIG = {"peft_type": "LORA", "base_model_name_or_path": "example/tiny-base", "r": 4, "lora_alpha": 8,
+                  "target_modules": ["q_proj"]}
+LIBRARY_SETTINGS = dict(density=0.25, alpha=2.0, scope="tensor", keep_dense=(), auto_dense=True, chunk_size=64,
+                        base=None)
+
+
+@dataclass(frozen=True)
+class InvalidCatalog:
+    name: str
+    error: str  # class name in compeft.errors (raised exactly) by compeft.open_library(path)
+    edit: Callable[[dict[str, Any]], str]  # edits the parsed catalog in place -> description
+    raw: Callable[[bytes], bytes] | None = None  # or edits the bytes (for what JSON cannot express)
+
+
+def _entry(doc: dict[str, Any], name: str = "math") -> dict[str, Any]:
+    return next(e for e in doc["experts"] if e["name"] == name)
+
+
+INVALID_CATALOGS: tuple[InvalidCatalog, ...] = (
+    InvalidCatalog("format_version_2", "UnsupportedVersionError",
+                   lambda d: (d.update(format_version=2), '"format_version" 1 -> 2')[1]),
+    InvalidCatalog("not_a_catalog", "CatalogError",
+                   lambda d: (d.update(format="compeft"), '"format" "compeft-library" -> "compeft"')[1]),
+    InvalidCatalog("duplicate_name", "CatalogError",
+                   lambda d: (d["experts"].append(dict(_entry(d))), "the entry of 'math' appended a second time")[1]),
+    InvalidCatalog("file_outside_root", "CatalogError",
+                   lambda d: (_entry(d).update(file="../math.cpeft"), "'math' \"file\" -> \"../math.cpeft\"")[1]),
+    InvalidCatalog("bad_name", "CatalogError",
+                   lambda d: (_entry(d).update(name="../math", file="../math.cpeft"),
+                              "'math' \"name\" -> \"../math\" and \"file\" -> \"../math.cpeft\"")[1]),
+    InvalidCatalog("size_not_an_integer", "CatalogError",
+                   lambda d: (_entry(d).update(size=float(_entry(d)["size"])), "'math' \"size\" as a float")[1]),
+    InvalidCatalog("missing_sha256", "CatalogError",
+                   lambda d: (_entry(d).pop("sha256"), "'math' \"sha256\" removed")[1]),
+    InvalidCatalog("sha256_upper_case", "CatalogError",
+                   lambda d: (_entry(d).update(sha256=_entry(d)["sha256"].upper()), "'math' \"sha256\" upper-cased")[1]),
+    InvalidCatalog("duplicate_key", "CatalogError", lambda d: 'a second "format" key ("other") after the first',
+                   raw=lambda b: b.replace(b'"format": ', b'"format": "other", "format": ', 1)),
+)
+
+
+def build_library_vectors(directory: Path) -> list[tuple[InvalidCatalog, str]]:
+    """library/: the experts, their expected tensors, the catalog, and invalid catalogs."""
+    from compeft import library
+
+    out = directory / "library"
+    (out / "invalid").mkdir(parents=True, exist_ok=True)
+    settings = library._settings(**LIBRARY_SETTINGS)
+    entries = {}
+    for name, exprs in LIBRARY_EXPERTS.items():
+        inputs = {n: _evaluate(e) for n, e in exprs.items()}
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "adapter_model.safetensors").write_bytes(st_save(inputs))
+            (Path(tmp) / "adapter_config.json").write_text(json.dumps(LIBRARY_CONFIG))
+            record = {"name": name, "origin": f"s3://example-raw/adapters/{name}",
+                      "source_id": hashlib.sha256(st_save(inputs)).hexdigest(), "settings": settings}
+            data = library._compress(tmp, None, settings, record)
+        (out / f"{name}.cpeft").write_bytes(data)
+        expert = compeft.open(out / f"{name}.cpeft")
+        expected = {n: expert.to_dense(n).contiguous() for n in expert.names}
+        (out / f"{name}.expected.safetensors").write_bytes(st_save(expected))
+        entries[name] = library.CatalogEntry(**library._entry_for(expert, data, name, record))
+    text = library.catalog_bytes(entries)
+    (out / "catalog.json").write_bytes(text)
+    done = []
+    for spec in INVALID_CATALOGS:
+        doc = json.loads(text)
+        description = spec.edit(doc)
+        edited = spec.raw(text) if spec.raw else json.dumps(doc).encode()
+        assert edited != text
+        (out / "invalid" / f"{spec.name}.json").write_bytes(edited)
+        done.append((spec, description))
+    return done
+
+
+def library_readme(directory: Path, done: list[tuple[InvalidCatalog, str]]) -> str:
+    lines = [
+        "# An expert library (spec/LIBRARY.md)",
+        "",
+        "Generated by `python tools/make_vectors.py`; do not edit by hand. Two LoRA adapters, each an",
+        "`adapter_config.json` of",
+        "",
+        f"    {json.dumps(LIBRARY_CONFIG)}",
+        "",
+        "and an `adapter_model.safetensors` of the tensors below (expressions as in `../README.md`),",
+        "compressed as `compeft library build` compresses them with",
+        f"`{_fmt_params({k: v for k, v in LIBRARY_SETTINGS.items() if k != 'base'})}`. Each container's",
+        "`build` record names its origin `s3://example-raw/adapters/NAME` and, as `source_id`, the",
+        "SHA-256 of the adapter's safetensors bytes (a real build digests the source files' names,",
+        "sizes and validators instead: spec/LIBRARY.md 5).",
+        "",
+    ]
+    for name, exprs in LIBRARY_EXPERTS.items():
+        lines += [f"- `{name}`: " + "; ".join(f"`{n}` = `{e}`" for n, e in exprs.items())]
+    lines += [
+        "",
+        "Files: `NAME.cpeft` (the experts), `NAME.expected.safetensors` (their decoded tensors),",
+        "`catalog.json`. A conformant reader lists exactly these entries, opens each expert by name,",
+        "and finds each file's size and SHA-256 equal to its entry; a conformant writer reproduces",
+        "`catalog.json` byte for byte from the entries.",
+        "",
+        "## invalid/",
+        "",
+        "Each is `catalog.json` with one edit (re-serialised with `json.dumps` defaults unless the edit",
+        "is to the bytes). `compeft.open_library(path)` must raise exactly the listed class from",
+        "`compeft.errors`, naming the file:",
+        "",
+        "| file | exception | edit |",
+        "|---|---|---|",
+    ]
+    for spec, description in done:
+        lines.append(f"| `{spec.name}.json` | `{spec.error}` | {description.replace('|', chr(92) + '|')} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
 # driver
 
 
@@ -638,6 +768,8 @@ def build_all(directory: Path) -> None:
     done = build_invalid(directory)
     (directory / "README.md").write_text(vectors_readme(directory), encoding="utf-8")
     (directory / "invalid" / "README.md").write_text(invalid_readme(done), encoding="utf-8")
+    catalogs = build_library_vectors(directory)
+    (directory / "library" / "README.md").write_text(library_readme(directory, catalogs), encoding="utf-8")
 
 
 def _files(directory: Path) -> set[str]:
