@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """compeft library-build benchmark: ``compeft.build_library`` on Dask against a plain sequential loop.
 
-    python benchmarks/library.py            # full: 64 LoRA experts of 20M parameters (32 layers x 7 modules, r=8)
-    python benchmarks/library.py --quick    # smoke run: 10 experts of 5M parameters (8 layers), ~1 min
+    python benchmarks/library.py            # full: 50 LoRA experts of 4.2M parameters (32 layers x q/v, r=8), ~6 min
+    python benchmarks/library.py --quick    # smoke run: 10 experts of 1M parameters (8 layers), ~1 min
     python benchmarks/library.py --out results.json
 
 Cases, on the same adapter directories, scope "tensor", density 0.1, alpha 1 (see
@@ -11,12 +11,13 @@ Cases, on the same adapter directories, scope "tensor", density 0.1, alpha 1 (se
 1. the reference: ``compeft.compress(dir, ...).save(out/NAME.cpeft)`` in a loop in this process
    (Numba's default threads, warm);
 2. ``compeft.build_library(glob, fresh_out, workers=1)`` (wall time includes the LocalCluster);
-3. the same with ``workers=2``;
+3. the same with ``workers=2``; 3b (diagnosis) the same with Dask's default
+   ``MALLOC_TRIM_THRESHOLD_=65536`` for workers unset;
 4. the engine's fixed cost: a LocalCluster + Client of w worker processes started, ``import
    compeft.api`` run on every worker (``client.run``), shut down; w = 1 and 2;
 5. a resume: ``build_library`` again over case 3's output (every expert skipped after verifying).
 
-Rounds interleave the cases (1, 2, 3, 5, 4(1), 4(2), then again) so that noise from other jobs falls
+Rounds interleave the cases (1, 2, 3, 3b, 5, 4(1), 4(2), then again) so that noise from other jobs falls
 on all of them; medians and mins are reported. Every build must report N built and 0 failed (the
 resume N skipped), and a sample of experts must decode to identical tensors from the library and
 from the loop; otherwise the script exits non-zero.
@@ -28,6 +29,7 @@ from the loop; otherwise the script exits non-zero.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
 import json
@@ -37,23 +39,57 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 DENSITY = 0.1
 ALPHA = 1.0
 SCOPE = "tensor"
-CASES = ("sequential", "workers1", "workers2", "resume2", "startup1", "startup2")
+CASES = ("sequential", "workers1", "workers2", "workers2_notrim", "resume2", "startup1", "startup2")
+TRIM = "MALLOC_TRIM_THRESHOLD_"
 
 
-def _import_on_worker() -> bool:
-    """The trivial task of case 4: what every library task needs before it can start."""
+def _import_on_worker() -> str | None:
+    """The trivial task of case 4: what every library task needs before it can start. Returns the
+    worker's MALLOC_TRIM_THRESHOLD_ (Dask's nanny sets it to 65536 by default)."""
     import compeft.api  # noqa: F401
-    return True
+    return os.environ.get(TRIM, "unset")
 
 
-def engine_startup(workers: int) -> float:
+@contextlib.contextmanager
+def without_malloc_trim() -> Any:
+    """Case 3b: workers spawned without Dask's default MALLOC_TRIM_THRESHOLD_=65536 (the nanny also
+    copies it into this process's os.environ when it spawns, whence the pop)."""
+    import dask
+    saved = os.environ.pop(TRIM, None)
+    try:
+        with dask.config.set({f"distributed.nanny.pre-spawn-environ.{TRIM}": None}):
+            yield
+    finally:
+        if saved is not None:
+            os.environ[TRIM] = saved
+
+
+def adapter_tensors(modules: list[tuple[int, str, int, int]], layers: int, rank: int, seed: int, df: float,
+                    scale: float) -> dict[str, Any]:
+    """PEFT-named lora_A/lora_B bf16 tensors for ``modules`` (index into run.MODULES, name, in, out),
+    drawn exactly as run.lora_set draws them (same generator per (seed, layer, module, is_B))."""
+    import numpy as np
+    import torch
+    out: dict[str, Any] = {}
+    for i in range(layers):
+        for j, module, fin, fout in modules:
+            for part, shape in (("lora_A", (rank, fin)), ("lora_B", (fout, rank))):
+                rng = np.random.default_rng([seed, i, j, part == "lora_B"])
+                x = rng.standard_t(df, size=shape).astype(np.float32)
+                x *= np.float32(scale)
+                out[f"base_model.model.model.layers.{i}.{module}.{part}.weight"] = torch.from_numpy(x).to(torch.bfloat16)
+    return out
+
+
+def engine_startup(workers: int, env_seen: list[Any]) -> float:
     """Case 4: start a LocalCluster + Client of ``workers`` processes, import compeft.api on each, stop."""
     from distributed import Client, LocalCluster
     gc.collect()
@@ -61,17 +97,19 @@ def engine_startup(workers: int) -> float:
     with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
             Client(cluster) as client:
         done = client.run(_import_on_worker)
-        if len(done) != workers or not all(done.values()):
+        if len(done) != workers:
             raise SystemExit(f"FAIL: engine start-up ran on {len(done)} workers, expected {workers}")
-    return time.perf_counter() - start
+    elapsed = time.perf_counter() - start
+    env_seen.extend(done.values())
+    return elapsed
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="10 experts of 8 layers (~5M params each)")
+    parser.add_argument("--quick", action="store_true", help="10 experts of 8 layers (~1M params each)")
     parser.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/<date>-<commit>-library.json)")
-    parser.add_argument("--experts", type=int, help="number of experts (default 64; --quick 10)")
-    parser.add_argument("--rounds", type=int, help="interleaved rounds of every case (default 3; --quick 2)")
+    parser.add_argument("--experts", type=int, help="number of experts (default 50; --quick 10)")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds of every case (default 2)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", help="parent of the temporary directory (default: the system's)")
     args = parser.parse_args(argv)
@@ -82,11 +120,21 @@ def main(argv: list[str] | None = None) -> int:
 
     import compeft
     sys.path.insert(0, str(HERE))
-    from run import MODULES, fmt_s, git_info, lora_set, machine_info, table_row, versions, write_report
+    from run import (
+        MODULES,
+        fmt_s,
+        git_info,
+        machine_info,
+        table_row,
+        versions,
+        write_report,
+    )
 
+    # LoRA r=8 on q_proj and v_proj of a 7B-class model: the LoRA paper's and PEFT's usual Llama set-up.
+    modules = [(j, m, fin, fout) for j, (m, fin, fout) in enumerate(MODULES) if m in ("self_attn.q_proj", "self_attn.v_proj")]
     layers, rank = (8, 8) if args.quick else (32, 8)
-    n_experts = args.experts or (10 if args.quick else 64)
-    rounds = args.rounds or (2 if args.quick else 3)
+    n_experts = args.experts or (10 if args.quick else 50)
+    rounds = args.rounds or 2
     sample = sorted({0, n_experts // 3, (2 * n_experts) // 3, n_experts - 1})  # experts checked for identity
     df, scale = 3.0, 0.01
     started = time.perf_counter()
@@ -104,11 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     src = work / "src"
     names = [f"expert-{i:03d}" for i in range(n_experts)]
     config = {"peft_type": "LORA", "base_model_name_or_path": "llama-7b", "r": rank, "lora_alpha": 2 * rank,
-              "target_modules": [m.rsplit(".", 1)[-1] for m, _, _ in MODULES], "task_type": "CAUSAL_LM"}
-    log(f"generating {n_experts} adapters: {layers} layers x {len(MODULES)} modules, r={rank}, bf16 Student-t")
+              "target_modules": [m.rsplit(".", 1)[-1] for _, m, _, _ in modules], "task_type": "CAUSAL_LM"}
+    log(f"generating {n_experts} adapters: {layers} layers x {len(modules)} modules, r={rank}, bf16 Student-t")
     params = tensors = adapter_bytes = 0
     for i, name in enumerate(names):
-        mapping = lora_set(layers, rank, args.seed * 1_000_003 + i, df, scale)
+        mapping = adapter_tensors(modules, layers, rank, args.seed * 1_000_003 + i, df, scale)
         (src / name).mkdir(parents=True)
         save_file(mapping, str(src / name / "adapter_model.safetensors"))
         (src / name / "adapter_config.json").write_text(json.dumps(config))
@@ -146,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
             del expert
         seq_split.append({"compress_s": t_compress, "save_s": t_save})
 
-    reports: dict[str, list[dict[str, Any]]] = {"workers1": [], "workers2": [], "resume2": []}
+    reports: dict[str, list[dict[str, Any]]] = {"workers1": [], "workers2": [], "workers2_notrim": [], "resume2": []}
 
     def build(case: str, out: Path, workers: int, *, resume: bool) -> None:
         report = compeft.build_library(glob, str(out), density=DENSITY, alpha=ALPHA, scope=SCOPE, workers=workers)
@@ -181,19 +229,24 @@ def main(argv: list[str] | None = None) -> int:
     times: dict[str, list[float]] = {c: [] for c in CASES}
     loadavg: list[list[float]] = []
     identity: dict[str, Any] = {}
+    worker_env: list[Any] = []
     for r in range(rounds):
         loadavg.append(list(os.getloadavg()))
-        outs = {c: work / f"round{r}-{c}" for c in ("sequential", "workers1", "workers2")}
-        times["sequential"].append(timed(lambda: sequential(outs["sequential"])))
+        outs = {c: work / f"round{r}-{c}" for c in ("sequential", "workers1", "workers2", "workers2_notrim")}
+        times["sequential"].append(timed(lambda o=outs: sequential(o["sequential"])))
         log(f"round {r + 1}/{rounds}: sequential loop {times['sequential'][-1]:.2f} s")
-        times["workers1"].append(timed(lambda: build("workers1", outs["workers1"], 1, resume=False)))
+        times["workers1"].append(timed(lambda o=outs: build("workers1", o["workers1"], 1, resume=False)))
         log(f"round {r + 1}/{rounds}: build workers=1 {times['workers1'][-1]:.2f} s")
-        times["workers2"].append(timed(lambda: build("workers2", outs["workers2"], 2, resume=False)))
+        times["workers2"].append(timed(lambda o=outs: build("workers2", o["workers2"], 2, resume=False)))
         log(f"round {r + 1}/{rounds}: build workers=2 {times['workers2'][-1]:.2f} s")
-        times["resume2"].append(timed(lambda: build("resume2", outs["workers2"], 2, resume=True)))
+        with without_malloc_trim():
+            times["workers2_notrim"].append(timed(lambda o=outs: build("workers2_notrim", o["workers2_notrim"], 2,
+                                                                resume=False)))
+        log(f"round {r + 1}/{rounds}: build workers=2, {TRIM} unset {times['workers2_notrim'][-1]:.2f} s")
+        times["resume2"].append(timed(lambda o=outs: build("resume2", o["workers2"], 2, resume=True)))
         log(f"round {r + 1}/{rounds}: resume workers=2 {times['resume2'][-1]:.2f} s")
-        times["startup1"].append(engine_startup(1))
-        times["startup2"].append(engine_startup(2))
+        times["startup1"].append(engine_startup(1, worker_env))
+        times["startup2"].append(engine_startup(2, worker_env))
         log(f"round {r + 1}/{rounds}: engine start+stop {times['startup1'][-1]:.2f} s (1w), "
             f"{times['startup2'][-1]:.2f} s (2w)")
         if r == 0:  # untimed: the library's experts decode to the loop's tensors
@@ -201,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
             for i in sample:
                 ref = compeft.open(outs["sequential"] / f"{names[i]}.cpeft")
                 ref_sd = ref.state_dict()
-                for case in ("workers1", "workers2"):
+                for case in ("workers1", "workers2", "workers2_notrim"):
                     lib = compeft.open(outs[case] / f"{names[i]}.cpeft")
                     lib_sd = lib.state_dict()
                     same = (list(lib_sd) == list(ref_sd)
@@ -209,8 +262,8 @@ def main(argv: list[str] | None = None) -> int:
                     meta_lib = {k: v for k, v in lib.metadata.items() if k != "build"}
                     meta_ref = {k: v for k, v in ref.metadata.items() if k != "build"}
                     check(same, f"{case}: {names[i]} decodes to different tensors than the sequential loop's")
-                    check(meta_lib == meta_ref, f"{case}: {names[i]} metadata (build record aside) differs: "
-                          f"{sorted(set(meta_lib.items()) ^ set(meta_ref.items()), key=str)[:4]}")
+                    differ = sorted(k for k in {*meta_lib, *meta_ref} if meta_lib.get(k) != meta_ref.get(k))
+                    check(not differ, f"{case}: {names[i]} metadata (build record aside) differs in {differ}")
                     check("build" in lib.metadata, f"{case}: {names[i]} has no build record")
                     compared += 1
                     del lib_sd
@@ -231,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     res: dict[str, Any] = {c: summary(ts) for c, ts in times.items()}
     med = {c: res[c]["median"] for c in CASES}
     n = n_experts
-    for c in ("sequential", "workers1", "workers2"):
+    for c in ("sequential", "workers1", "workers2", "workers2_notrim"):
         res[c]["experts_per_min"] = 60 * n / med[c]
         res[c]["params_per_s"] = total_params / med[c]
         res[c]["s_per_expert"] = med[c] / n
@@ -247,6 +300,12 @@ def main(argv: list[str] | None = None) -> int:
         res[c]["overhead_per_expert_s_excl_startup"] = (med[c] - med[f"startup{w}"] - med["sequential"]) / n
         res[c]["overhead_per_expert_s_incl_startup"] = (med[c] - med["sequential"]) / n
         res[c]["reports"] = reports[c]
+    res["workers2_notrim"]["speedup_vs_sequential"] = med["sequential"] / med["workers2_notrim"]
+    res["workers2_notrim"]["speedup_vs_workers2"] = med["workers2"] / med["workers2_notrim"]
+    res["workers2_notrim"]["reports"] = reports["workers2_notrim"]
+    res["workers2_notrim"]["how"] = (f"build_library(workers=2) with dask config distributed.nanny.pre-spawn-environ."
+                                     f"{TRIM} = None (Dask's default: 65536); not a case of the brief, a diagnosis")
+    res["worker_malloc_trim_threshold_seen"] = sorted(set(map(str, worker_env)))
     res["resume2"]["s_per_expert"] = med["resume2"] / n
     res["resume2"]["s_per_expert_excl_startup"] = (med["resume2"] - med["startup2"]) / n
     res["resume2"]["ratio_vs_sequential_build"] = med["resume2"] / med["sequential"]
@@ -282,6 +341,9 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(table_row(f"{w + 1} workers={w} steady state (excl. start-up); ratio = speed-up",
                               f"{st['experts_per_min']:.1f} exp/min, {st['params_per_s'] / 1e6:.1f} Mp/s",
                               rate("sequential"), st["speedup_vs_sequential"], None))
+    rows.append(table_row(f"3b workers=2, {TRIM} unset (diagnosis); ratio = speed-up vs loop",
+                          rate("workers2_notrim"), rate("sequential"), res["workers2_notrim"]["speedup_vs_sequential"],
+                          None))
     rows += [
         table_row("engine overhead/expert, 1w: (T_1w-T_start(1)-T_seq)/N vs loop s/expert",
                   fmt_s(res["workers1"]["overhead_per_expert_s_excl_startup"]), fmt_s(seq_pe),
@@ -294,22 +356,25 @@ def main(argv: list[str] | None = None) -> int:
         table_row("5 resume, excl. 2w start-up: s/expert",
                   fmt_s(res["resume2"]["s_per_expert_excl_startup"]), fmt_s(seq_pe),
                   res["resume2"]["s_per_expert_excl_startup"] / seq_pe, None),
-        table_row(f"check: every build {n} built / 0 failed, resume {n} skipped ({3 * rounds + 1} builds)", "", "",
+        table_row(f"check: every build {n} built / 0 failed, resume {n} skipped ({4 * rounds + 1} builds)", "", "",
                   None, None, "FAIL" if any("built" in f for f in failures) else "pass"),
-        table_row(f"check: decoded tensors library == loop ({len(sample)} experts x 2 builds)", "", "", None, None,
+        table_row(f"check: decoded tensors library == loop ({len(sample)} experts x 3 builds)", "", "", None, None,
                   "pass" if identity.get("identical") else "FAIL"),
     ]
     split = res["sequential"]["split_median_per_expert"]
     notes = [
-        f"{n} experts x {params:,} parameters; medians of {rounds} interleaved rounds; machine load average at the "
-        f"start of each round: {[round(x[0], 2) for x in loadavg]}.",
-        f"sequential loop per expert: compress {split['compress_s']:.4f} s + save {split['save_s']:.4f} s "
+        (f"{n} experts x {params:,} parameters; medians of {rounds} interleaved rounds; machine load average at the "
+        f"start of each round: {[round(x[0], 2) for x in loadavg]}."),
+        (f"sequential loop per expert: compress {split['compress_s']:.4f} s + save {split['save_s']:.4f} s "
         f"(Numba threads {numba.get_num_threads()}, torch threads {torch.get_num_threads()} in this process); "
-        f"build_library gives each task cores // workers = {cores} // w kernel threads.",
-        "workers=1 vs workers=2: speed-up of 2 worker processes with 1 kernel thread each over 1 worker with "
+        f"build_library gives each task cores // workers = {cores} // w kernel threads."),
+        ("workers=1 vs workers=2: speed-up of 2 worker processes with 1 kernel thread each over 1 worker with "
         f"{cores} threads = {med['workers1'] / med['workers2']:.3f} (wall), "
         f"{res['workers2']['steady_state']['experts_per_min'] / res['workers1']['steady_state']['experts_per_min']:.3f} "
-        "(steady state).",
+        "(steady state)."),
+        (f"workers see {TRIM} = {res['worker_malloc_trim_threshold_seen']} (Dask's nanny default 65536: glibc returns "
+        "freed memory at once, so every large temporary is a fresh mmap that page-faults). Case 3b, the same "
+        f"2-worker build with it unset: {res['workers2_notrim']['speedup_vs_workers2']:.2f}x faster than case 3."),
     ]
     record = {
         "schema": 1, "date_utc": date.isoformat(timespec="seconds"), "command": [sys.executable, *sys.argv],
@@ -319,9 +384,9 @@ def main(argv: list[str] | None = None) -> int:
         "numba_threads": numba.get_num_threads(), "torch_threads": torch.get_num_threads(),
         "thread_env": {k: os.environ.get(k) for k in ("NUMBA_THREADING_LAYER", "NUMBA_NUM_THREADS", "OMP_NUM_THREADS",
                                                       "OMP_WAIT_POLICY", "MKL_NUM_THREADS")},
-        "data": {"experts": n, "layers": layers, "modules": [m[0] for m in MODULES], "rank": rank,
+        "data": {"experts": n, "layers": layers, "modules": [m for _, m, _, _ in modules], "rank": rank,
                  "dtype": "bfloat16", "distribution": f"Student-t(df={df}) * {scale}",
-                 "seeds": f"lora_set seed = {args.seed} * 1000003 + expert index", "tensors_per_expert": tensors,
+                 "seeds": f"run.lora_set's scheme, seed = {args.seed} * 1000003 + expert index", "tensors_per_expert": tensors,
                  "params_per_expert": params, "params_total": total_params, "adapter_bytes_total": adapter_bytes,
                  "layout": "one PEFT adapter dir per expert: adapter_config.json + adapter_model.safetensors"},
         "settings": {"density": DENSITY, "alpha": ALPHA, "scope": SCOPE, "rounds": rounds,

@@ -475,7 +475,7 @@ def build_library(sources: str | Sequence[str], out: str | os.PathLike[str], *, 
     chunk = DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size
     _check_arguments(density, alpha, scope, chunk)
     keep = [keep_dense] if isinstance(keep_dense, str) else list(keep_dense)
-    out_root = os.fspath(out)
+    out_root = os.fspath(out) if is_url(out) else os.path.abspath(out)  # workers may run elsewhere
     options = dict(storage_options or {})
     settings = _settings(density, alpha, scope, keep, auto_dense, chunk, base)
     found = find_sources(sources, options)
