@@ -399,6 +399,30 @@ def _settings(density: float, alpha: float | str, scope: str, keep_dense: Sequen
             "base": None if base is None else redact(os.fspath(base))}
 
 
+# Environment variables Dask's nanny sets in each worker and also writes into the client's os.environ.
+_NANNY_ENVIRON = ("MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+@contextlib.contextmanager
+def _plain_worker_environment() -> Iterator[None]:
+    """Start local workers without Dask's default MALLOC_TRIM_THRESHOLD_=65536: glibc then gives
+    every large temporary array of the codec back to the OS and maps it again, which made a build
+    3-10x slower than a plain loop (benchmarks/README.md "Library builds"). The variables the
+    nanny copies into this process's environment are put back as they were."""
+    import dask
+    saved = {k: os.environ.get(k) for k in _NANNY_ENVIRON}
+    os.environ.pop("MALLOC_TRIM_THRESHOLD_", None)
+    try:
+        with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
+            yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 @contextlib.contextmanager
 def _engine(scheduler: Any, workers: int | None) -> Iterator[tuple[Any, int, int | None]]:
     """(Dask client, worker count, kernel threads per task or None to leave workers' defaults)."""
@@ -414,7 +438,7 @@ def _engine(scheduler: Any, workers: int | None) -> Iterator[tuple[Any, int, int
         if isinstance(count, bool) or not isinstance(count, int) or count < 1:
             raise InvalidArgumentError(f"workers must be a positive integer, got {workers!r}")
         # One task per worker process; the cores are shared out so Numba's threads do not oversubscribe.
-        with LocalCluster(n_workers=count, threads_per_worker=1, processes=True, dashboard_address="127.0.0.1:0") as cluster, \
+        with _plain_worker_environment(), LocalCluster(n_workers=count, threads_per_worker=1, processes=True, dashboard_address="127.0.0.1:0") as cluster, \
                 Client(cluster) as client:
             yield client, count, max(1, cores // count)
         return
