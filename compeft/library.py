@@ -551,21 +551,22 @@ def build_library(sources: str | Sequence[str], out: str | os.PathLike[str], *, 
 # One expert (runs on a Dask worker; plain data in and out)
 
 
-def _source_files(fs: Any, path: str, full: bool) -> list[dict[str, Any]]:
-    """The files encoding reads, with their fsspec info (size and validators)."""
+def _source_files(fs: Any, path: str, full: bool) -> tuple[list[dict[str, Any]], bool]:
+    """The files encoding reads, with their fsspec info (size and validators), and whether the
+    source is a directory (else a single ``.safetensors`` file)."""
     if not attempt(lambda: fs.isdir(path), "listing the source", path):
         if full and path.endswith(".safetensors"):
-            return [attempt(lambda: fs.info(path), "reading the source", path)]
+            return [attempt(lambda: fs.info(path), "reading the source", path)], False
         raise SourceError("not a directory" + (" or a .safetensors file" if full else " (a PEFT adapter directory)"),
                           path)
     listing = attempt(lambda: fs.ls(path, detail=True), "listing the source", path)
     files = [i for i in listing if i.get("type") == "file"]
     if full:
-        return [i for i in files if i["name"].endswith((".safetensors", ".json"))]
+        return [i for i in files if i["name"].endswith((".safetensors", ".json"))], True
     chosen = [i for i in files if i["name"].rsplit("/", 1)[-1] in _ADAPTER_FILES]
     if not any(i["name"].endswith("/adapter_config.json") for i in chosen):
         raise SourceError("not a PEFT adapter directory (no adapter_config.json)", path)
-    return chosen
+    return chosen, True
 
 
 def _identity(files: Sequence[Mapping[str, Any]], root: str) -> str:
@@ -598,8 +599,7 @@ _BASES: dict[tuple[str, str], tempfile.TemporaryDirectory[str]] = {}  # per work
 def _base_path(base: str, options: Mapping[str, Any]) -> tuple[str, str]:
     """(a local path to the base, its identity); a remote base is fetched once per process."""
     fs, path = resolve(base, options) if is_url(base) else resolve(os.path.abspath(base), options)
-    is_dir = attempt(lambda: fs.isdir(path), "listing the base", redact(base))
-    files = _source_files(fs, path, full=True)
+    files, is_dir = _source_files(fs, path, full=True)
     identity = _identity(files, path)
     from .remote import _local_path
     local = _local_path(fs, path)
@@ -661,7 +661,7 @@ def build_expert(job: Mapping[str, Any]) -> dict[str, Any]:
     try:
         fs, path = resolve(job["source"] if is_url(job["source"]) else os.path.abspath(job["source"]), options)
         full = job["base"] is not None
-        files = _source_files(fs, path, full)
+        files, is_dir = _source_files(fs, path, full)
         read = sum(int(i.get("size") or 0) for i in files)
         base_local, base_identity = _base_path(job["base"], options) if full else (None, "")
         source_id = _identity(files, path)
@@ -672,7 +672,7 @@ def build_expert(job: Mapping[str, Any]) -> dict[str, Any]:
         found = _already_built(out_fs, out_path, redact(job["output"]), record, name)
         if found is not None:
             return {"status": "skipped", "entry": found, "bytes_read": 0}
-        with _local(fs, path, files, attempt(lambda: fs.isdir(path), "listing the source", origin)) as local:
+        with _local(fs, path, files, is_dir) as local:
             data = _compress(local, base_local, settings, record)
         from .expert import CompressedExpert
         from .format import BytesReader
