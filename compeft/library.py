@@ -538,7 +538,6 @@ def build_library(sources: str | Sequence[str], out: str | os.PathLike[str], *, 
             bar.set_postfix_str(f"read {read / 2**20:.0f} MiB, wrote {written / 2**20:.1f} MiB, "
                                 f"{len(failed)} failed")
         bar.close()
-        future = None
     entries = dict(existing)
     entries.update((e.name, e) for e in (*built, *skipped))
     write(catalog_url, [catalog_bytes(entries)], options)
@@ -587,13 +586,20 @@ def _local(fs: Any, path: str, files: Sequence[Mapping[str, Any]], is_dir: bool)
         yield local
         return
     with tempfile.TemporaryDirectory(prefix="compeft-source-") as tmp:
-        for info in files:
-            target = os.path.join(tmp, info["name"].rsplit("/", 1)[-1])
-            attempt(lambda i=info, t=target: fs.get_file(i["name"], t), "fetching the source", info["name"])
-        yield tmp if is_dir else os.path.join(tmp, path.rsplit("/", 1)[-1])
+        yield _copy_files(fs, path, files, is_dir, tmp, "fetching the source")
 
 
-_BASES: dict[tuple[str, str], tempfile.TemporaryDirectory[str]] = {}  # per worker process: remote bases fetched
+def _copy_files(fs: Any, path: str, files: Sequence[Mapping[str, Any]], is_dir: bool, directory: str,
+                what: str) -> str:
+    """Copy ``files`` of the source or base at ``path`` into ``directory``; the local path to use."""
+    for info in files:
+        target = os.path.join(directory, info["name"].rsplit("/", 1)[-1])
+        attempt(lambda i=info, t=target: fs.get_file(i["name"], t), what, redact(info["name"]))
+    return directory if is_dir else os.path.join(directory, path.rsplit("/", 1)[-1])
+
+
+# Per worker process: remote bases fetched, (URL, identity) -> (their directory, the local path to use).
+_BASES: dict[tuple[str, str], tuple[tempfile.TemporaryDirectory[str], str]] = {}
 
 
 def _base_path(base: str, options: Mapping[str, Any]) -> tuple[str, str]:
@@ -608,12 +614,8 @@ def _base_path(base: str, options: Mapping[str, Any]) -> tuple[str, str]:
     key = (redact(base), identity)
     if key not in _BASES:
         holder = tempfile.TemporaryDirectory(prefix="compeft-base-")
-        for info in files:
-            target = os.path.join(holder.name, info["name"].rsplit("/", 1)[-1])
-            attempt(lambda i=info, t=target: fs.get_file(i["name"], t), "fetching the base", redact(base))
-        _BASES[key] = holder
-    local = _BASES[key].name
-    return (local if is_dir else os.path.join(local, path.rsplit("/", 1)[-1])), identity
+        _BASES[key] = (holder, _copy_files(fs, path, files, is_dir, holder.name, "fetching the base"))
+    return _BASES[key][1], identity
 
 
 def _entry_for(expert: Any, data: bytes, name: str, record: Mapping[str, Any]) -> dict[str, Any]:
@@ -673,10 +675,8 @@ def build_expert(job: Mapping[str, Any]) -> dict[str, Any]:
         if found is not None:
             return {"status": "skipped", "entry": found, "bytes_read": 0}
         with _local(fs, path, files, is_dir) as local:
-            data = _compress(local, base_local, settings, record)
-        from .expert import CompressedExpert
-        from .format import BytesReader
-        expert = CompressedExpert(BytesReader(data, name=redact(job["output"])))
+            expert = _compress(local, base_local, settings, record)
+        data = expert.to_bytes()
         entry = _entry_for(expert, data, name, record)
         write(job["output"], [data], options)
         return {"status": "built", "entry": entry, "bytes_read": read}
@@ -686,13 +686,14 @@ def build_expert(job: Mapping[str, Any]) -> dict[str, Any]:
         return {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"[:500], "bytes_read": read}
 
 
-def _compress(local: str, base: str | None, settings: Mapping[str, Any], record: Mapping[str, Any]) -> bytes:
+def _compress(local: str, base: str | None, settings: Mapping[str, Any], record: Mapping[str, Any]) -> Any:
+    """The expert (in memory, a CompressedExpert) of the source at ``local`` with ``settings``."""
     from .api import _encode, _resolve_source
     encoded = _encode(_resolve_source(local, base), density=settings["density"], scope=settings["scope"],
                       keep_dense=settings["keep_dense"], auto_dense=settings["auto_dense"],
                       chunk_size=settings["chunk_size"], metadata=None, progress=False,
                       kept_sums=settings["alpha"] == "l2")
-    return encoded.build(settings["alpha"], {"build": dict(record)}).to_bytes()
+    return encoded.build(settings["alpha"], {"build": dict(record)})
 
 
 def _set_threads(count: int) -> None:

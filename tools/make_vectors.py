@@ -696,7 +696,7 @@ def build_library_vectors(directory: Path) -> list[tuple[InvalidCatalog, str]]:
             (Path(tmp) / "adapter_config.json").write_text(json.dumps(LIBRARY_CONFIG))
             record = {"name": name, "origin": f"s3://example-raw/adapters/{name}",
                       "source_id": hashlib.sha256(st_save(inputs)).hexdigest(), "settings": settings}
-            data = library._compress(tmp, None, settings, record)
+            data = library._compress(tmp, None, settings, record).to_bytes()
         (out / f"{name}.cpeft").write_bytes(data)
         expert = compeft.open(out / f"{name}.cpeft")
         expected = {n: expert.to_dense(n).contiguous() for n in expert.names}
