@@ -266,13 +266,13 @@ def merge(experts: Sequence[CompressedExpert | str | os.PathLike[str]], *, metho
     result = MergeResult()
     result.metadata = {"method": method, "weights": coefficients, "lambda": float(lam), "drop_rate": drop_rate,
                        "seed": seed, "experts": [e.path for e in opened]}
-    target = None
+    run_on = None  # the device the kernels run on: None for the CPU kernels
     if device is not None:
         from .gpu import interpreted, kernel_device
 
         if torch.device(device).type != "cpu" or interpreted():  # interpreted: the kernels' CPU test mode
-            target = kernel_device(device)
-    groups = _groups(opened[0], selected, GROUP_PARAMETERS if target is None else GPU_GROUP_PARAMETERS)
+            run_on = kernel_device(device)
+    groups = _groups(opened[0], selected, GROUP_PARAMETERS if run_on is None else GPU_GROUP_PARAMETERS)
     if into is not None and len(groups) > 1:  # a corrupt later group must not find earlier ones written
         for e in opened:
             e.payloads(selected)
@@ -285,21 +285,21 @@ def merge(experts: Sequence[CompressedExpert | str | os.PathLike[str]], *, metho
         # CRCs verified on first use; a structurally bad chunk fails the first pass, before any write
         # to `into`. Each expert's payloads are taken when its turn comes, so later experts' bytes
         # are still arriving while the first ones decode.
-        if target is None:
+        if run_on is None:
             payloads, placed = _LazyPayloads(opened, group), None
         else:
             from .gpu import on_device
 
-            placed = [on_device(e, target, group) for e in opened]
+            placed = [on_device(e, run_on, group) for e in opened]
             payloads = [{n: d.dense.get(n, d) for n in group} for d in placed]
         merged = rule.combine(Accumulator(opened, payloads, group, coefficients, float(lam), drop_rate, seed, placed))
         for name in group:
             if into is None:
                 result[name] = merged[name]
             else:
-                target = into[name]
+                weight = into[name]
                 with torch.no_grad():
-                    target.copy_(_added(target, merged[name].to(target.device)))
+                    weight.copy_(_added(weight, merged[name].to(weight.device)))
     return result
 
 
