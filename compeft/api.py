@@ -8,6 +8,7 @@ import json
 import math
 import os
 import shutil
+import warnings
 import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, MutableMapping, Sequence
@@ -18,38 +19,49 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from . import __version__
-from .codec import golomb
-from .encode import Selection, select, ternary_scale
-from .errors import BaseMismatchError, HeaderError, InvalidArgumentError, SourceError
+from .codec import golomb, kernels
+from .alpha import (ALPHA_L2, ALPHA_NORM, DEFAULT_ALPHA, DEFAULT_SCOPE, PRODUCT_RULES, RULES, TensorStats,
+                    check_rule, fidelity, lora_factor, lora_pairs, scales, tensor_stats)
+from .encode import Selection, select
+from .errors import BaseMismatchError, FidelityWarning, HeaderError, InvalidArgumentError, SourceError
 from .expert import _ADD_MODE, CompressedExpert, flat_bits, kept_value
 from .format import (ENCODING_DENSE, ENCODING_GOLOMB, BytesReader, TensorEntry, atomic_write,
                      encode_header)
 from .format.header import MAX_CHUNK_SIZE, PAYLOAD_ALIGNMENT, SCOPES, round_up
 from .progress import progress_bar
-from .sources import (ADAPTER_CONFIG, DTYPE_TO_TORCH, SAFETENSORS_INDEX, Source, SourceTensor, dtype_code, fingerprint, from_finetuned, from_mapping,
+from .report import describe
+from .sources import (ADAPTER_CONFIG, DTYPE_TO_TORCH, SAFETENSORS_INDEX, Source, SourceTensor, base_dtype_shape, dtype_code, fingerprint, from_finetuned, from_mapping,
                       from_peft_dir, safetensors_files, safetensors_tensors)
 
 PathLike = str | os.PathLike[str]
 TensorSource = Mapping[str, torch.Tensor] | PathLike
 
 
-ALPHA_L2 = "l2"  # the closed-form alpha: the mean kept |τ| of each scope (README "Choosing α")
+STAT_BLOCKS = 8  # a fixed split of the α rules' sums: the same float64 results for every thread count
 PAPER_ALPHAS = (0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0)  # the grid of Yadav et al. (2023)
 
 
+def default_alpha(scope: str) -> str:
+    """The α rule used when none is given: ``product-norm`` in tensor scope (for anything but LoRA
+    pairs it is ``norm``), ``norm`` in global scope (one scale for all tensors: no pairs)."""
+    return DEFAULT_ALPHA if scope == "tensor" else ALPHA_NORM
+
+
 def _check_alpha(alpha: float | str) -> None:
-    if alpha == ALPHA_L2:
+    if check_rule(alpha):
         return
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha < 0:
-        raise InvalidArgumentError(f"alpha must be a finite number >= 0 or {ALPHA_L2!r}, got {alpha!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+        raise InvalidArgumentError(f"alpha must be a finite number > 0 or one of {list(RULES)}, got {alpha!r}")
 
 
 def _check_arguments(density: float, alpha: float | str, scope: str, chunk_size: int) -> None:
-    if not isinstance(density, (int, float)) or not 0 < density <= 1:
+    if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 < density <= 1:
         raise InvalidArgumentError(f"density must be in (0, 1], got {density!r}")
     _check_alpha(alpha)
     if scope not in SCOPES:
         raise InvalidArgumentError(f"scope must be one of {SCOPES}, got {scope!r}")
+    if alpha in PRODUCT_RULES and scope != "tensor":
+        raise InvalidArgumentError(f"alpha {alpha!r} fits each LoRA module's B·A on its own: it needs scope 'tensor'")
     if not isinstance(chunk_size, int) or not 1 <= chunk_size <= MAX_CHUNK_SIZE:
         raise InvalidArgumentError(f"chunk_size must be an integer in [1, {MAX_CHUNK_SIZE}], got {chunk_size!r}")
 
@@ -78,7 +90,7 @@ def _flat_f32(t: SourceTensor) -> np.ndarray:
 
 
 def compress(source: TensorSource, *, base: PathLike | None = None, density: float = 0.1,
-             alpha: float | str = 1.0, scope: str = "global", keep_dense: Sequence[str] = (), auto_dense: bool = True,
+             alpha: float | str | None = None, scope: str = DEFAULT_SCOPE, keep_dense: Sequence[str] = (), auto_dense: bool = True,
              chunk_size: int = golomb.DEFAULT_CHUNK_SIZE, metadata: Mapping[str, str] | None = None,
              progress: bool = False) -> CompressedExpert:
     """Compress a task vector with ComPEFT (top-``density`` of |τ| kept as ±``alpha``·σ(τ)).
@@ -93,11 +105,15 @@ def compress(source: TensorSource, *, base: PathLike | None = None, density: flo
     density
         k in (0, 1]: the fraction of entries kept, per scope.
     alpha
-        The multiplier of σ(τ) (unbiased std over the scope's entries), or ``"l2"``: per scope the
-        α that minimises ‖τ − τ̃‖₂ for the chosen mask, α* = mean(|τ| over kept entries) / σ.
+        The magnitude of the kept entries. A number: α·σ(τ) (σ the unbiased std over the scope's
+        entries; ``1.0`` with ``scope="global"`` is the paper's reference mode). Or a data-free
+        rule (README "Choosing α"): ``"norm"``, ‖τ̃‖ = ‖τ‖ per scope; ``"l2"``, the mean kept |τ|
+        (least ‖τ − τ̃‖); ``"product-norm"`` / ``"product-l2"`` (tensor scope), the same judged on
+        each LoRA module's product B·A. Default (None): ``"product-norm"`` in tensor scope,
+        ``"norm"`` in global scope — chosen on the fidelity benchmark.
     scope
-        ``"global"``: one threshold and σ over all compressed tensors (reference ComPEFT);
-        ``"tensor"``: each tensor on its own.
+        ``"tensor"`` (default): each tensor its own threshold and magnitude; ``"global"``: one
+        threshold and σ over all compressed tensors (reference ComPEFT).
     keep_dense
         Glob patterns (``fnmatch``) of tensor names stored verbatim, uncompressed.
     auto_dense
@@ -123,14 +139,19 @@ def compress(source: TensorSource, *, base: PathLike | None = None, density: flo
     >>> expert = compeft.compress(tv, density=0.1, alpha=1.0)
     >>> int((expert.to_dense("layer.weight") != 0).sum())  # floor(d·k) + 1: ranks d−floor(d·k) … d
     6554
-    >>> round(compeft.compress(tv, density=0.1, alpha="l2").metadata["alpha"], 1)  # mean kept |τ| / σ
+    >>> round(compeft.compress(tv, density=0.1, alpha="l2", scope="global").metadata["alpha"], 1)  # mean kept |τ| / σ
     2.1
+    >>> compeft.compress(tv).metadata["fidelity"]["overall"]  # ‖τ − τ̃‖ / ‖τ‖ and cosine, from the header
+    [0.7838, 0.6211]
     """
+    alpha = default_alpha(scope) if alpha is None else alpha
     _check_arguments(density, alpha, scope, chunk_size)
     encoded = _encode(_resolve_source(source, base), density=density, scope=scope, keep_dense=keep_dense,
-                      auto_dense=auto_dense, chunk_size=chunk_size, metadata=metadata, progress=progress,
-                      kept_sums=alpha == ALPHA_L2)
-    return encoded.build(alpha)
+                      auto_dense=auto_dense, chunk_size=chunk_size, metadata=metadata, progress=progress)
+    expert = encoded.build(alpha)
+    for message in describe(expert.header)["warnings"]:
+        warnings.warn(message, FidelityWarning, stacklevel=2)
+    return expert
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,7 +168,7 @@ class TuneResult:
 
 def tune_alpha(source: TensorSource, evaluate: Callable[[CompressedExpert], float], *,
                base: PathLike | None = None, densities: Sequence[float] = (0.1,),
-               alphas: Sequence[float | str] = PAPER_ALPHAS, scope: str = "global", keep_dense: Sequence[str] = (),
+               alphas: Sequence[float | str] = PAPER_ALPHAS, scope: str = DEFAULT_SCOPE, keep_dense: Sequence[str] = (),
                auto_dense: bool = True, chunk_size: int = golomb.DEFAULT_CHUNK_SIZE,
                metadata: Mapping[str, str] | None = None, progress: bool = False) -> TuneResult:
     """Sweep α (and density) and keep the expert that ``evaluate`` scores highest.
@@ -165,7 +186,8 @@ def tune_alpha(source: TensorSource, evaluate: Callable[[CompressedExpert], floa
     densities
         The densities k to try.
     alphas
-        The α grid (default the paper's 0.5, 1, 2, 3, 4, 5, 6, 8, 10); ``"l2"`` may be included.
+        The α grid (default the paper's 0.5, 1, 2, 3, 4, 5, 6, 8, 10, then the default rule of the
+        scope); rules (``"norm"``, ``"l2"``, ``"product-norm"``, ...) may be included.
 
     Returns
     -------
@@ -181,40 +203,41 @@ def tune_alpha(source: TensorSource, evaluate: Callable[[CompressedExpert], floa
     ...     return -float((expert.to_dense("w") - tau["w"]).norm())
     >>> result = compeft.tune_alpha(tau, score, densities=[0.1, 0.5])
     >>> result.density, result.alpha
-    (0.5, 1.0)
+    (0.5, 'product-norm')
     """
     if not callable(evaluate):
         raise InvalidArgumentError("evaluate must be a callable taking an expert and returning a score")
     densities = list(densities)
     alphas = list(alphas)
+    if tuple(alphas) == PAPER_ALPHAS:  # the default grid also holds the default rule: tuning never does worse
+        alphas.append(default_alpha(scope))
     if not densities or not alphas:
         raise InvalidArgumentError("tune_alpha needs at least one density and one alpha")
     for density in densities:
         _check_arguments(density, alphas[0], scope, chunk_size)
     for alpha in alphas:
-        _check_alpha(alpha)
+        _check_arguments(densities[0], alpha, scope, chunk_size)
     src = _resolve_source(source, base)
-    need_sums = ALPHA_L2 in alphas
     scored: list[tuple[float, float | str, float]] = []
     best: tuple[float, float, float | str, _Encoded] | None = None
     for density in densities:
         encoded = _encode(src, density=density, scope=scope, keep_dense=keep_dense, auto_dense=auto_dense,
-                          chunk_size=chunk_size, metadata=metadata, progress=progress, kept_sums=need_sums)
+                          chunk_size=chunk_size, metadata=metadata, progress=progress)
         for alpha in alphas:
             score = evaluate(encoded.build(alpha))
             if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
                 raise InvalidArgumentError(f"evaluate returned {score!r} for density {density}, alpha {alpha}; "
                                            "it must return a finite number")
-            scored.append((float(density), alpha if alpha == ALPHA_L2 else float(alpha), float(score)))
+            scored.append((float(density), alpha if isinstance(alpha, str) else float(alpha), float(score)))
             if best is None or score > best[0]:
                 best = (float(score), float(density), alpha, encoded)
     assert best is not None
     score, density, alpha, encoded = best
-    record = {"densities": [float(d) for d in densities], "alphas": [a if a == ALPHA_L2 else float(a) for a in alphas],
+    record = {"densities": [float(d) for d in densities], "alphas": [a if isinstance(a, str) else float(a) for a in alphas],
               "scores": [list(point) for point in scored], "chosen": {"density": density, "alpha": alpha,
                                                                        "score": score}}
     expert = encoded.build(alpha, {"tuning": record})
-    return TuneResult(expert, density, alpha if alpha == ALPHA_L2 else float(alpha), score, tuple(scored))
+    return TuneResult(expert, density, alpha if isinstance(alpha, str) else float(alpha), score, tuple(scored))
 
 
 class _Encoded:
@@ -223,43 +246,32 @@ class _Encoded:
 
     def __init__(self, meta: dict[str, Any], entries: list[TensorEntry], parts: list[bytes | memoryview],
                  data_length: int, scopes: list[list[str]], sigmas: dict[str, float],
-                 kept_sums: dict[str, float] | None) -> None:
+                 stats: dict[str, TensorStats]) -> None:
         self.meta, self.entries, self.parts, self.data_length = meta, entries, parts, data_length
-        self.scopes, self.sigmas, self.kept_sums = scopes, sigmas, kept_sums
+        self.scopes, self.sigmas, self.stats = scopes, sigmas, stats
         self.by_name = {e.name: e for e in entries}
-
-    def l2_magnitude(self, names: Sequence[str]) -> float:
-        """The L2-optimal magnitude of a scope's kept entries: Σ_kept |τ| / n_kept (0 if none kept)."""
-        assert self.kept_sums is not None
-        kept = sum(self.by_name[n].nnz for n in names)
-        return math.fsum(self.kept_sums[n] for n in names) / kept if kept else 0.0
+        shapes = {e.name: e.shape for e in entries}
+        self.pairs = lora_pairs([n for n in stats if stats[n].gram is not None], shapes)
 
     def build(self, alpha: float | str, extra: Mapping[str, Any] | None = None) -> CompressedExpert:
-        scales: dict[str, float] = {}
-        alphas: list[float] = []
-        for names in self.scopes:
-            sigma = self.sigmas[names[0]] if names else 0.0
-            if alpha == ALPHA_L2:
-                magnitude = self.l2_magnitude(names)
-                scale = float(np.float32(magnitude))
-                alphas.append(magnitude / sigma if sigma > 0 else 0.0)
-            else:
-                scale = ternary_scale(float(alpha), sigma)
-            scales.update((n, scale) for n in names)
+        chosen, alphas = scales(alpha, self.scopes, self.sigmas, self.stats, self.pairs)
         meta = dict(self.meta)
-        if alpha == ALPHA_L2:
+        if isinstance(alpha, str):
             # one α per scope: a number in global scope; per tensor it lives in each scale only
-            meta.update(alpha=alphas[0] if self.meta["scope"] == "global" and alphas else None, alpha_rule=ALPHA_L2)
+            meta.update(alpha=alphas[0] if self.meta["scope"] == "global" and alphas else None, alpha_rule=alpha)
         else:  # "alpha_rule" absent means the given α (so containers written before it are unchanged)
             meta["alpha"] = float(alpha)
+        names = [n for scope in self.scopes for n in scope]
+        magnitudes = {n: kept_value(chosen[n], DTYPE_TO_TORCH[self.by_name[n].dtype]) for n in names}
+        meta["fidelity"] = fidelity(sorted(names), self.stats, magnitudes, self.pairs)
         meta.update(extra or {})
-        entries = [dataclasses.replace(e, scale=scales[e.name]) if e.name in scales else e for e in self.entries]
+        entries = [dataclasses.replace(e, scale=chosen[e.name]) if e.name in chosen else e for e in self.entries]
         blob = b"".join([encode_header(meta, entries, self.data_length), *self.parts])
         return CompressedExpert(BytesReader(blob, name="<in-memory expert>"))
 
 
 def _encode(src: Source, *, density: float, scope: str, keep_dense: Sequence[str] | str, auto_dense: bool,
-            chunk_size: int, metadata: Mapping[str, str] | None, progress: bool, kept_sums: bool) -> _Encoded:
+            chunk_size: int, metadata: Mapping[str, str] | None, progress: bool) -> _Encoded:
     """Selection and coding of every tensor (everything of ``compress`` but the scales)."""
     if isinstance(keep_dense, str):
         keep_dense = (keep_dense,)
@@ -291,15 +303,13 @@ def _encode(src: Source, *, density: float, scope: str, keep_dense: Sequence[str
     entries: list[TensorEntry] = []
     parts: list[bytes | memoryview] = []
     sigmas: dict[str, float] = {}
-    sums: dict[str, float] | None = {} if kept_sums else None
+    stats: dict[str, TensorStats] = {}
     offset = 0
     compressed_names = {t.name for t in compressed}
     for t in progress_bar(src.tensors, "encoding", progress):
         if t.name in compressed_names:
-            fields, pieces, sigmas[t.name], kept = _encode_compressed(t, selections.get(t.name), density, chunk_size,
-                                                                      kept_sums)
-            if sums is not None:
-                sums[t.name] = kept
+            fields, pieces, sigmas[t.name], stats[t.name] = _encode_compressed(
+                t, selections.get(t.name), density, chunk_size, lora=src.kind == "peft")
         else:
             fields, pieces = _encode_dense(t, src.kind)
         length = sum(len(p) for p in pieces)
@@ -314,28 +324,25 @@ def _encode(src: Source, *, density: float, scope: str, keep_dense: Sequence[str
         offset = padded
     names = [t.name for t in compressed]
     scopes = [names] if scope == "global" else [[n] for n in names]
-    return _Encoded(meta, entries, parts, offset, scopes, sigmas, sums)
+    return _Encoded(meta, entries, parts, offset, scopes, sigmas, stats)
 
 
 def _encode_compressed(t: SourceTensor, chosen: Selection | None, density: float, chunk_size: int,
-                       kept_sums: bool) -> tuple[dict[str, Any], list[memoryview], float, float]:
-    """Header fields (scale still 0), payload pieces, σ of the scope and (with ``kept_sums``)
-    Σ|τ| over the kept entries of a ternary-golomb tensor. ``chosen``: the global selection, or
-    None to select within the tensor."""
+                       lora: bool) -> tuple[dict[str, Any], list[memoryview], float, TensorStats]:
+    """Header fields (scale still 0), payload pieces, σ of the scope and the tensor's statistics for
+    the α rules (with ``lora``, a LoRA factor's Gram matrices too). ``chosen``: the global
+    selection, or None to select within the tensor."""
     values = _flat_f32(t)
     if chosen is None:
         chosen = select(lambda: [(t.name, values)], density)
     streams = golomb.encode(values, chosen.threshold, chunk_size)
-    kept = 0.0
-    if kept_sums:  # the same rule as the encoder: τ != 0 and |τ| >= threshold
-        magnitudes = np.abs(values)
-        mask = magnitudes >= np.float32(chosen.threshold)
-        mask &= magnitudes != 0
-        kept = float(magnitudes[mask].sum(dtype=np.float64))
+    factor = lora_factor(t.name) if lora else None
+    sums = kernels.kept_stats(values, np.float32(chosen.threshold), STAT_BLOCKS)
+    stats = tensor_stats(values, chosen.threshold, t.shape, None if factor is None else factor[1], sums)
     fields = dict(encoding=ENCODING_GOLOMB, role="delta", init=t.init, nnz=streams.nnz, scale=0.0,
                   golomb_m=streams.golomb_m, chunk_size=chunk_size, unary_bits=streams.unary_bits,
                   high_bits=streams.high_bits)
-    return fields, streams.payload_parts(), chosen.sigma, kept
+    return fields, streams.payload_parts(), chosen.sigma, stats
 
 
 def _encode_dense(t: SourceTensor, kind: str) -> tuple[dict[str, Any], list[memoryview]]:
@@ -566,8 +573,8 @@ def decompress(expert: CompressedExpert | PathLike, output: PathLike, *, base: P
     if expert.metadata.get("source") != "peft":
         raise InvalidArgumentError("this expert is not a PEFT adapter: write a .safetensors task vector or pass a base",
                                    expert.path)
-    out.mkdir(parents=True, exist_ok=True)
     tensors = {n: _restored(expert, n).contiguous() for n in progress_bar(expert.names, "decoding", progress)}
+    out.mkdir(parents=True, exist_ok=True)
     _save_safetensors(tensors, out / "adapter_model.safetensors", {"format": "pt"})
     config = expert.metadata.get("adapter_config") or {}
     atomic_write(out / ADAPTER_CONFIG, [json.dumps(config, indent=2, sort_keys=True).encode()])
@@ -577,17 +584,22 @@ def decompress(expert: CompressedExpert | PathLike, output: PathLike, *, base: P
 def merge_to(experts: Sequence[CompressedExpert | PathLike], output: PathLike, *, method: str = "task_arithmetic",
              weights: Sequence[float] | None = None, lam: float = 1.0, normalize: bool = True,
              drop_rate: float = 0.0, seed: int = 0, base: PathLike | None = None, density: float | None = None,
-             alpha: float = 1.0, force: bool = False, progress: bool = False) -> Path:
+             alpha: float | str | None = None, force: bool = False, progress: bool = False) -> Path:
     """:func:`compeft.merge` written out: base + merged τ with the base's sharding (``base``), a
     ``.safetensors`` merged task vector (float32), or a re-compressed ``.cpeft`` (``density``,
-    default the first expert's). The merge's method, weights, λ, drop rate and seed are recorded in
-    the output's metadata."""
+    default the first expert's; ``alpha`` default :func:`compress`'s). The merge's method, weights,
+    λ, drop rate and seed are recorded in the output's metadata."""
     from .merging import merge
 
     opened = [_as_expert(e) for e in experts]
     options = dict(method=method, weights=weights, lam=lam, normalize=normalize, drop_rate=drop_rate, seed=seed,
                    check_base=not force)
     out = Path(output)
+    if base is None and out.suffix not in (".safetensors", ".cpeft"):
+        raise InvalidArgumentError("merge output must end in .safetensors or .cpeft, or come with a base", out)
+    if out.suffix == ".cpeft" and base is None:
+        _check_arguments(0.1 if density is None else density, default_alpha(DEFAULT_SCOPE) if alpha is None else alpha,
+                         DEFAULT_SCOPE, golomb.DEFAULT_CHUNK_SIZE)
     if base is not None:
         return _onto_base(opened, Path(base), out, force, progress,
                           lambda shard, names: merge(opened, into=shard, names=names, **options))
@@ -595,22 +607,16 @@ def merge_to(experts: Sequence[CompressedExpert | PathLike], output: PathLike, *
     record = {"merge": json.dumps(result.metadata, sort_keys=True)}
     if out.suffix == ".safetensors":
         _save_safetensors({n: t.contiguous() for n, t in result.items()}, out, record)
-    elif out.suffix == ".cpeft":
+    else:
         chosen = opened[0].metadata.get("density", 0.1) if density is None else density
         compress(dict(result), density=chosen, alpha=alpha, metadata=record, progress=progress).save(out)
-    else:
-        raise InvalidArgumentError("merge output must end in .safetensors or .cpeft, or come with a base", out)
     return out
 
 
 def _decompress_onto_base(expert: CompressedExpert, base: Path, out: Path, force: bool, progress: bool) -> Path:
-    files = _model_files(expert)
-    written = _onto_base([expert], base, out, force, progress,
-                         lambda shard, names: _apply(expert, shard, names, 1.0, False))
-    if written.is_dir():  # the fine-tune's own config files replace the base's copies
-        for name, text in files.items():
-            atomic_write(written / name, [text.encode("utf-8")])
-    return written
+    # the fine-tune's own config files replace the base's copies
+    return _onto_base([expert], base, out, force, progress,
+                      lambda shard, names: _apply(expert, shard, names, 1.0, False), _model_files(expert))
 
 
 def _model_files(expert: CompressedExpert) -> dict[str, str]:
@@ -627,15 +633,37 @@ def _model_files(expert: CompressedExpert) -> dict[str, str]:
 
 
 def _onto_base(experts: Sequence[CompressedExpert], base: Path, out: Path, force: bool, progress: bool,
-               update: Callable[[dict[str, torch.Tensor], list[str]], Any]) -> Path:
+               update: Callable[[dict[str, torch.Tensor], list[str]], Any], files_over: Mapping[str, str] = {}) -> Path:
     """Write base + the experts' change with the base's sharding, one shard in memory at a time:
-    ``update(shard, names)`` changes the shard's tensors ``names`` in place."""
+    ``update(shard, names)`` changes the shard's tensors ``names`` in place; ``files_over`` (name ->
+    text) are written over the base directory's other files.
+
+    Everything that can be checked is checked before anything is written (the base holds every
+    tensor with the expert's shape in a floating dtype, its fingerprint unless ``force``, every
+    payload's checksum and structure); a directory output is written under a temporary name
+    beside ``out`` and renamed into place, so a failure leaves nothing behind."""
     expert = experts[0]
+    if not base.exists():
+        raise SourceError("no such file or directory", base)
     files = [base] if base.is_file() else safetensors_files(base)
+    if base.is_dir() and out.suffix == ".safetensors":
+        raise InvalidArgumentError(f"the base {base} is a model directory: the output must be a directory, "
+                                   "not a .safetensors file", out)
+    if base.is_file() and out.suffix != ".safetensors" and out.exists() and not out.is_dir():
+        raise InvalidArgumentError("the output exists and is not a directory", out)
     located = safetensors_tensors(files)
     missing = [n for n in expert.names if n not in located]
     if missing:
         raise BaseMismatchError(f"{len(missing)} tensors of the expert are not in the base (e.g. {missing[:3]})", base)
+    for name in expert.names:
+        path, handle = located[name]
+        dtype, shape = base_dtype_shape(handle, name, path)
+        e = expert.entry(name)
+        if shape != e.shape:
+            raise BaseMismatchError(f"tensor {name!r}: expert shape {list(e.shape)}, base shape {list(shape)} "
+                                    f"(--force skips only the fingerprint check)", path)
+        if e.role == "delta" and not dtype.is_floating_point:
+            raise BaseMismatchError(f"tensor {name!r}: cannot add a delta into a {dtype} weight", path)
     wanted = expert.metadata.get("base_fingerprint")
     if wanted and not force:
         got = fingerprint((n, located[n][1].get_tensor(n)) for n in expert.names)
@@ -644,24 +672,33 @@ def _onto_base(experts: Sequence[CompressedExpert], base: Path, out: Path, force
                                     base)
     for each in experts:
         each.verify()  # every payload checked before the first file is written
-    targets: list[tuple[Path, Path]]
-    if base.is_file():
-        targets = [(base, out if out.suffix == ".safetensors" else out / base.name)]
-    else:
-        targets = [(f, out / f.name) for f in files]
-    for _, dest in targets:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-    for source_file, dest in progress_bar(targets, "writing shards", progress):
-        with safe_open(str(source_file), framework="pt") as handle:
-            shard_meta = handle.metadata()
-        shard = load_file(str(source_file))
-        names = [n for n in expert.names if n in shard]
-        if names:
-            update(shard, names)
-        _save_safetensors(shard, dest, shard_meta)
-    if base.is_dir():
-        weight_names = {f.name for f in files}
-        for item in base.iterdir():
-            if item.is_file() and item.name not in weight_names:
-                shutil.copy2(item, out / item.name)
+    single = base.is_file() and out.suffix == ".safetensors"
+    stage = out if single or out.exists() else out.with_name(f".{out.name}.{os.getpid()}.partial")
+    try:
+        targets = [(base, stage)] if single else [(f, stage / f.name) for f in files]
+        if not single:
+            stage.mkdir(parents=True, exist_ok=True)
+        for source_file, dest in progress_bar(targets, "writing shards", progress):
+            with safe_open(str(source_file), framework="pt") as handle:
+                shard_meta = handle.metadata()
+            shard = load_file(str(source_file))
+            names = [n for n in expert.names if n in shard]
+            if names:
+                update(shard, names)
+            _save_safetensors(shard, dest, shard_meta)
+            del shard
+        if base.is_dir():
+            weight_names = {f.name for f in files}
+            for item in base.iterdir():
+                if item.is_file() and item.name not in weight_names:
+                    shutil.copy2(item, stage / item.name)
+        if not single:
+            for name, text in files_over.items():
+                atomic_write(stage / name, [text.encode("utf-8")])
+        if stage != out:
+            os.rename(stage, out)
+    except BaseException:
+        if stage != out:
+            shutil.rmtree(stage, ignore_errors=True)
+        raise
     return out

@@ -80,28 +80,72 @@ def _remote_options(p: argparse.ArgumentParser, cache: bool = True) -> None:
 
 
 def _alpha(text: str) -> float | str:
-    """An --alpha value: a number, or "l2" for the closed-form α."""
-    if text.strip().lower() == "l2":
-        return "l2"
+    """An --alpha value: a number > 0, or a rule's name (``norm``, ``l2``, ``product-norm``, ...)."""
+    from .alpha import RULES
+    if text.strip().lower() in RULES:
+        return text.strip().lower()
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or 'l2', got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a number > 0 or one of {', '.join(RULES)}, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"alpha must be a finite number > 0, got {text!r}")
+    return value
+
+
+def _density(text: str) -> float:
+    """A --density value in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"density must be in (0, 1], got {text!r}")
+    return value
+
+
+def _figures(label: str, figure: Any) -> str:
+    if not figure:
+        return ""
+    rel, cos = figure
+    return f"{label} ‖τ−τ̃‖/‖τ‖ {rel:.3f}, cosine {'-' if cos is None else f'{cos:.3f}'}"
+
+
+def _print_fidelity(summary: dict[str, Any]) -> None:
+    """The header's data-free fidelity figures, and its warnings on stderr."""
+    f = summary.get("fidelity") or {}
+    parts = [p for p in (_figures("tensors:", f.get("overall")), _figures("LoRA B·A:", f.get("lora_overall"))) if p]
+    if parts:
+        print("fidelity without data (" + "; ".join(parts) + "); the cosine is what matters: a large error with a "
+              "high cosine is a rescaled, still useful update")
+    for message in summary.get("warnings", []):
+        print(f"compeft: warning: {_shown(message)}", file=sys.stderr)
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
+    import warnings
+
     import compeft
-    expert = compeft.compress(args.source, base=args.base, density=args.density, alpha=args.alpha, scope=args.scope,
-                              keep_dense=args.keep_dense or (), auto_dense=not args.compress_all,
-                              chunk_size=args.chunk_size, metadata=_parse_meta(args.meta or ()),
-                              progress=not args.quiet)
+    from .errors import FidelityWarning
+    from .report import describe
+    with warnings.catch_warnings():  # printed below, once, from the header
+        warnings.simplefilter("ignore", FidelityWarning)
+        expert = compeft.compress(args.source, base=args.base, density=args.density, alpha=args.alpha,
+                                  scope=args.scope, keep_dense=args.keep_dense or (), auto_dense=not args.compress_all,
+                                  chunk_size=args.chunk_size, metadata=_parse_meta(args.meta or ()),
+                                  progress=not args.quiet)
     expert.save(args.output, storage_options=_storage_options(args))
+    summary = describe(expert.header)
     if not args.quiet:
-        from .report import describe
-        totals = describe(expert.header)["totals"]
+        totals, meta = summary["totals"], summary["metadata"]
+        alpha = meta.get("alpha_rule") or meta.get("alpha")
         print(f"wrote {args.output}: {len(expert)} tensors, {totals['parameters']:,} parameters, "
               f"{_size(totals['file_bytes'])}, {totals['bits_per_param']:.3f} bits/param, "
-              f"{totals['ratio_vs_16bit']:.1f}x smaller than 16-bit")
+              f"{totals['ratio_vs_16bit']:.1f}x smaller than 16-bit (density {meta.get('density')}, "
+              f"scope {meta.get('scope')}, alpha {alpha})")
+        _print_fidelity(summary)
+    else:
+        _print_fidelity({"warnings": summary["warnings"]})
     return 0
 
 
@@ -115,21 +159,26 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(json.dumps(summary, indent=2))
         return 0
     m = summary["metadata"]
-    print(f"{args.file}: compeft format v{summary['format_version']}, source={m.get('source')}, "
-          f"scope={m.get('scope')}, density={m.get('density')}, alpha={m.get('alpha')}")
+    alpha = m.get("alpha") if m.get("alpha_rule") is None else m.get("alpha_rule")
+    print(f"{_shown(args.file)}: compeft format v{summary['format_version']}, source={_shown(m.get('source'))}, "
+          f"scope={_shown(m.get('scope'))}, density={m.get('density')}, alpha={_shown(alpha)}")
     rows = summary["tensors"]
     for r in rows:
         r["name"] = _shown(r["name"])
     width = max([len("name"), *(len(r["name"]) for r in rows)])
-    print(f"{'name':<{width}}  {'dtype':<5} {'shape':<18} {'encoding':<15} {'nnz':>12} {'bytes':>12} {'bits/param':>10}")
+    print(f"{'name':<{width}}  {'dtype':<5} {'shape':<18} {'encoding':<15} {'nnz':>12} {'bytes':>12} {'bits/param':>10} "
+          f"{'rel.err':>7} {'cosine':>6}")
     for r in rows:
         shape = "x".join(map(str, r["shape"])) or "scalar"
+        rel = "" if r["rel_error"] is None else f"{r['rel_error']:.3f}"
+        cos = "" if r["cosine"] is None else f"{r['cosine']:.3f}"
         print(f"{r['name']:<{width}}  {r['dtype']:<5} {shape:<18} {r['encoding']:<15} {r['nnz']:>12,} "
-              f"{r['bytes']:>12,} {r['bits_per_param']:>10.3f}")
+              f"{r['bytes']:>12,} {r['bits_per_param']:>10.3f} {rel:>7} {cos:>6}")
     t = summary["totals"]
     print(f"total: {t['tensors']} tensors, {t['parameters']:,} parameters, {_size(t['file_bytes'])}, "
           f"{t['bits_per_param']:.3f} bits/param, {t['ratio_vs_16bit']:.1f}x vs 16-bit, "
           f"{t['ratio_vs_original']:.1f}x vs original dtypes")
+    _print_fidelity(summary)
     return 0
 
 
@@ -235,8 +284,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _add_encoding_options(p: argparse.ArgumentParser) -> None:
     """The options ``compress`` and ``tune-alpha`` share."""
-    p.add_argument("--scope", choices=("global", "tensor"), default="global",
-                   help="one threshold over all tensors (global, reference ComPEFT) or per tensor")
+    p.add_argument("--scope", choices=("tensor", "global"), default="tensor",
+                   help="each tensor its own threshold and magnitude (tensor, default) or one over all tensors "
+                        "(global, the paper's reference)")
     p.add_argument("--keep-dense", action="append", metavar="PATTERN",
                    help="glob of tensor names stored verbatim (repeatable), e.g. '*classifier*'")
     p.add_argument("--compress-all", action="store_true",
@@ -247,13 +297,14 @@ def _add_encoding_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true")
 
 
-def _numbers(text: str, what: str, allow_l2: bool = False) -> list[Any]:
+def _numbers(text: str, what: str, allow_rules: bool = False) -> list[Any]:
+    from .alpha import RULES
     from .errors import InvalidArgumentError
     out: list[Any] = []
     for item in text.split(","):
         item = item.strip()
-        if allow_l2 and item.lower() == "l2":
-            out.append("l2")
+        if allow_rules and item.lower() in RULES:
+            out.append(item.lower())
             continue
         try:
             out.append(float(item))
@@ -267,7 +318,7 @@ def cmd_tune_alpha(args: argparse.Namespace) -> int:
     from .api import PAPER_ALPHAS
     from .tuning import score_command, score_function
     evaluate = score_command(args.score_command) if args.score_command else score_function(args.score_function)
-    alphas = PAPER_ALPHAS if args.alphas is None else _numbers(args.alphas, "--alphas", allow_l2=True)
+    alphas = PAPER_ALPHAS if args.alphas is None else _numbers(args.alphas, "--alphas", allow_rules=True)
     result = compeft.tune_alpha(args.source, evaluate, base=args.base, densities=_numbers(args.densities, "--densities"),
                                 alphas=alphas, scope=args.scope, keep_dense=args.keep_dense or (),
                                 auto_dense=not args.compress_all, chunk_size=args.chunk_size,
@@ -283,20 +334,28 @@ def cmd_tune_alpha(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``compeft compress: error: …``; ``-h`` shows the usage)."""
+
+    def error(self, message: str) -> Any:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} -h)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    parser = argparse.ArgumentParser(prog="compeft", description="Compress fine-tuning residuals (ComPEFT).")
+    parser = _Parser(prog="compeft", description="Compress fine-tuning residuals (ComPEFT).")
     parser.add_argument("--version", action="version", version=f"compeft {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("compress", help="compress a PEFT adapter dir, a fine-tune (with --base) into a .cpeft")
     p.add_argument("source", help="PEFT adapter directory, or fine-tuned model directory / .safetensors file")
     p.add_argument("-o", "--output", required=True, help="the .cpeft file or URL to write (atomic)")
     p.add_argument("--base", help="base model directory or .safetensors file (for full fine-tunes)")
-    p.add_argument("--density", type=float, default=0.1, help="fraction k of entries kept, in (0, 1] (default 0.1)")
-    p.add_argument("--alpha", type=_alpha, default=1.0,
-                   help="kept entries become ±alpha·std(τ) (default 1.0); 'l2': the closed-form α that minimises "
-                        "the L2 error for the chosen mask")
+    p.add_argument("--density", type=_density, default=0.1, help="fraction k of entries kept, in (0, 1] (default 0.1)")
+    p.add_argument("--alpha", type=_alpha, default=None,
+                   help="magnitude of the kept entries: a rule (default product-norm in tensor scope, norm in global "
+                        "scope; also l2, product-l2) or a number: ±alpha·std(τ). The paper's reference mode: "
+                        "--scope global --alpha 1")
     _add_encoding_options(p)
     _remote_options(p, cache=False)
     p.set_defaults(func=cmd_compress)
@@ -308,7 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", help="base model directory or .safetensors file (for full fine-tunes)")
     p.add_argument("--densities", default="0.1", help="comma-separated densities to try (default 0.1)")
     p.add_argument("--alphas", default=None,
-                   help="comma-separated alphas, 'l2' allowed (default the paper's 0.5,1,2,3,4,5,6,8,10)")
+                   help="comma-separated alphas, rules allowed (norm, l2, product-norm, product-l2; default the paper's "
+                        "0.5,1,2,3,4,5,6,8,10 and the default rule)")
     score = p.add_mutually_exclusive_group(required=True)
     score.add_argument("--score-command", metavar="CMD",
                        help="run for each candidate ('{expert}' is replaced by the candidate's .cpeft path, else "
@@ -355,23 +415,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drop-rate", type=float, default=0.0, help="dare_*: drop probability p in [0, 1)")
     p.add_argument("--seed", type=int, default=0, help="dare_*: seed of the drops (recorded in the output)")
     p.add_argument("--base", help="base model directory or .safetensors file: write base + merged τ")
-    p.add_argument("--density", type=float, help=".cpeft output: density of the re-compression (default: "
+    p.add_argument("--density", type=_density, help=".cpeft output: density of the re-compression (default: "
                    "the first expert's)")
-    p.add_argument("--alpha", type=float, default=1.0, help=".cpeft output: alpha of the re-compression")
+    p.add_argument("--alpha", type=_alpha, default=None,
+                   help=".cpeft output: alpha of the re-compression (default: compress's default rule)")
     p.add_argument("--force", action="store_true", help="merge experts built on different bases")
     _remote_options(p)
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_merge)
 
     library = sub.add_parser("library", help="expert libraries: build many experts on Dask, list, verify")
-    lsub = library.add_subparsers(dest="library_command", required=True)
+    lsub = library.add_subparsers(dest="library_command", required=True, parser_class=_Parser)
     p = lsub.add_parser("build", help="compress many adapters (or fine-tunes) in parallel into a library with a catalog")
     p.add_argument("sources", nargs="+", help="adapter directories or fine-tunes, paths or URLs; globs expand "
                                               "(quote them), e.g. 's3://raw/adapters/*/'")
     p.add_argument("--out", required=True, help="the library root: a directory or URL prefix")
     p.add_argument("--base", help="base model (path readable by the workers, or URL) of full fine-tunes")
-    p.add_argument("--density", type=float, default=0.1, help="fraction k of entries kept, in (0, 1] (default 0.1)")
-    p.add_argument("--alpha", type=_alpha, default=1.0, help="kept entries become ±alpha·std(τ) (default 1.0), or 'l2'")
+    p.add_argument("--density", type=_density, default=0.1, help="fraction k of entries kept, in (0, 1] (default 0.1)")
+    p.add_argument("--alpha", type=_alpha, default=None,
+                   help="a rule (default product-norm in tensor scope, norm in global scope) or a number (as compress)")
     engine = p.add_mutually_exclusive_group()
     engine.add_argument("--scheduler", metavar="ADDRESS", help="a Dask scheduler (tcp://host:8786); default: a local "
                                                                "cluster on this machine")
@@ -395,7 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_library_verify)
 
     p = sub.add_parser("demo", help="fine-tune a small model in-process, compress, save, reopen, restore, report")
-    p.add_argument("--density", type=float, default=0.1)
+    p.add_argument("--density", type=_density, default=0.1)
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
     return parser

@@ -66,3 +66,8 @@ class RemoteError(CompeftError):
 
 class CatalogError(CompeftError):
     """A library catalog is malformed, of an unknown version, or does not match the expert files it lists."""
+
+
+class FidelityWarning(UserWarning):
+    """A compressed expert keeps little of its task vector: a compressed tensor kept no entry, a
+    LoRA module's B̃·Ã is zero, or the update as a whole lost its direction (FORMAT.md 7.6)."""

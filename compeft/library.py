@@ -454,7 +454,7 @@ def _engine(scheduler: Any, workers: int | None) -> Iterator[tuple[Any, int, int
 
 
 def build_library(sources: str | Sequence[str], out: str | os.PathLike[str], *, base: str | None = None,
-                  density: float = 0.1, alpha: float | str = 1.0, scope: str = "global",
+                  density: float = 0.1, alpha: float | str | None = None, scope: str = "tensor",
                   keep_dense: Sequence[str] = (), auto_dense: bool = True, chunk_size: int | None = None,
                   storage_options: Mapping[str, Any] | None = None, scheduler: Any = None,
                   workers: int | None = None, progress: bool = False) -> BuildReport:
@@ -494,9 +494,10 @@ def build_library(sources: str | Sequence[str], out: str | os.PathLike[str], *, 
     matches and which verifies is kept. Outputs are written atomically, so a worker killed mid-task
     leaves no partial file; Dask runs its task again elsewhere.
     """
-    from .api import _check_arguments
+    from .api import _check_arguments, default_alpha
     from .codec.golomb import DEFAULT_CHUNK_SIZE
     chunk = DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size
+    alpha = default_alpha(scope) if alpha is None else alpha
     _check_arguments(density, alpha, scope, chunk)
     keep = [keep_dense] if isinstance(keep_dense, str) else list(keep_dense)
     out_root = os.fspath(out) if is_url(out) else os.path.abspath(out)  # workers may run elsewhere
@@ -691,8 +692,7 @@ def _compress(local: str, base: str | None, settings: Mapping[str, Any], record:
     from .api import _encode, _resolve_source
     encoded = _encode(_resolve_source(local, base), density=settings["density"], scope=settings["scope"],
                       keep_dense=settings["keep_dense"], auto_dense=settings["auto_dense"],
-                      chunk_size=settings["chunk_size"], metadata=None, progress=False,
-                      kept_sums=settings["alpha"] == "l2")
+                      chunk_size=settings["chunk_size"], metadata=None, progress=False)
     return encoded.build(settings["alpha"], {"build": dict(record)})
 
 

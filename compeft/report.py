@@ -5,11 +5,43 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from .alpha import fidelity_warnings, lora_pairs, module_name
 from .format.header import DTYPE_SIZES, ENCODING_GOLOMB, Header
 
 
+def _figure(value: Any) -> list[Any] | None:
+    """A ``[relative error, cosine]`` pair of the fidelity metadata, or None if malformed (the
+    header is untrusted and this key is informative: a bad one is shown as missing)."""
+    ok = (isinstance(value, list) and len(value) == 2
+          and all(v is None or (type(v) in (int, float) and math.isfinite(v)) for v in value))
+    return value if ok else None
+
+
+def fidelity_of(header: Header) -> dict[str, Any]:
+    """The header's data-free fidelity figures (FORMAT.md 7.6) by tensor name and LoRA module,
+    with the overall figures and the warnings they call for; empty for files written without."""
+    meta = header.metadata.get("fidelity")
+    if not isinstance(meta, dict):
+        return {}
+    compressed = [t.name for t in header.tensors if t.encoding == ENCODING_GOLOMB]
+    rows = meta.get("tensors") if isinstance(meta.get("tensors"), list) else []
+    tensors = {n: _figure(r) for n, r in zip(compressed, rows)}
+    shapes = {t.name: t.shape for t in header.tensors}
+    pairs = lora_pairs(compressed, shapes) if header.metadata.get("source") == "peft" else []
+    lora_rows = meta.get("lora") if isinstance(meta.get("lora"), list) else []
+    modules = {module_name(a): _figure(r) for (a, _), r in zip(pairs, lora_rows)}
+    kept = {t.name: t.nnz for t in header.tensors if t.encoding == ENCODING_GOLOMB}
+    clean = {"tensors": [tensors.get(n) for n in compressed],
+             "lora": [modules[m] for m in modules], "overall": _figure(meta.get("overall")),
+             "lora_overall": _figure(meta.get("lora_overall"))}
+    return {"overall": clean["overall"], "lora_overall": clean["lora_overall"], "tensors": tensors,
+            "lora": modules, "warnings": fidelity_warnings(compressed, kept, clean, pairs)}
+
+
 def describe(header: Header) -> dict[str, Any]:
-    """A JSON-ready summary: global metadata, one row per tensor, and totals."""
+    """A JSON-ready summary: global metadata, one row per tensor, totals, and the data-free fidelity
+    figures with their warnings."""
+    figures = fidelity_of(header)
     rows = []
     params = 0
     original = 0
@@ -23,9 +55,11 @@ def describe(header: Header) -> dict[str, Any]:
             "bytes": t.length, "bits_per_param": (8 * t.length / numel) if numel else 0.0,
             "scale": t.scale if t.encoding == ENCODING_GOLOMB else None,
             "golomb_m": t.golomb_m if t.encoding == ENCODING_GOLOMB else None,
+            "rel_error": (figures.get("tensors", {}).get(t.name) or [None, None])[0],
+            "cosine": (figures.get("tensors", {}).get(t.name) or [None, None])[1],
         })
     size = header.file_length
-    meta = {k: v for k, v in header.metadata.items() if k != "adapter_config"}
+    meta = {k: v for k, v in header.metadata.items() if k not in ("adapter_config", "fidelity")}
     return {
         "format_version": header.version,
         "metadata": meta,
@@ -37,4 +71,6 @@ def describe(header: Header) -> dict[str, Any]:
             "ratio_vs_16bit": (2 * params / size) if size else math.inf,
             "ratio_vs_original": (original / size) if size else math.inf,
         },
+        "fidelity": {k: figures.get(k) for k in ("overall", "lora_overall", "lora")},
+        "warnings": figures.get("warnings", []),
     }

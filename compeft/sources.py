@@ -134,7 +134,7 @@ def safetensors_tensors(paths: list[Path]) -> dict[str, tuple[Path, Any]]:
     return located
 
 
-def _dtype_shape(handle: Any, name: str, path: Path) -> tuple[torch.dtype, tuple[int, ...]]:
+def base_dtype_shape(handle: Any, name: str, path: Path) -> tuple[torch.dtype, tuple[int, ...]]:
     sl = handle.get_slice(name)
     code = sl.get_dtype()
     if code not in DTYPE_TO_TORCH:
@@ -175,7 +175,7 @@ def from_peft_dir(directory: str | os.PathLike[str]) -> Source:
         raise SourceError(f"no adapter weights ({' or '.join(ADAPTER_WEIGHTS)})", root)
     if weights.suffix == ".safetensors":
         located = safetensors_tensors([weights])
-        entries = {n: _dtype_shape(h, n, p) for n, (p, h) in located.items()}
+        entries = {n: base_dtype_shape(h, n, p) for n, (p, h) in located.items()}
         loader = {n: (lambda n=n, h=h: h.get_tensor(n)) for n, (p, h) in located.items()}
     else:
         try:
@@ -281,8 +281,8 @@ def from_finetuned(finetuned: str | os.PathLike[str], base: str | os.PathLike[st
     for name in sorted(ft):
         path, handle = ft[name]
         bpath, bhandle = bs[name]
-        dtype, shape = _dtype_shape(handle, name, path)
-        bdtype, bshape = _dtype_shape(bhandle, name, bpath)
+        dtype, shape = base_dtype_shape(handle, name, path)
+        bdtype, bshape = base_dtype_shape(bhandle, name, bpath)
         if shape != bshape:
             raise BaseMismatchError(f"tensor {name!r}: fine-tune shape {list(shape)}, base shape {list(bshape)}",
                                     bpath)

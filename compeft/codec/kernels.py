@@ -484,3 +484,38 @@ def histogram_low(values, high, mean, hist, blocks):
         for k in range(65536):
             hist[k] += blocks[j, k]
     return total
+
+
+@serialized
+@njit(cache=True, parallel=True)
+def kept_stats(values, threshold, blocks):
+    """(Σ v², Σ |v| over kept v, number kept) of float32[n] ``values`` in float64, kept meaning
+    ``v != 0 and |v| >= threshold``. ``blocks`` fixes the split (its length), not the thread
+    count, so the sums are the same on every machine."""
+    n = values.shape[0]
+    t = blocks
+    squares = np.zeros(t, np.float64)
+    kept_abs = np.zeros(t, np.float64)
+    kept = np.zeros(t, np.int64)
+    step = (n + t - 1) // t
+    for j in prange(t):
+        s = 0.0
+        a = 0.0
+        c = 0
+        for i in range(j * step, min(n, (j + 1) * step)):
+            v = values[i]
+            s += np.float64(v) * np.float64(v)
+            if _is_kept(v, threshold):
+                a += abs(np.float64(v))
+                c += 1
+        squares[j] = s
+        kept_abs[j] = a
+        kept[j] = c
+    total_s = 0.0
+    total_a = 0.0
+    total_c = 0
+    for j in range(t):  # sequential on purpose: the same float sums for every thread count
+        total_s += squares[j]
+        total_a += kept_abs[j]
+        total_c += kept[j]
+    return total_s, total_a, total_c
