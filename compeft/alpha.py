@@ -18,10 +18,13 @@ import numpy as np
 
 ALPHA_L2 = "l2"  # the scope's kept entries become their mean |τ|: the least squares magnitude
 ALPHA_NORM = "norm"  # the scope's magnitude keeps its L2 norm: ‖τ̃‖ = ‖τ‖
+ALPHA_UNBIASED = "unbiased"  # τ̃'s component along τ is τ itself: ⟨τ̃, τ⟩ = ‖τ‖²
 PRODUCT_L2 = "product-l2"  # per LoRA module, the least squares fit of B·A by B̃·Ã
 PRODUCT_NORM = "product-norm"  # per LoRA module, ‖B̃·Ã‖ = ‖B·A‖
-RULES = (ALPHA_L2, ALPHA_NORM, PRODUCT_L2, PRODUCT_NORM)
-PRODUCT_RULES = {PRODUCT_L2: ALPHA_L2, PRODUCT_NORM: ALPHA_NORM}  # rule -> its rule for unpaired tensors
+PRODUCT_UNBIASED = "product-unbiased"  # per LoRA module, ⟨B̃·Ã, B·A⟩ = ‖B·A‖²
+RULES = (ALPHA_L2, ALPHA_NORM, ALPHA_UNBIASED, PRODUCT_L2, PRODUCT_NORM, PRODUCT_UNBIASED)
+# rule -> its rule for unpaired tensors
+PRODUCT_RULES = {PRODUCT_L2: ALPHA_L2, PRODUCT_NORM: ALPHA_NORM, PRODUCT_UNBIASED: ALPHA_UNBIASED}
 DEFAULT_ALPHA = PRODUCT_NORM  # chosen on the fidelity benchmark (benchmarks/README.md "Fidelity")
 DEFAULT_SCOPE = "tensor"
 
@@ -106,13 +109,18 @@ def tensor_stats(values: np.ndarray, threshold: float, shape: tuple[int, ...], f
 
 
 def scope_magnitude(rule: str, stats: Sequence[TensorStats]) -> float:
-    """The magnitude of a scope's kept entries under ``l2`` or ``norm`` (0 when none is kept)."""
+    """The magnitude of a scope's kept entries under ``l2``, ``norm`` or ``unbiased`` (0 when none
+    is kept)."""
     kept = sum(s.kept for s in stats)
-    if not kept:
+    kept_abs = math.fsum(s.kept_abs for s in stats)
+    if not kept or kept_abs <= 0:
         return 0.0
     if rule == ALPHA_L2:
-        return math.fsum(s.kept_abs for s in stats) / kept
-    return math.sqrt(math.fsum(s.squares for s in stats) / kept)
+        return kept_abs / kept
+    squares = math.fsum(s.squares for s in stats)
+    if rule == ALPHA_NORM:
+        return math.sqrt(squares / kept)
+    return squares / kept_abs
 
 
 @dataclass(frozen=True)
@@ -132,14 +140,20 @@ def product_stats(a: Gram, b: Gram) -> ProductStats:
 
 
 def product_scales(rule: str, a: TensorStats, b: TensorStats) -> tuple[float, float] | None:
-    """(s_A, s_B) whose product fits B·A under ``rule`` (least squares, or the same norm), split
+    """(s_A, s_B) whose product fits B·A under ``rule`` (least squares, the same norm, or the same
+    component along B·A), split
     between the factors in the ratio of their own scales under the per-tensor rule; None when the
     product keeps nothing or has no positive fit (the per-tensor rule then applies)."""
     assert a.gram is not None and b.gram is not None
     p = product_stats(a.gram, b.gram)
     if p.signs <= 0 or p.squares <= 0:
         return None
-    product = p.cross / p.signs if rule == PRODUCT_L2 else math.sqrt(p.squares / p.signs)
+    if rule == PRODUCT_L2:
+        product = p.cross / p.signs
+    elif rule == PRODUCT_NORM:
+        product = math.sqrt(p.squares / p.signs)
+    else:
+        product = p.squares / p.cross if p.cross > 0 else 0.0
     own_a, own_b = (scope_magnitude(PRODUCT_RULES[rule], [s]) for s in (a, b))
     if not (product > 0 and math.isfinite(product) and own_a > 0 and own_b > 0):
         return None
