@@ -25,7 +25,7 @@ PRODUCT_UNBIASED = "product-unbiased"  # per LoRA module, ⟨B̃·Ã, B·A⟩ = 
 RULES = (ALPHA_L2, ALPHA_NORM, ALPHA_UNBIASED, PRODUCT_L2, PRODUCT_NORM, PRODUCT_UNBIASED)
 # rule -> its rule for unpaired tensors
 PRODUCT_RULES = {PRODUCT_L2: ALPHA_L2, PRODUCT_NORM: ALPHA_NORM, PRODUCT_UNBIASED: ALPHA_UNBIASED}
-DEFAULT_ALPHA = PRODUCT_NORM  # chosen on the fidelity benchmark (benchmarks/README.md "Fidelity")
+DEFAULT_ALPHA = PRODUCT_UNBIASED  # chosen on the fidelity benchmark (benchmarks/README.md "Fidelity")
 DEFAULT_SCOPE = "tensor"
 
 # A LoRA factor's name: the module's name, the factor's key, the rest (PEFT's saved names).

@@ -80,7 +80,7 @@ def _remote_options(p: argparse.ArgumentParser, cache: bool = True) -> None:
 
 
 def _alpha(text: str) -> float | str:
-    """An --alpha value: a number > 0, or a rule's name (``norm``, ``l2``, ``product-norm``, ...)."""
+    """An --alpha value: a number > 0, or a rule's name (``unbiased``, ``norm``, ``l2``, ``product-unbiased``, ...)."""
     from .alpha import RULES
     if text.strip().lower() in RULES:
         return text.strip().lower()
@@ -353,9 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", help="base model directory or .safetensors file (for full fine-tunes)")
     p.add_argument("--density", type=_density, default=0.1, help="fraction k of entries kept, in (0, 1] (default 0.1)")
     p.add_argument("--alpha", type=_alpha, default=None,
-                   help="magnitude of the kept entries: a rule (default product-norm in tensor scope, norm in global "
-                        "scope; also l2, product-l2) or a number: ±alpha·std(τ). The paper's reference mode: "
-                        "--scope global --alpha 1")
+                   help="magnitude of the kept entries: a rule (default product-unbiased in tensor scope, unbiased in "
+                        "global scope; also norm, l2, product-norm, product-l2) or a number: ±alpha·std(τ). The "
+                        "paper's reference mode: --scope global --alpha 1")
     _add_encoding_options(p)
     _remote_options(p, cache=False)
     p.set_defaults(func=cmd_compress)
@@ -367,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", help="base model directory or .safetensors file (for full fine-tunes)")
     p.add_argument("--densities", default="0.1", help="comma-separated densities to try (default 0.1)")
     p.add_argument("--alphas", default=None,
-                   help="comma-separated alphas, rules allowed (norm, l2, product-norm, product-l2; default the paper's "
+                   help="comma-separated alphas, rules allowed (unbiased, norm, l2, product-unbiased, ...; default the paper's "
                         "0.5,1,2,3,4,5,6,8,10 and the default rule)")
     score = p.add_mutually_exclusive_group(required=True)
     score.add_argument("--score-command", metavar="CMD",
@@ -433,7 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", help="base model (path readable by the workers, or URL) of full fine-tunes")
     p.add_argument("--density", type=_density, default=0.1, help="fraction k of entries kept, in (0, 1] (default 0.1)")
     p.add_argument("--alpha", type=_alpha, default=None,
-                   help="a rule (default product-norm in tensor scope, norm in global scope) or a number (as compress)")
+                   help="a rule (default product-unbiased in tensor scope, unbiased in global scope) or a number (as "
+                        "compress)")
     engine = p.add_mutually_exclusive_group()
     engine.add_argument("--scheduler", metavar="ADDRESS", help="a Dask scheduler (tcp://host:8786); default: a local "
                                                                "cluster on this machine")

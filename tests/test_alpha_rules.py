@@ -182,11 +182,11 @@ def test_product_rules_keep_the_mask_and_split_in_the_ratio_of_the_tensor_rule(l
     assert product.entry(unpaired).scale == plain.entry(unpaired).scale
 
 
-def test_default_is_tensor_scope_product_norm_and_keeps_every_lora_b(lora_dir):
+def test_default_is_tensor_scope_product_unbiased_and_keeps_every_lora_b(lora_dir):
     with warnings.catch_warnings():
         warnings.simplefilter("error", FidelityWarning)
         expert = compeft.compress(lora_dir)
-    assert expert.metadata["scope"] == "tensor" and expert.metadata["alpha_rule"] == "product-norm"
+    assert expert.metadata["scope"] == "tensor" and expert.metadata["alpha_rule"] == "product-unbiased"
     assert expert.metadata["density"] == 0.1
     for name in expert.names:
         if "lora_B" in name or "lora_embedding_B" in name:
@@ -260,7 +260,7 @@ def test_product_rules_need_tensor_scope(make_tv):
     with pytest.raises(InvalidArgumentError, match="scope 'tensor'"):
         compeft.compress(make_tv(seed=1, shapes={"w": (10, 10)}), alpha="product-norm", scope="global")
     # the default α follows the scope
-    assert compeft.compress(make_tv(seed=1, shapes={"w": (10, 10)}), scope="global").metadata["alpha_rule"] == "norm"
+    assert compeft.compress(make_tv(seed=1, shapes={"w": (10, 10)}), scope="global").metadata["alpha_rule"] == "unbiased"
 
 
 def test_cli_compress_and_inspect_show_fidelity_and_warnings(tmp_path, lora_dir):
@@ -268,7 +268,7 @@ def test_cli_compress_and_inspect_show_fidelity_and_warnings(tmp_path, lora_dir)
     run = subprocess.run([sys.executable, "-m", "compeft.cli", "compress", str(lora_dir), "-o", str(out)],
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
-    assert "LoRA B·A" in run.stdout and "cosine" in run.stdout and "product-norm" in run.stdout
+    assert "LoRA B·A" in run.stdout and "cosine" in run.stdout and "product-unbiased" in run.stdout
     assert "warning" not in run.stderr
     run = subprocess.run([sys.executable, "-m", "compeft.cli", "compress", str(lora_dir), "-o", str(tmp_path / "r.cpeft"),
                           "--scope", "global", "--alpha", "1"], capture_output=True, text=True)
