@@ -287,3 +287,16 @@ def container() -> Any:
 @pytest.fixture
 def workdir(tmp_path: Path) -> Path:
     return tmp_path
+
+
+@pytest.fixture
+def small_groups(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> int:
+    """Merge groups shrunk to a few hundred parameters (``compeft.merging.GROUP_PARAMETERS`` and
+    ``GPU_GROUP_PARAMETERS``; 300 unless parametrised indirectly), so that every merge of a small
+    model crosses many groups, and tensors larger than a group stand alone. Returns the size."""
+    import compeft.merging
+
+    size = getattr(request, "param", 300)
+    monkeypatch.setattr(compeft.merging, "GROUP_PARAMETERS", size)
+    monkeypatch.setattr(compeft.merging, "GPU_GROUP_PARAMETERS", size)
+    return size
