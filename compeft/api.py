@@ -171,7 +171,7 @@ class TuneResult:
 
 def tune_alpha(source: TensorSource, evaluate: Callable[[CompressedExpert], float], *,
                base: PathLike | None = None, densities: Sequence[float] = (0.1,),
-               alphas: Sequence[float | str] = PAPER_ALPHAS, scope: str = DEFAULT_SCOPE, keep_dense: Sequence[str] = (),
+               alphas: Sequence[float | str] | None = None, scope: str = DEFAULT_SCOPE, keep_dense: Sequence[str] = (),
                auto_dense: bool = True, chunk_size: int = golomb.DEFAULT_CHUNK_SIZE,
                metadata: Mapping[str, str] | None = None, progress: bool = False) -> TuneResult:
     """Sweep α (and density) and keep the expert that ``evaluate`` scores highest.
@@ -211,9 +211,8 @@ def tune_alpha(source: TensorSource, evaluate: Callable[[CompressedExpert], floa
     if not callable(evaluate):
         raise InvalidArgumentError("evaluate must be a callable taking an expert and returning a score")
     densities = list(densities)
-    alphas = list(alphas)
-    if tuple(alphas) == PAPER_ALPHAS:  # the default grid also holds the default rule: tuning never does worse
-        alphas.append(default_alpha(scope))
+    # the default grid also holds the default rule, so tuning never picks worse than no tuning
+    alphas = [*PAPER_ALPHAS, default_alpha(scope)] if alphas is None else list(alphas)
     if not densities or not alphas:
         raise InvalidArgumentError("tune_alpha needs at least one density and one alpha")
     for density in densities:

@@ -315,10 +315,9 @@ def _numbers(text: str, what: str, allow_rules: bool = False) -> list[Any]:
 
 def cmd_tune_alpha(args: argparse.Namespace) -> int:
     import compeft
-    from .api import PAPER_ALPHAS
     from .tuning import score_command, score_function
     evaluate = score_command(args.score_command) if args.score_command else score_function(args.score_function)
-    alphas = PAPER_ALPHAS if args.alphas is None else _numbers(args.alphas, "--alphas", allow_rules=True)
+    alphas = None if args.alphas is None else _numbers(args.alphas, "--alphas", allow_rules=True)
     result = compeft.tune_alpha(args.source, evaluate, base=args.base, densities=_numbers(args.densities, "--densities"),
                                 alphas=alphas, scope=args.scope, keep_dense=args.keep_dense or (),
                                 auto_dense=not args.compress_all, chunk_size=args.chunk_size,

@@ -38,7 +38,7 @@ def brute_force_alpha(tau: dict[str, torch.Tensor], masks: dict[str, torch.Tenso
 def test_closed_form_alpha_is_the_brute_force_minimum_global(make_tv, reference, density):
     tau = make_tv(seed=3, shapes={"a": (30, 20), "b": (50,), "c": (7, 9)})
     ref = reference(tau, density)
-    expert = compeft.compress(tau, density=density, alpha="l2")
+    expert = compeft.compress(tau, density=density, alpha="l2", scope="global")
     sigma = ref.sigmas["a"]
     found, step = brute_force_alpha(tau, ref.masks, sigma)
     alpha = expert.metadata["alpha"]
@@ -51,7 +51,7 @@ def test_closed_form_alpha_is_the_brute_force_minimum_global(make_tv, reference,
     # and the reconstruction is no worse than any grid α (the paper's grid included)
     best = l2_error(tau, expert)
     for a in PAPER_GRID + [alpha * 0.99, alpha * 1.01]:
-        assert best <= l2_error(tau, compeft.compress(tau, density=density, alpha=a)) * (1 + 1e-9)
+        assert best <= l2_error(tau, compeft.compress(tau, density=density, alpha=a, scope="global")) * (1 + 1e-9)
     # the mask is the one of every other α: only values change
     for name in tau:
         assert torch.equal(expert.to_dense(name) != 0, ref.masks[name])
@@ -72,7 +72,7 @@ def test_closed_form_alpha_per_tensor(make_tv, reference):
 
 def test_closed_form_alpha_low_precision(make_tv, reference, same):
     tau = make_tv(seed=5, dtype=torch.bfloat16)
-    expert = compeft.compress(tau, density=0.1, alpha="l2")
+    expert = compeft.compress(tau, density=0.1, alpha="l2", scope="global")
     ref = reference(tau, 0.1)
     kept = torch.cat([tau[n].double().abs()[ref.masks[n]] for n in sorted(tau)])
     magnitude = torch.tensor(float(np.float32(kept.mean()))).bfloat16()
@@ -84,14 +84,14 @@ def test_closed_form_alpha_low_precision(make_tv, reference, same):
 
 
 def test_closed_form_alpha_of_an_all_zero_vector():
-    expert = compeft.compress({"z": torch.zeros(10)}, density=0.5, alpha="l2")
+    expert = compeft.compress({"z": torch.zeros(10)}, density=0.5, alpha="l2", scope="global")
     assert expert.entry("z").nnz == 0 and expert.entry("z").scale == 0.0
     assert expert.metadata["alpha"] == 0.0
 
 
 def test_closed_form_alpha_leaves_other_containers_unchanged(make_tv):
     tau = make_tv(seed=6)
-    plain = compeft.compress(tau, density=0.1, alpha=2.0)
+    plain = compeft.compress(tau, density=0.1, alpha=2.0, scope="global")
     assert "alpha_rule" not in plain.metadata and plain.metadata["alpha"] == 2.0
 
 
@@ -111,22 +111,23 @@ def test_tune_alpha_picks_the_best_point_and_records_it(make_tv, roundtrip):
 
     def evaluate(expert):
         m = expert.metadata
-        seen.append((m["density"], m["alpha"]))
+        seen.append((m["density"], m.get("alpha_rule") or m["alpha"]))
         # a made-up validation score, best at density 0.2 and alpha 3
         return -(m["alpha"] - 3.0) ** 2 - 10 * (m["density"] - 0.2) ** 2
 
-    result = compeft.tune_alpha(tau, evaluate, densities=[0.1, 0.2, 0.5])
+    result = compeft.tune_alpha(tau, evaluate, densities=[0.1, 0.2, 0.5], scope="global")
     assert (result.density, result.alpha) == (0.2, 3.0)
     assert result.score == 0.0
-    assert seen == [(d, a) for d in (0.1, 0.2, 0.5) for a in PAPER_GRID]
+    # the default grid: the paper's, then the default rule (so tuning never does worse than the default)
+    assert seen == [(d, a) for d in (0.1, 0.2, 0.5) for a in [*PAPER_GRID, "unbiased"]]
     assert [s[:2] for s in result.scores] == seen
     assert result.expert.metadata["density"] == 0.2 and result.expert.metadata["alpha"] == 3.0
     tuning = roundtrip(result.expert).metadata["tuning"]
     assert tuning["chosen"] == {"density": 0.2, "alpha": 3.0, "score": 0.0}
-    assert tuning["alphas"] == PAPER_GRID and tuning["densities"] == [0.1, 0.2, 0.5]
-    assert len(tuning["scores"]) == 27 and tuning["scores"][0][:2] == [0.1, 0.5]
+    assert tuning["alphas"] == [*PAPER_GRID, "unbiased"] and tuning["densities"] == [0.1, 0.2, 0.5]
+    assert len(tuning["scores"]) == 30 and tuning["scores"][0][:2] == [0.1, 0.5]
     # the chosen expert is the one compress gives for that point
-    direct = compeft.compress(tau, density=0.2, alpha=3.0)
+    direct = compeft.compress(tau, density=0.2, alpha=3.0, scope="global")
     for name in tau:
         assert torch.equal(result.expert.to_dense(name), direct.to_dense(name))
 
@@ -156,18 +157,18 @@ def test_tune_alpha_encodes_once_per_density(make_tv, monkeypatch):
         return original(*args, **kwargs)
 
     monkeypatch.setattr(compeft.api, "_encode", counting)
-    compeft.tune_alpha(make_tv(seed=9), lambda e: 1.0, densities=[0.1, 0.2])
+    compeft.tune_alpha(make_tv(seed=9), lambda e: 1.0, densities=[0.1, 0.2], scope="global")
     assert calls == [0.1, 0.2]
 
 
 def test_tune_alpha_ties_go_to_the_first_point(make_tv):
-    result = compeft.tune_alpha(make_tv(), lambda e: 1.0, densities=[0.3, 0.1], alphas=[2.0, 1.0])
+    result = compeft.tune_alpha(make_tv(), lambda e: 1.0, densities=[0.3, 0.1], alphas=[2.0, 1.0], scope="global")
     assert (result.density, result.alpha) == (0.3, 2.0)
 
 
 def test_tune_alpha_with_the_closed_form_in_the_grid(make_tv):
     tau = make_tv(seed=10)
-    result = compeft.tune_alpha(tau, lambda e: -l2_error(tau, e), densities=[0.1], alphas=[1.0, 2.0, "l2"])
+    result = compeft.tune_alpha(tau, lambda e: -l2_error(tau, e), densities=[0.1], alphas=[1.0, 2.0, "l2"], scope="global")
     assert result.alpha == "l2"
     assert result.expert.metadata["alpha_rule"] == "l2"
     assert result.expert.metadata["tuning"]["chosen"]["alpha"] == "l2"
@@ -230,7 +231,7 @@ def test_cli_tune_alpha_with_a_score_command(tmp_path, adapter_dir):
         print(-abs(m["alpha"] - 4) - m["density"])
     """))
     out = tmp_path / "best.cpeft"
-    proc = cli("tune-alpha", adapter_dir, "-o", out, "--densities", "0.1,0.2", "--alphas", "1,4,l2",
+    proc = cli("tune-alpha", adapter_dir, "-o", out, "--densities", "0.1,0.2", "--alphas", "1,4,l2", "--scope", "global",
                "--score-command", f"{sys.executable} {script} {{expert}}")
     assert proc.returncode == 0, proc.stderr
     assert "chosen" in proc.stdout and "alpha 4.0" in proc.stdout
@@ -245,11 +246,12 @@ def test_cli_tune_alpha_with_a_score_function(tmp_path, adapter_dir):
     script = tmp_path / "myscore.py"
     script.write_text("def evaluate(expert):\n    return -abs(expert.metadata['alpha'] - 2)\n")
     out = tmp_path / "best.cpeft"
-    proc = cli("tune-alpha", adapter_dir, "-o", out, "--score-function", f"{script}:evaluate", "--json", "-q")
+    proc = cli("tune-alpha", adapter_dir, "-o", out, "--score-function", f"{script}:evaluate", "--json", "-q",
+               "--scope", "global")
     assert proc.returncode == 0, proc.stderr
     record = json.loads(proc.stdout)
     assert record["chosen"] == {"density": 0.1, "alpha": 2.0, "score": 0.0}
-    assert record["alphas"] == PAPER_GRID
+    assert record["alphas"] == [*PAPER_GRID, "unbiased"]
     assert compeft.open(out).metadata["alpha"] == 2.0
 
 

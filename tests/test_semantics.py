@@ -61,8 +61,8 @@ def test_scopes_match_reference(scope, density, make_tv, reference, same):
 def test_global_and_tensor_scope_differ_as_specified(reference):
     g = torch.Generator().manual_seed(0)
     tv = {"big": torch.randn(1000, generator=g) * 100, "small": torch.randn(1000, generator=g)}
-    glob = compeft.compress(tv, density=0.1, scope="global")
-    per = compeft.compress(tv, density=0.1, scope="tensor")
+    glob = compeft.compress(tv, density=0.1, alpha=1.0, scope="global")
+    per = compeft.compress(tv, density=0.1, alpha=1.0, scope="tensor")
     # global: rank 2000 - 200 = 1800 over 2000 entries; |τ| >= the 1800th smallest keeps 201
     # entries (the reference keeps floor(d·k) + 1 without ties), all from the large tensor
     assert glob.entry("big").nnz == 201 and glob.entry("small").nnz == 0
@@ -82,7 +82,7 @@ def test_global_and_tensor_scope_differ_as_specified(reference):
 def test_ties_at_threshold_are_all_kept(reference):
     t = torch.tensor([1.0] * 50 + [0.5] * 50 + [-1.0] * 50 + [0.25] * 50)
     # rank = 200 - floor(200 * 0.1) = 180: the 180th smallest |τ| is 1.0, shared by 100 entries
-    expert = compeft.compress({"w": t}, density=0.1)
+    expert = compeft.compress({"w": t}, density=0.1, alpha=1.0, scope="global")
     assert expert.metadata["threshold"] == 1.0
     assert expert.entry("w").nnz == 100
     out = expert.to_dense("w")
@@ -93,14 +93,14 @@ def test_ties_at_threshold_are_all_kept(reference):
 
 def test_ties_below_threshold_are_not_kept():
     t = torch.tensor([3.0, 2.0, 2.0, 2.0, 1.0])
-    expert = compeft.compress({"w": t}, density=0.2)  # rank 4: threshold 2.0, keeps 3.0 and all 2.0
+    expert = compeft.compress({"w": t}, density=0.2, alpha=1.0, scope="global")  # rank 4: threshold 2.0, keeps 3.0 and all 2.0
     assert expert.entry("w").nnz == 4
     assert expert.to_dense("w")[-1] == 0
 
 
 def test_density_one_keeps_every_nonzero():
     t = torch.tensor([0.0, -3.0, 1e-30, 0.0, 2.0, -1e-38])
-    expert = compeft.compress({"w": t}, density=1.0)
+    expert = compeft.compress({"w": t}, density=1.0, alpha=1.0, scope="global")
     assert expert.metadata["threshold"] == 0.0
     out = expert.to_dense("w")
     assert torch.equal(out != 0, t != 0)
@@ -111,7 +111,7 @@ def test_density_one_keeps_every_nonzero():
 def test_tiny_density_keeps_the_maximum(density):
     g = torch.Generator().manual_seed(1)
     t = torch.randn(1000, generator=g)
-    expert = compeft.compress({"w": t}, density=density)
+    expert = compeft.compress({"w": t}, density=density, alpha=1.0, scope="global")
     out = expert.to_dense("w")
     assert expert.entry("w").nnz == 1
     assert out.nonzero().flatten().tolist() == [int(t.abs().argmax())]
@@ -120,7 +120,7 @@ def test_tiny_density_keeps_the_maximum(density):
 
 def test_tiny_density_keeps_every_tied_maximum():
     t = torch.tensor([0.1, -5.0, 2.0, 5.0, -5.0, 0.0])
-    expert = compeft.compress({"w": t}, density=1e-9)
+    expert = compeft.compress({"w": t}, density=1e-9, alpha=1.0, scope="global")
     assert expert.to_dense("w").nonzero().flatten().tolist() == [1, 3, 4]
 
 
@@ -128,7 +128,7 @@ def test_zeros_are_never_kept():
     t = torch.zeros(100)
     t[::10] = torch.arange(1, 11, dtype=torch.float32)
     # 90% zeros: at density 0.5 the threshold is 0, yet only the 10 nonzeros are kept
-    expert = compeft.compress({"w": t}, density=0.5)
+    expert = compeft.compress({"w": t}, density=0.5, alpha=1.0, scope="global")
     assert expert.metadata["threshold"] == 0.0
     assert expert.entry("w").nnz == 10
     assert torch.equal(expert.to_dense("w") != 0, t != 0)
@@ -137,7 +137,7 @@ def test_zeros_are_never_kept():
 def test_all_zero_task_vector():
     tv = {"a": torch.zeros(4, 4), "b": torch.zeros(3, dtype=torch.bfloat16)}
     for density in (1e-3, 0.5, 1.0):
-        expert = compeft.compress(tv, density=density)
+        expert = compeft.compress(tv, density=density, alpha=1.0, scope="global")
         for name in tv:
             assert expert.entry(name).nnz == 0 and expert.entry(name).scale == 0.0
             assert torch.equal(expert.to_dense(name), tv[name])
@@ -146,35 +146,35 @@ def test_all_zero_task_vector():
 def test_negative_zero_is_a_zero():
     t = torch.tensor([-0.0, 0.0, -0.0, 1.0, -2.0, -0.0])
     for density in (0.5, 1.0):
-        expert = compeft.compress({"w": t}, density=density)
+        expert = compeft.compress({"w": t}, density=density, alpha=1.0, scope="global")
         out = expert.to_dense("w")
         assert expert.entry("w").nnz == 2
         # entries that are not kept decode to +0.0, whatever the sign of the input zero
         assert not torch.signbit(out[t == 0]).any()
-    only_negative_zeros = compeft.compress({"w": torch.full((7,), -0.0)}, density=1.0)
+    only_negative_zeros = compeft.compress({"w": torch.full((7,), -0.0)}, density=1.0, alpha=1.0, scope="global")
     assert only_negative_zeros.entry("w").nnz == 0
 
 
 def test_sigma_is_unbiased_over_all_entries_including_zeros():
     t = torch.zeros(100)
     t[0], t[1] = 3.0, -3.0
-    expert = compeft.compress({"w": t}, density=0.01, alpha=2.0)
+    expert = compeft.compress({"w": t}, density=0.01, alpha=2.0, scope="global")
     sigma = math.sqrt(18.0 / 99.0)  # mean 0, sum of squares 18, d - 1 = 99
     assert expert.entry("w").scale == float(np.float32(2.0 * sigma))
     assert expert.entry("w").nnz == 2
 
 
 def test_single_entry_scope_has_zero_sigma():
-    expert = compeft.compress({"w": torch.tensor([4.0])}, density=1.0, scope="tensor")
+    expert = compeft.compress({"w": torch.tensor([4.0])}, density=1.0, alpha=1.0, scope="tensor")
     assert expert.entry("w").nnz == 1 and expert.entry("w").scale == 0.0
 
 
-def test_alpha_zero_keeps_the_mask_with_zero_values():
+def test_alpha_zero_is_refused():
+    """α = 0 would store a mask whose every value is 0: an expert that does nothing (issue 14)."""
+    from compeft.errors import InvalidArgumentError
     t = torch.randn(50, generator=torch.Generator().manual_seed(5))
-    expert = compeft.compress({"w": t}, density=0.2, alpha=0.0)
-    assert expert.entry("w").nnz == 11
-    assert expert.entry("w").scale == 0.0
-    assert not expert.to_dense("w").any()
+    with pytest.raises(InvalidArgumentError, match="alpha must be a finite number > 0"):
+        compeft.compress({"w": t}, density=0.2, alpha=0.0, scope="global")
 
 
 def test_selection_over_every_float32_exponent(reference):
@@ -199,7 +199,7 @@ def test_selection_on_a_large_tensor_with_many_ties(density, reference):
     values[::7] = 0.5
     values[::11] = 0.0
     tv = {"w": torch.from_numpy(values)}
-    expert = compeft.compress(tv, density=density)
+    expert = compeft.compress(tv, density=density, alpha=1.0, scope="global")
     ref = reference(tv, density)
     assert expert.metadata["threshold"] == ref.thresholds["w"]
     assert expert.metadata["sigma"] == pytest.approx(ref.sigmas["w"], rel=1e-12)
@@ -209,7 +209,7 @@ def test_selection_on_a_large_tensor_with_many_ties(density, reference):
 
 def test_empty_and_integer_only_task_vectors(roundtrip):
     for tv in ({}, {"ids": torch.arange(3)}, {"e": torch.zeros(0, 4)}, {"s": torch.tensor(2.5)}):
-        expert = roundtrip(compeft.compress(tv, density=0.5))
+        expert = roundtrip(compeft.compress(tv, density=0.5, alpha=1.0, scope="global"))
         assert expert.names == sorted(tv)
         assert expert.metadata["threshold"] == (2.5 if "s" in tv else 0.0)
         for name, t in tv.items():
@@ -225,7 +225,7 @@ def test_empty_and_integer_only_task_vectors(roundtrip):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_floating_dtypes_come_back_in_their_dtype(dtype, reference, roundtrip):
     t = (torch.randn(6, 5, 4, generator=torch.Generator().manual_seed(2)) * 0.01).to(dtype)
-    expert = compeft.compress({"w": t}, density=0.3, alpha=3.0)
+    expert = compeft.compress({"w": t}, density=0.3, alpha=3.0, scope="global")
     assert expert.entry("w").dtype == DTYPE_CODES[dtype]
     for e in (expert, roundtrip(expert)):
         out = e.to_dense("w")
@@ -250,7 +250,7 @@ def test_verbatim_tensors_are_stored_dense(reference, roundtrip, same):
         "double": torch.randn(3, 3, generator=g, dtype=torch.float64),
         "empty_ids": torch.zeros(0, 2, dtype=torch.int32),
     }
-    expert = compeft.compress(tv, density=0.25, keep_dense=["*.bias"])
+    expert = compeft.compress(tv, density=0.25, keep_dense=["*.bias"], alpha=1.0, scope="global")
     dense = {"a.bias", "b.bias", "ids", "mask", "bytes", "small", "double", "empty_ids"}
     for e in (expert, roundtrip(expert)):
         for name, original in tv.items():
@@ -280,9 +280,9 @@ def test_input_tensors_are_not_modified_and_layout_does_not_matter(reference):
     view = base.t()  # non-contiguous
     grad = base.clone().requires_grad_(True)
     before = base.clone()
-    a = compeft.compress({"w": view}, density=0.2)
-    b = compeft.compress({"w": view.contiguous()}, density=0.2)
-    c = compeft.compress({"w": grad.t()}, density=0.2)
+    a = compeft.compress({"w": view}, density=0.2, alpha=1.0, scope="global")
+    b = compeft.compress({"w": view.contiguous()}, density=0.2, alpha=1.0, scope="global")
+    c = compeft.compress({"w": grad.t()}, density=0.2, alpha=1.0, scope="global")
     assert torch.equal(base, before)
     assert torch.equal(a.to_dense("w"), b.to_dense("w"))
     assert torch.equal(a.to_dense("w"), c.to_dense("w"))
@@ -291,8 +291,8 @@ def test_input_tensors_are_not_modified_and_layout_does_not_matter(reference):
 
 def test_compression_is_deterministic(make_tv, workdir):
     tv = make_tv(seed=11)
-    a = compeft.compress(tv, density=0.3, metadata={"k": "v"})
-    b = compeft.compress(tv, density=0.3, metadata={"k": "v"})
+    a = compeft.compress(tv, density=0.3, metadata={"k": "v"}, alpha=1.0, scope="global")
+    b = compeft.compress(tv, density=0.3, metadata={"k": "v"}, alpha=1.0, scope="global")
     a.save(workdir / "a.cpeft")
     b.save(workdir / "b.cpeft")
     assert (workdir / "a.cpeft").read_bytes() == (workdir / "b.cpeft").read_bytes()
@@ -302,7 +302,7 @@ def test_chunk_size_does_not_change_the_result(make_tv, reference):
     tv = make_tv(seed=12)
     ref = reference(tv, 0.4)
     for chunk_size in (1, 2, 7, 64, 1 << 20):
-        expert = compeft.compress(tv, density=0.4, chunk_size=chunk_size)
+        expert = compeft.compress(tv, density=0.4, chunk_size=chunk_size, alpha=1.0, scope="global")
         for name in tv:
             assert torch.equal(expert.to_dense(name), ref.values[name])
             assert expert.entry(name).chunk_size == chunk_size
@@ -343,7 +343,7 @@ densities = st.one_of(st.sampled_from([1.0, 0.5, 1e-9]), st.floats(1e-6, 1.0, al
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(tv=task_vectors(), density=densities, scope=st.sampled_from(["global", "tensor"]),
-       alpha=st.one_of(st.just(0.0), st.floats(0.0, 10.0, allow_nan=False)),
+       alpha=st.one_of(st.just(1e-3), st.floats(1e-3, 10.0, allow_nan=False)),
        chunk_size=st.sampled_from([1, 3, 16384]))
 def test_roundtrip_property(tv, density, scope, alpha, chunk_size, reference, roundtrip, same):
     expert = compeft.compress(tv, density=density, alpha=alpha, scope=scope, chunk_size=chunk_size)
@@ -366,4 +366,4 @@ def test_roundtrip_property(tv, density, scope, alpha, chunk_size, reference, ro
                          st.floats(1.0, 1e6, exclude_min=True)))
 def test_density_outside_range_is_rejected(density):
     with pytest.raises(CompeftError):
-        compeft.compress({"w": torch.ones(3)}, density=density)
+        compeft.compress({"w": torch.ones(3)}, density=density, alpha=1.0, scope="global")
