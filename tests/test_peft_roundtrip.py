@@ -117,7 +117,7 @@ def test_adapter_roundtrip_through_peft(workdir, reference, kind):
     adapter = workdir / "adapter"
     saved = save_adapter(kind, adapter)
     expert_path = workdir / "e.cpeft"
-    compeft.compress(adapter, density=0.25, alpha=1.5).save(expert_path)
+    compeft.compress(adapter, density=0.25, alpha=1.5, scope="global").save(expert_path)
     want, kept_dense = expected_weights(kind, saved, reference, 0.25, 1.5)
     expected = outputs(model_with(kind, want))
     assert not torch.equal(expected, outputs(fresh_base()))
@@ -194,8 +194,8 @@ def test_two_named_adapters_on_one_model(workdir, reference):
     first, second = workdir / "a", workdir / "b"
     saved_a = save_adapter("lora", first, seed=1)
     saved_b = save_adapter("lora", second, seed=2)
-    model = load_adapter(fresh_base(), compeft.compress(first, density=0.5), "a")
-    model = load_adapter(model, compeft.compress(second, density=0.5), "b")
+    model = load_adapter(fresh_base(), compeft.compress(first, density=0.5, alpha=1.0, scope="global"), "a")
+    model = load_adapter(model, compeft.compress(second, density=0.5, alpha=1.0, scope="global"), "b")
     assert sorted(model.peft_config) == ["a", "b"]
     for name, saved in (("a", saved_a), ("b", saved_b)):
         model.set_adapter(name)
@@ -293,7 +293,7 @@ def test_full_finetune_of_a_transformers_model(workdir, reference, apply_ref, sa
     tuned.config.label2id = {"negative": 0, "positive": 1}
     tuned.save_pretrained(str(workdir / "tuned"), max_shard_size="30KB")
 
-    compeft.compress(workdir / "tuned", base=workdir / "base", density=0.2, alpha="l2").save(workdir / "ft.cpeft")
+    compeft.compress(workdir / "tuned", base=workdir / "base", density=0.2, alpha="l2", scope="global").save(workdir / "ft.cpeft")
     expert = compeft.open(workdir / "ft.cpeft")
     assert "config.json" in expert.metadata["model_files"]
     out = compeft.decompress(expert, workdir / "restored", base=workdir / "base")

@@ -397,7 +397,8 @@ def test_cli_with_s3_urls(s3, adapter_dir, tmp_path, capsys):
     url = f"{bucket}/cli/adapter.cpeft"
     assert main(["compress", str(adapter_dir), "-o", url, "--density", "0.25", *flags]) == 0
     assert main(["inspect", url, "--json", *flags]) == 0
-    summary = json.loads(capsys.readouterr().out.split("\n", 1)[1])
+    printed = capsys.readouterr().out  # compress's report, then inspect's JSON
+    summary = json.loads(printed[printed.index("\n{") + 1:])
     assert summary["totals"]["tensors"] == 6
     assert main(["verify", url, *flags]) == 0
     assert "OK (6 tensors" in capsys.readouterr().out

@@ -91,7 +91,7 @@ def test_lora_adapter_roundtrip(workdir, reference, same, mode):
     keep_head = mode != "reference"
     keep = ["*head*"] if keep_head else []
     expert = compeft.compress(adapter, density=0.3, alpha=2.0, keep_dense=keep if mode == "glob" else [],
-                              auto_dense=mode != "reference")
+                              auto_dense=mode != "reference", scope="global")
     assert expert.metadata["source"] == "peft"
     assert expert.metadata["adapter_config"]["peft_type"] == "LORA"
     for name in saved:
@@ -121,7 +121,7 @@ def test_ia3_adapter_roundtrip(workdir, reference, same):
     saved = save_adapter(ia3_config(), adapter,
                          lambda n, p, g: 1.0 + torch.randn(p.shape, generator=g) * 0.3)
     assert all("ia3_l" in n for n in saved)
-    expert = compeft.compress(adapter, density=0.25, alpha=1.5)
+    expert = compeft.compress(adapter, density=0.25, alpha=1.5, scope="global")
     for name in saved:
         assert expert.entry(name).init == 1.0
     # (IA)³ vectors are residuals from 1
@@ -147,7 +147,7 @@ def test_low_precision_adapter_keeps_its_dtype(workdir, reference, same, dtype):
                "base_model.model.q_proj.lora_B.weight": torch.randn(16, 4, generator=g).to(dtype)}
     save_file(weights, str(adapter / "adapter_model.safetensors"))
     (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
-    out = compeft.decompress(compeft.compress(adapter, density=0.5), workdir / "restored")
+    out = compeft.decompress(compeft.compress(adapter, density=0.5, alpha=1.0, scope="global"), workdir / "restored")
     restored = load_file(str(out / "adapter_model.safetensors"))
     ref = reference(weights, 0.5)
     for name in weights:
@@ -159,7 +159,7 @@ def test_bin_adapter_is_loaded(workdir, reference, same):
     saved = save_adapter(lora_config(), adapter, lambda n, p, g: torch.randn(p.shape, generator=g))
     (adapter / "adapter_model.safetensors").unlink()
     torch.save(saved, adapter / "adapter_model.bin")
-    expert = compeft.compress(adapter, density=0.4)
+    expert = compeft.compress(adapter, density=0.4, alpha=1.0, scope="global")
     ref = reference(saved, 0.4, keep_dense=["*head*"])  # the modules_to_save head stays dense
     for name in saved:
         assert same(expert.to_dense(name), ref.values[name])
@@ -185,7 +185,7 @@ def test_bin_adapter_is_loaded_with_weights_only(workdir):
                adapter / "adapter_model.bin")
     (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
     with pytest.raises(SourceError) as info:
-        compeft.compress(adapter)
+        compeft.compress(adapter, alpha=1.0, scope="global")
     assert "adapter_model.bin" in str(info.value)
     assert not marker.exists()
 
@@ -196,7 +196,7 @@ def test_bin_adapter_that_is_not_a_dict(workdir):
     torch.save([torch.ones(2)], adapter / "adapter_model.bin")
     (adapter / "adapter_config.json").write_text("{}")
     with pytest.raises(SourceError):
-        compeft.compress(adapter)
+        compeft.compress(adapter, alpha=1.0, scope="global")
 
 
 @pytest.mark.parametrize("problem", ["no-weights", "bad-config", "config-not-object", "bad-safetensors",
@@ -213,7 +213,7 @@ def test_bad_adapter_directories(workdir, problem):
         (adapter / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{broken")
     target = workdir / "nope" if problem == "missing" else adapter
     with pytest.raises(SourceError) as info:
-        compeft.compress(target)
+        compeft.compress(target, alpha=1.0, scope="global")
     assert str(target) in str(info.value)
 
 
@@ -291,7 +291,7 @@ def models(workdir):
 
 def test_full_finetune_roundtrip(workdir, models, reference, apply_ref, same):
     base, tuned, base_dir, tuned_dir = models
-    expert = compeft.compress(tuned_dir, base=base_dir, density=0.2, alpha=1.5)
+    expert = compeft.compress(tuned_dir, base=base_dir, density=0.2, alpha=1.5, scope="global")
     assert expert.metadata["source"] == "full"
     assert expert.metadata["base_fingerprint"].startswith("cpeft-fp1:")
     assert expert.entry("position_ids").encoding == "dense" and expert.entry("position_ids").role == "value"
@@ -327,7 +327,7 @@ def test_full_finetune_single_files(workdir, reference, apply_ref, same):
     save_file(base, str(workdir / "base.safetensors"))
     save_file(tuned, str(workdir / "tuned.safetensors"))
     expert = compeft.compress(workdir / "tuned.safetensors", base=workdir / "base.safetensors", density=0.5,
-                              scope="tensor")
+                              scope="tensor", alpha=1.0)
     out = compeft.decompress(expert, workdir / "restored.safetensors", base=workdir / "base.safetensors")
     restored = load_file(str(out))
     floating = [n for n in base if base[n].is_floating_point()]
@@ -343,7 +343,7 @@ def test_full_finetune_unsharded_dir_into_dir(workdir, reference, apply_ref, sam
     tuned = finetuned_from(base, 5)
     base_dir = write_model(workdir / "base", base, sharded=False)
     tuned_dir = write_model(workdir / "tuned", tuned, sharded=False)
-    out = compeft.decompress(compeft.compress(tuned_dir, base=base_dir, density=0.1), workdir / "out", base=base_dir)
+    out = compeft.decompress(compeft.compress(tuned_dir, base=base_dir, density=0.1, alpha=1.0, scope="global"), workdir / "out", base=base_dir)
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
     _, want = full_reference(base, tuned, reference, apply_ref, 0.1)
     restored = load_file(str(out / "model.safetensors"))
@@ -358,12 +358,12 @@ def test_full_finetune_with_different_tensor_sets(workdir):
     base_dir = write_model(workdir / "base", base)
     tuned_dir = write_model(workdir / "tuned", tuned)
     with pytest.raises(BaseMismatchError, match="extra.weight") as info:
-        compeft.compress(tuned_dir, base=base_dir)
+        compeft.compress(tuned_dir, base=base_dir, alpha=1.0, scope="global")
     assert str(base_dir) in str(info.value)
     del tuned["extra.weight"], tuned["embed.weight"]
     write_model(workdir / "tuned2", tuned)
     with pytest.raises(BaseMismatchError, match="embed.weight"):
-        compeft.compress(workdir / "tuned2", base=base_dir)
+        compeft.compress(workdir / "tuned2", base=base_dir, alpha=1.0, scope="global")
 
 
 def test_full_finetune_with_different_shapes(workdir):
@@ -373,12 +373,12 @@ def test_full_finetune_with_different_shapes(workdir):
     base_dir = write_model(workdir / "base", base)
     tuned_dir = write_model(workdir / "tuned", tuned)
     with pytest.raises(BaseMismatchError, match="shape"):
-        compeft.compress(tuned_dir, base=base_dir)
+        compeft.compress(tuned_dir, base=base_dir, alpha=1.0, scope="global")
 
 
 def test_applying_to_a_different_base(workdir, models, apply_ref, same):
     base, tuned, base_dir, tuned_dir = models
-    expert = compeft.compress(tuned_dir, base=base_dir, density=0.2)
+    expert = compeft.compress(tuned_dir, base=base_dir, density=0.2, alpha=1.0, scope="global")
     other = base_tensors(seed=7)
     other_dir = write_model(workdir / "other", other)
     with pytest.raises(BaseMismatchError) as info:
@@ -403,7 +403,7 @@ def test_applying_to_a_different_base(workdir, models, apply_ref, same):
 
 def test_decompress_onto_a_base_missing_tensors(workdir, models):
     base, tuned, base_dir, tuned_dir = models
-    expert = compeft.compress(tuned_dir, base=base_dir, density=0.2)
+    expert = compeft.compress(tuned_dir, base=base_dir, density=0.2, alpha=1.0, scope="global")
     smaller = {n: t for n, t in base.items() if n != "embed.weight"}
     small_dir = write_model(workdir / "small", smaller)
     with pytest.raises(BaseMismatchError, match="not in the base"):
@@ -413,7 +413,7 @@ def test_decompress_onto_a_base_missing_tensors(workdir, models):
 def test_decompress_onto_base_checks_payloads_before_writing(workdir, models, container):
     base, tuned, base_dir, tuned_dir = models
     path = workdir / "e.cpeft"
-    compeft.compress(tuned_dir, base=base_dir, density=0.2).save(path)
+    compeft.compress(tuned_dir, base=base_dir, density=0.2, alpha=1.0, scope="global").save(path)
     start, end = container.read(path).payload_range("layers.1.mlp.weight")
     container.flip_byte(path, start + 20)
     with pytest.raises(compeft.errors.ChecksumError):
@@ -424,14 +424,14 @@ def test_decompress_onto_base_checks_payloads_before_writing(workdir, models, co
 def test_finetune_without_base_is_not_a_peft_dir(models):
     base, tuned, base_dir, tuned_dir = models
     with pytest.raises(SourceError, match="base"):
-        compeft.compress(tuned_dir)
+        compeft.compress(tuned_dir, alpha=1.0, scope="global")
 
 
 def test_bad_safetensors_index(workdir, models):
     base, tuned, base_dir, tuned_dir = models
     (tuned_dir / "model.safetensors.index.json").write_text('{"weight_map": {"x": "../escape.safetensors"}}')
     with pytest.raises(SourceError):
-        compeft.compress(tuned_dir, base=base_dir)
+        compeft.compress(tuned_dir, base=base_dir, alpha=1.0, scope="global")
     (tuned_dir / "model.safetensors.index.json").write_text("not json")
     with pytest.raises(SourceError):
-        compeft.compress(tuned_dir, base=base_dir)
+        compeft.compress(tuned_dir, base=base_dir, alpha=1.0, scope="global")
