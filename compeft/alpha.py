@@ -182,45 +182,38 @@ def scales(alpha: float | str, scopes: Sequence[Sequence[str]], sigmas: Mapping[
     return out, alphas
 
 
-def _figure(squares: float, error: float, cosine: float | None) -> list[float | None]:
-    rel = math.sqrt(max(error, 0.0) / squares) if squares > 0 else 0.0
-    return [float(f"{rel:.4g}"), None if cosine is None else float(f"{cosine:.4g}")]
+def _figures(items: Sequence[tuple[float, float, float, float]]) -> tuple[list[list[float | None]], list[float | None]]:
+    """[relative error, cosine] of each ``(Σ x², Σ x·s, Σ s², m)`` item, where x is the original and
+    m·s its compressed form (s a sign mask, or a product of two), and of all items as one vector."""
+
+    def figure(squares: float, cross: float, signs: float, m: float) -> list[float | None]:
+        error = squares - 2 * m * cross + m * m * signs
+        rel = math.sqrt(max(error, 0.0) / squares) if squares > 0 else 0.0
+        cosine = cross / math.sqrt(squares * signs) if squares > 0 and signs > 0 and m > 0 else None
+        return [float(f"{rel:.4g}"), None if cosine is None else float(f"{cosine:.4g}")]
+
+    rows = [figure(*item) for item in items]
+    # all items as one vector: scaling each item's s by its m makes the overall magnitude 1
+    squares = math.fsum(i[0] for i in items)
+    cross = math.fsum(i[3] * i[1] for i in items)
+    signs = math.fsum(i[3] * i[3] * i[2] for i in items)
+    return rows, figure(squares, cross, signs, 1.0)
 
 
 def fidelity(names: Sequence[str], stats: Mapping[str, TensorStats], magnitudes: Mapping[str, float],
              pairs: Sequence[tuple[str, str]]) -> dict[str, object]:
     """The ``fidelity`` metadata (FORMAT.md 7.6): relative error ‖τ − τ̃‖/‖τ‖ and cosine of every
     compressed tensor (in ``names`` order) and overall; with LoRA pairs, the same on each B·A."""
-    rows, err_total, squares_total, dot_total, kept_total = [], 0.0, 0.0, 0.0, 0.0
-    for name in names:
-        s, m = stats[name], magnitudes[name]
-        error = s.squares - 2 * m * s.kept_abs + m * m * s.kept
-        cosine = s.kept_abs / math.sqrt(s.squares * s.kept) if s.kept and s.squares > 0 else None
-        rows.append(_figure(s.squares, error, cosine))
-        err_total += max(error, 0.0)
-        squares_total += s.squares
-        dot_total += m * s.kept_abs
-        kept_total += m * m * s.kept
-    overall_cos = dot_total / math.sqrt(squares_total * kept_total) if squares_total > 0 and kept_total > 0 else None
-    out: dict[str, object] = {"overall": _figure(squares_total, err_total, overall_cos), "tensors": rows}
+    rows, overall = _figures([(stats[n].squares, stats[n].kept_abs, stats[n].kept, magnitudes[n]) for n in names])
+    out: dict[str, object] = {"overall": overall, "tensors": rows}
     if pairs:
-        rows, err_total, squares_total, dot_total, kept_total = [], 0.0, 0.0, 0.0, 0.0
+        products = []
         for a, b in pairs:
             ga, gb = stats[a].gram, stats[b].gram
             assert ga is not None and gb is not None
             p = product_stats(ga, gb)
-            c = magnitudes[a] * magnitudes[b]
-            error = p.squares - 2 * c * p.cross + c * c * p.signs
-            cosine = p.cross / math.sqrt(p.squares * p.signs) if p.squares > 0 and p.signs > 0 else None
-            rows.append(_figure(p.squares, error, cosine))
-            err_total += max(error, 0.0)
-            squares_total += p.squares
-            dot_total += c * p.cross
-            kept_total += c * c * p.signs
-        overall_cos = (dot_total / math.sqrt(squares_total * kept_total)
-                       if squares_total > 0 and kept_total > 0 else None)
-        out["lora_overall"] = _figure(squares_total, err_total, overall_cos)
-        out["lora"] = rows
+            products.append((p.squares, p.cross, p.signs, magnitudes[a] * magnitudes[b]))
+        out["lora"], out["lora_overall"] = _figures(products)
     return out
 
 
