@@ -15,8 +15,6 @@ from typing import Any, Callable, Iterable, Mapping, MutableMapping, Sequence
 
 import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
 
 from . import __version__
 from .codec import golomb, kernels
@@ -30,7 +28,7 @@ from .format import (ENCODING_DENSE, ENCODING_GOLOMB, BytesReader, TensorEntry, 
 from .format.header import MAX_CHUNK_SIZE, PAYLOAD_ALIGNMENT, SCOPES, round_up
 from .progress import progress_bar
 from .report import describe
-from .sources import (ADAPTER_CONFIG, DTYPE_TO_TORCH, SAFETENSORS_INDEX, Source, SourceTensor, base_dtype_shape, dtype_code, fingerprint, from_finetuned, from_mapping,
+from .sources import (ADAPTER_CONFIG, DTYPE_TO_TORCH, SAFETENSORS_INDEX, Source, SourceTensor, base_dtype_shape, dtype_code, fingerprint, from_finetuned, from_mapping, open_safetensors,
                       from_peft_dir, safetensors_files, safetensors_tensors)
 
 PathLike = str | os.PathLike[str]
@@ -680,10 +678,11 @@ def _onto_base(experts: Sequence[CompressedExpert], base: Path, out: Path, force
         targets = [(base, stage)] if single else [(f, stage / f.name) for f in files]
         if not single:
             stage.mkdir(parents=True, exist_ok=True)
+        handles = {path: handle for path, handle in located.values()}
         for source_file, dest in progress_bar(targets, "writing shards", progress):
-            with safe_open(str(source_file), framework="pt") as handle:
-                shard_meta = handle.metadata()
-            shard = load_file(str(source_file))
+            handle = handles.get(source_file) or open_safetensors(source_file)  # a shard the expert leaves alone
+            shard_meta = handle.metadata() or None
+            shard = {n: handle.get_tensor(n) for n in handle.keys()}  # one shard in memory, not mapped
             names = [n for n in expert.names if n in shard]
             if names:
                 update(shard, names)
