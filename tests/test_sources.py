@@ -4,6 +4,7 @@ and full fine-tunes measured from a sharded safetensors base."""
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -435,3 +436,67 @@ def test_bad_safetensors_index(workdir, models):
     (tuned_dir / "model.safetensors.index.json").write_text("not json")
     with pytest.raises(SourceError):
         compeft.compress(tuned_dir, base=base_dir, alpha=1.0, scope="global")
+
+
+# ---------------------------------------------------------------------------------------------
+# weight files read with pread (SafetensorsFile): equal to safetensors, and every bad file refused
+
+
+def test_safetensors_file_reads_what_safetensors_wrote(tmp_path):
+    from safetensors.torch import save_file
+    from compeft.sources import SafetensorsFile
+    tensors = {"bf": torch.randn(5, 7).bfloat16(), "i": torch.arange(12).reshape(3, 4), "empty": torch.zeros(0, 3),
+               "scalar": torch.tensor(1.5), "h": torch.randn(33).half(), "flag": torch.tensor([True, False])}
+    save_file(tensors, str(tmp_path / "w.safetensors"), metadata={"format": "pt"})
+    f = SafetensorsFile(tmp_path / "w.safetensors")
+    assert sorted(f.keys()) == sorted(tensors) and f.metadata() == {"format": "pt"}
+    for name, t in tensors.items():
+        assert f.dtype_shape(name) == (t.dtype, tuple(t.shape))
+        got = f.get_tensor(name)
+        assert got.dtype == t.dtype and torch.equal(got, t)
+
+
+def _raw_safetensors(header: dict, data: bytes = b"", length: int | None = None) -> bytes:
+    text = json.dumps(header).encode()
+    return (len(text) if length is None else length).to_bytes(8, "little") + text + data
+
+
+@pytest.mark.parametrize("case", ["short", "length", "json", "not-object", "offsets", "size", "dtype", "metadata",
+                                  "shape"])
+def test_safetensors_file_refuses_bad_files(tmp_path, case):
+    from compeft.sources import SafetensorsFile
+    good = {"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
+    blobs = {
+        "short": b"\x05\x00",
+        "length": _raw_safetensors(good, bytes(8), length=10**9),
+        "json": (5).to_bytes(8, "little") + b"{nope" + bytes(8),
+        "not-object": _raw_safetensors([1, 2]),  # type: ignore[arg-type]
+        "offsets": _raw_safetensors({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 800]}}, bytes(8)),
+        "size": _raw_safetensors({"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, bytes(8)),
+        "dtype": _raw_safetensors({"w": {"dtype": "F7", "shape": [2], "data_offsets": [0, 8]}}, bytes(8)),
+        "metadata": _raw_safetensors({**good, "__metadata__": {"a": 1}}, bytes(8)),
+        "shape": _raw_safetensors({"w": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, bytes(8)),
+    }
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(blobs[case])
+    with pytest.raises(SourceError, match="bad.safetensors"):
+        SafetensorsFile(path)
+
+
+def test_safetensors_file_refuses_a_fifo_without_blocking(tmp_path):
+    from compeft.sources import SafetensorsFile
+    fifo = tmp_path / "model.safetensors"
+    os.mkfifo(fifo)
+    with pytest.raises(SourceError, match="not a regular file"):
+        SafetensorsFile(fifo)
+
+
+def test_safetensors_file_truncated_after_opening(tmp_path):
+    from safetensors.torch import save_file
+    from compeft.sources import SafetensorsFile
+    save_file({"w": torch.randn(1000)}, str(tmp_path / "w.safetensors"))
+    f = SafetensorsFile(tmp_path / "w.safetensors")
+    with open(tmp_path / "w.safetensors", "r+b") as handle:
+        handle.truncate(200)
+    with pytest.raises(SourceError, match="shorter than its header says"):
+        f.get_tensor("w")
