@@ -46,7 +46,7 @@ def make_experts(n: int, shapes: dict[str, tuple[int, ...]], *, densities=None, 
                  chunk_size: int | None = None) -> list[CompressedExpert]:
     densities = densities or [0.1 + 0.8 * i / max(n - 1, 1) for i in range(n)]
     extra = {} if chunk_size is None else {"chunk_size": chunk_size}
-    return [compeft.compress(random_tv(seed * 1000 + i, shapes, dtype, dtypes), density=densities[i], scope=scope,
+    return [compeft.compress(random_tv(seed * 1000 + i, shapes, dtype, dtypes), density=densities[i], alpha=1.0, scope=scope,
                              keep_dense=keep_dense, **extra) for i in range(n)]
 
 
