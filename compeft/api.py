@@ -27,6 +27,7 @@ from .format import (ENCODING_DENSE, ENCODING_GOLOMB, BytesReader, TensorEntry, 
                      encode_header)
 from .format.header import MAX_CHUNK_SIZE, PAYLOAD_ALIGNMENT, SCOPES, round_up
 from .progress import progress_bar
+from .weights import write_safetensors
 from .report import describe
 from .sources import (ADAPTER_CONFIG, DTYPE_TO_TORCH, SAFETENSORS_INDEX, Source, SourceTensor, base_dtype_shape, dtype_code, fingerprint, from_finetuned, from_mapping, open_safetensors,
                       from_peft_dir, safetensors_files, safetensors_tensors)
@@ -543,11 +544,6 @@ def _restored(expert: CompressedExpert, name: str) -> torch.Tensor:
     return value
 
 
-def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    from safetensors.torch import save
-    atomic_write(path, [save(tensors, metadata=metadata)])
-
-
 def decompress(expert: CompressedExpert | PathLike, output: PathLike, *, base: PathLike | None = None,
                force: bool = False, progress: bool = False) -> Path:
     """Write an expert back out.
@@ -568,14 +564,14 @@ def decompress(expert: CompressedExpert | PathLike, output: PathLike, *, base: P
     expert.prefetch()  # from a URL: every payload requested at once, not tensor by tensor
     if out.suffix == ".safetensors":
         tensors = {n: expert.to_dense(n).contiguous() for n in progress_bar(expert.names, "decoding", progress)}
-        _save_safetensors(tensors, out)
+        write_safetensors(tensors, out)
         return out
     if expert.metadata.get("source") != "peft":
         raise InvalidArgumentError("this expert is not a PEFT adapter: write a .safetensors task vector or pass a base",
                                    expert.path)
     tensors = {n: _restored(expert, n).contiguous() for n in progress_bar(expert.names, "decoding", progress)}
     out.mkdir(parents=True, exist_ok=True)
-    _save_safetensors(tensors, out / "adapter_model.safetensors", {"format": "pt"})
+    write_safetensors(tensors, out / "adapter_model.safetensors", {"format": "pt"})
     config = expert.metadata.get("adapter_config") or {}
     atomic_write(out / ADAPTER_CONFIG, [json.dumps(config, indent=2, sort_keys=True).encode()])
     return out
@@ -606,7 +602,7 @@ def merge_to(experts: Sequence[CompressedExpert | PathLike], output: PathLike, *
     result = merge(opened, progress=progress, **options)
     record = {"merge": json.dumps(result.metadata, sort_keys=True)}
     if out.suffix == ".safetensors":
-        _save_safetensors({n: t.contiguous() for n, t in result.items()}, out, record)
+        write_safetensors({n: t.contiguous() for n, t in result.items()}, out, record)
     else:
         chosen = opened[0].metadata.get("density", 0.1) if density is None else density
         compress(dict(result), density=chosen, alpha=alpha, metadata=record, progress=progress).save(out)
@@ -686,7 +682,7 @@ def _onto_base(experts: Sequence[CompressedExpert], base: Path, out: Path, force
             names = [n for n in expert.names if n in shard]
             if names:
                 update(shard, names)
-            _save_safetensors(shard, dest, shard_meta)
+            write_safetensors(shard, dest, shard_meta)
             del shard
         if base.is_dir():
             weight_names = {f.name for f in files}

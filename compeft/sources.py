@@ -17,16 +17,8 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 
 from .errors import BaseMismatchError, SourceError
+from .weights import DTYPE_TO_TORCH, TORCH_TO_DTYPE, SafetensorsFile
 
-TORCH_TO_DTYPE = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-for _name, _code in (("uint16", "U16"), ("uint32", "U32"), ("uint64", "U64")):
-    if hasattr(torch, _name):
-        TORCH_TO_DTYPE[getattr(torch, _name)] = _code
-DTYPE_TO_TORCH = {code: dtype for dtype, code in TORCH_TO_DTYPE.items()}
 COMPRESSIBLE = (torch.float32, torch.float16, torch.bfloat16)
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -92,109 +84,6 @@ def from_mapping(tensors: Mapping[str, torch.Tensor]) -> Source:
 
 # ---------------------------------------------------------------------------------------------
 # safetensors files
-
-
-SAFETENSORS_HEADER_LIMIT = 100_000_000  # safetensors' own limit on its JSON header
-
-
-class SafetensorsFile:
-    """One safetensors file read with ``os.pread``, one tensor at a time.
-
-    safetensors' ``safe_open`` maps the whole file: every page a reader touches stays in the
-    process's resident set until the map is closed, so streaming a 7B model through it shows the
-    whole model in RSS. Reading each tensor into its own buffer keeps only that tensor resident
-    (the page cache still serves repeated reads). The header is checked like safetensors checks it:
-    a JSON object of ``{dtype, shape, data_offsets}`` entries whose byte ranges lie in the file."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        try:
-            self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0))
-        except OSError as exc:
-            raise SourceError(f"cannot open ({exc.strerror})", path) from None
-        try:
-            self._entries, self._metadata, self._data_start = self._read_header()
-        except BaseException:
-            os.close(self._fd)
-            raise
-
-    def _read_header(self) -> tuple[dict[str, tuple[str, tuple[int, ...], int, int]], dict[str, str], int]:
-        import stat
-        info = os.fstat(self._fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise SourceError("not a regular file", self.path)
-        size = info.st_size
-        prefix = os.pread(self._fd, 8, 0)
-        if len(prefix) < 8:
-            raise SourceError("not a readable safetensors file (shorter than its 8-byte header length)", self.path)
-        length = int.from_bytes(prefix, "little")
-        if length > SAFETENSORS_HEADER_LIMIT or 8 + length > size:
-            raise SourceError(f"not a readable safetensors file (header length {length} for {size} bytes)", self.path)
-        try:
-            header = json.loads(os.pread(self._fd, length, 8))
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise SourceError(f"not a readable safetensors file (header: {exc})", self.path) from None
-        if not isinstance(header, dict):
-            raise SourceError("not a readable safetensors file (header is not a JSON object)", self.path)
-        metadata = header.pop("__metadata__", None) or {}
-        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-            raise SourceError("not a readable safetensors file (bad __metadata__)", self.path)
-        data_start = 8 + length
-        entries = {}
-        for name, entry in header.items():
-            try:
-                code, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
-                ok = (isinstance(code, str) and all(type(d) is int and d >= 0 for d in shape)
-                      and type(begin) is int and type(end) is int and 0 <= begin <= end <= size - data_start)
-            except (TypeError, KeyError, ValueError):
-                ok = False
-            if not ok:
-                raise SourceError(f"not a readable safetensors file (bad entry for {name!r})", self.path)
-            if code not in DTYPE_TO_TORCH:
-                raise SourceError(f"tensor {name!r}: dtype {code} is not supported", self.path)
-            count = 1
-            for d in shape:
-                count *= d
-            if count * DTYPE_TO_TORCH[code].itemsize != end - begin:
-                raise SourceError(f"not a readable safetensors file ({name!r}: {end - begin} bytes for shape "
-                                  f"{list(shape)} of {code})", self.path)
-            entries[name] = (code, shape, begin, end)
-        return entries, metadata, data_start
-
-    def keys(self) -> list[str]:
-        return list(self._entries)
-
-    def metadata(self) -> dict[str, str]:
-        return dict(self._metadata)
-
-    def dtype_shape(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
-        code, shape, _, _ = self._entries[name]
-        return DTYPE_TO_TORCH[code], shape
-
-    def get_tensor(self, name: str) -> torch.Tensor:
-        """The tensor ``name``, read into memory of its own (a fresh CPU tensor)."""
-        code, shape, begin, end = self._entries[name]
-        dtype = DTYPE_TO_TORCH[code]
-        out = torch.empty(shape, dtype=dtype)
-        view = memoryview(out.view(-1).view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
-        done = 0
-        while done < end - begin:
-            got = os.preadv(self._fd, [view[done:]], self._data_start + begin + done)
-            if got <= 0:
-                raise SourceError(f"tensor {name!r}: the file is shorter than its header says", self.path)
-            done += got
-        return out
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # interpreter shutdown
-            pass
 
 
 def open_safetensors(path: Path) -> SafetensorsFile:
