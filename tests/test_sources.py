@@ -500,3 +500,22 @@ def test_safetensors_file_truncated_after_opening(tmp_path):
         handle.truncate(200)
     with pytest.raises(SourceError, match="shorter than its header says"):
         f.get_tensor("w")
+
+
+@pytest.mark.parametrize("metadata", [None, {"format": "pt"}])
+def test_write_safetensors_is_read_back_by_safetensors(tmp_path, metadata):
+    from compeft.weights import SafetensorsFile, write_safetensors
+    tensors = {"bf": torch.randn(5, 7).bfloat16(), "i": torch.arange(12).reshape(3, 4), "empty": torch.zeros(0, 3),
+               "scalar": torch.tensor(1.5), "h": torch.randn(33).half(), "flag": torch.tensor([True, False]),
+               "strided": torch.randn(6, 4).t()}
+    write_safetensors(tensors, tmp_path / "w.safetensors", metadata)
+    back = load_file(str(tmp_path / "w.safetensors"))
+    assert sorted(back) == sorted(tensors)
+    for name, t in tensors.items():
+        assert back[name].dtype == t.dtype and torch.equal(back[name], t)
+    with safe_open(str(tmp_path / "w.safetensors"), framework="pt") as handle:
+        assert handle.metadata() == metadata
+    mine = SafetensorsFile(tmp_path / "w.safetensors")
+    assert all(torch.equal(mine.get_tensor(n), t) for n, t in tensors.items())
+    write_safetensors({}, tmp_path / "empty.safetensors")
+    assert load_file(str(tmp_path / "empty.safetensors")) == {}
