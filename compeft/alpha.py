@@ -25,6 +25,7 @@ PRODUCT_UNBIASED = "product-unbiased"  # per LoRA module, ⟨B̃·Ã, B·A⟩ = 
 RULES = (ALPHA_L2, ALPHA_NORM, ALPHA_UNBIASED, PRODUCT_L2, PRODUCT_NORM, PRODUCT_UNBIASED)
 # rule -> its rule for unpaired tensors
 PRODUCT_RULES = {PRODUCT_L2: ALPHA_L2, PRODUCT_NORM: ALPHA_NORM, PRODUCT_UNBIASED: ALPHA_UNBIASED}
+LORA_SOURCES = ("peft", "tensors")  # sources whose tensors may form LoRA pairs (a full fine-tune's cannot)
 DEFAULT_ALPHA = PRODUCT_UNBIASED  # chosen on the fidelity benchmark (benchmarks/README.md "Fidelity")
 DEFAULT_SCOPE = "tensor"
 
@@ -226,15 +227,15 @@ def fidelity_warnings(header_names: Sequence[str], kept: Mapping[str, int], fide
     empty = [n for n, row in zip(header_names, rows) if kept.get(n) == 0 and isinstance(row, list) and row[0]]
     if empty:
         out.append(f"{len(empty)} compressed tensors keep no entries although their τ is not zero "
-                   f"(e.g. {empty[:3]}): their fine-tune is lost; try --scope tensor or a higher --density")
+                   f"(e.g. {empty[:3]}): their fine-tune is lost; use tensor scope or a higher density")
     lora = fidelity_meta.get("lora") or []
     collapsed = [module_name(a) for (a, _), row in zip(pairs, lora)
                  if isinstance(row, list) and row[0] is not None and row[0] >= 1 and row[1] is None]
     if collapsed:
         out.append(f"{len(collapsed)} LoRA modules lose their whole update (B̃·Ã = 0, e.g. {collapsed[:3]}); "
-                   "try --scope tensor or a higher --density")
+                   "use tensor scope or a higher density")
     overall = fidelity_meta.get("lora_overall") or fidelity_meta.get("overall")
     if isinstance(overall, list) and len(overall) == 2 and isinstance(overall[1], (int, float)) and overall[1] < 0.2:
         out.append(f"the compressed update keeps little of the original's direction (cosine {overall[1]:.3g}); "
-                   "try --scope tensor or a higher --density")
+                   "use tensor scope or a higher density")
     return out

@@ -18,7 +18,7 @@ import torch
 
 from . import __version__
 from .codec import golomb, kernels
-from .alpha import (ALPHA_UNBIASED, DEFAULT_ALPHA, DEFAULT_SCOPE, PRODUCT_RULES, RULES, TensorStats,
+from .alpha import (ALPHA_UNBIASED, DEFAULT_ALPHA, LORA_SOURCES, DEFAULT_SCOPE, PRODUCT_RULES, RULES, TensorStats,
                     check_rule, fidelity, lora_factor, lora_pairs, scales, tensor_stats)
 from .encode import Selection, select
 from .errors import BaseMismatchError, FidelityWarning, HeaderError, InvalidArgumentError, SourceError
@@ -310,7 +310,7 @@ def _encode(src: Source, *, density: float, scope: str, keep_dense: Sequence[str
     for t in progress_bar(src.tensors, "encoding", progress):
         if t.name in compressed_names:
             fields, pieces, sigmas[t.name], stats[t.name] = _encode_compressed(
-                t, selections.get(t.name), density, chunk_size, lora=src.kind == "peft")
+                t, selections.get(t.name), density, chunk_size, lora=src.kind in LORA_SOURCES)
         else:
             fields, pieces = _encode_dense(t, src.kind)
         length = sum(len(p) for p in pieces)

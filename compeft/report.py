@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .alpha import fidelity_warnings, lora_pairs, module_name
+from .alpha import LORA_SOURCES, fidelity_warnings, lora_pairs, module_name
 from .format.header import DTYPE_SIZES, ENCODING_GOLOMB, Header
 
 
@@ -27,7 +27,7 @@ def fidelity_of(header: Header) -> dict[str, Any]:
     rows = meta.get("tensors") if isinstance(meta.get("tensors"), list) else []
     tensors = {n: _figure(r) for n, r in zip(compressed, rows)}
     shapes = {t.name: t.shape for t in header.tensors}
-    pairs = lora_pairs(compressed, shapes) if header.metadata.get("source") == "peft" else []
+    pairs = lora_pairs(compressed, shapes) if header.metadata.get("source") in LORA_SOURCES else []
     lora_rows = meta.get("lora") if isinstance(meta.get("lora"), list) else []
     modules = {module_name(a): _figure(r) for (a, _), r in zip(pairs, lora_rows)}
     kept = {t.name: t.nnz for t in header.tensors if t.encoding == ENCODING_GOLOMB}

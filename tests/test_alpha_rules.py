@@ -283,3 +283,14 @@ def test_cli_compress_and_inspect_show_fidelity_and_warnings(tmp_path, lora_dir)
     assert summary["warnings"] == []
     assert summary["fidelity"]["lora_overall"][1] > 0
     assert all(row["rel_error"] is not None for row in summary["tensors"] if row["encoding"] == "ternary-golomb")
+
+
+def test_a_tensor_mapping_of_lora_factors_forms_pairs_too(lora_dir):
+    """A LoRA state dict passed as a mapping is judged on B·A like the same adapter's directory."""
+    tensors = load_adapter_tensors(lora_dir)
+    factors = {n: t for n, t in tensors.items() if ".lora_" in n}
+    from_mapping = compeft.compress(factors, density=0.1)
+    from_dir = compeft.compress(lora_dir, density=0.1)
+    assert len(from_mapping.metadata["fidelity"]["lora"]) == 7
+    for name in factors:
+        assert from_mapping.entry(name).scale == from_dir.entry(name).scale, name
