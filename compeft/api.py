@@ -27,9 +27,9 @@ from .format import (ENCODING_DENSE, ENCODING_GOLOMB, BytesReader, TensorEntry, 
                      encode_header)
 from .format.header import MAX_CHUNK_SIZE, PAYLOAD_ALIGNMENT, SCOPES, round_up
 from .progress import progress_bar
-from .weights import write_safetensors
+from .weights import DTYPE_TO_TORCH, write_safetensors
 from .report import describe
-from .sources import (ADAPTER_CONFIG, DTYPE_TO_TORCH, SAFETENSORS_INDEX, Source, SourceTensor, base_dtype_shape, dtype_code, fingerprint, from_finetuned, from_mapping, open_safetensors,
+from .sources import (ADAPTER_CONFIG, SAFETENSORS_INDEX, Source, SourceTensor, base_dtype_shape, dtype_code, fingerprint, from_finetuned, from_mapping, open_safetensors,
                       from_peft_dir, safetensors_files, safetensors_tensors)
 
 PathLike = str | os.PathLike[str]

@@ -75,8 +75,3 @@ def select(tensors: Callable[[], Iterable[tuple[str, np.ndarray]]], density: flo
     low_bucket, _ = _bucket_of_rank(low, in_bucket)
     bits = np.uint32((bucket << 16) | low_bucket)
     return Selection(threshold=float(bits.view(np.float32)), sigma=sigma, count=count, rank=rank)
-
-
-def ternary_scale(alpha: float, sigma: float) -> float:
-    """The stored magnitude of every kept entry: float32(alpha * sigma)."""
-    return float(np.float32(alpha * sigma))

@@ -14,7 +14,7 @@ import torch
 from .codec import golomb, kernels
 from .errors import InvalidArgumentError, LayoutError, OutputTooLargeError
 from .format import ENCODING_DENSE, Header, RangeReader, TensorEntry, atomic_write, check_crc, read_header
-from .sources import DTYPE_TO_TORCH
+from .weights import DTYPE_TO_TORCH
 
 _BITS_VIEW = {torch.float32: (torch.int32, np.uint32), torch.float16: (torch.int16, np.uint16),
               torch.bfloat16: (torch.int16, np.uint16)}

@@ -29,7 +29,7 @@ from .codec import golomb, kernels
 from .errors import CorruptPayloadError, InvalidArgumentError
 from .expert import allocate, kept_value, value_patterns
 from .format.header import golomb_width
-from .sources import DTYPE_TO_TORCH
+from .weights import DTYPE_TO_TORCH
 
 if TYPE_CHECKING:  # pragma: no cover
     from .expert import CompressedExpert

@@ -36,7 +36,7 @@ from .codec import golomb, kernels
 from .errors import BaseMismatchError, InvalidArgumentError
 from .expert import CompressedExpert, allocate, flat_bits, kept_value
 from .progress import progress_bar
-from .sources import DTYPE_TO_TORCH
+from .weights import DTYPE_TO_TORCH
 
 GROUP_PARAMETERS = 1 << 24  # accumulators for at most this many parameters at a time (64 MiB each)
 GPU_GROUP_PARAMETERS = 1 << 28  # on a GPU: fewer, larger launches (1 GiB per accumulator)

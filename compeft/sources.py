@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 
 from .errors import BaseMismatchError, SourceError
-from .weights import DTYPE_TO_TORCH, TORCH_TO_DTYPE, SafetensorsFile
+from .weights import TORCH_TO_DTYPE, SafetensorsFile
 
 COMPRESSIBLE = (torch.float32, torch.float16, torch.bfloat16)
 

@@ -92,7 +92,7 @@ def exercise(data: bytes) -> None:
     from compeft.expert import CompressedExpert
     from compeft.format import BytesReader
     from compeft.report import describe
-    from compeft.sources import DTYPE_TO_TORCH
+    from compeft.weights import DTYPE_TO_TORCH
 
     try:
         expert = CompressedExpert(BytesReader(data, "<fuzz>"))
