@@ -54,7 +54,9 @@ def _check_alpha(alpha: float | str) -> None:
         raise InvalidArgumentError(f"alpha must be a finite number > 0 or one of {list(RULES)}, got {alpha!r}")
 
 
-def _check_arguments(density: float, alpha: float | str, scope: str, chunk_size: int) -> None:
+def check_arguments(density: float, alpha: float | str, scope: str, chunk_size: int) -> None:
+    """Raise :class:`InvalidArgumentError` unless the encoding settings are valid together (shared by
+    :func:`compress`, :func:`tune_alpha`, merges re-compressed to ``.cpeft`` and library builds)."""
     if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 < density <= 1:
         raise InvalidArgumentError(f"density must be in (0, 1], got {density!r}")
     _check_alpha(alpha)
@@ -147,7 +149,7 @@ def compress(source: TensorSource, *, base: PathLike | None = None, density: flo
     True
     """
     alpha = default_alpha(scope) if alpha is None else alpha
-    _check_arguments(density, alpha, scope, chunk_size)
+    check_arguments(density, alpha, scope, chunk_size)
     encoded = _encode(_resolve_source(source, base), density=density, scope=scope, keep_dense=keep_dense,
                       auto_dense=auto_dense, chunk_size=chunk_size, metadata=metadata, progress=progress)
     expert = encoded.build(alpha)
@@ -215,9 +217,9 @@ def tune_alpha(source: TensorSource, evaluate: Callable[[CompressedExpert], floa
     if not densities or not alphas:
         raise InvalidArgumentError("tune_alpha needs at least one density and one alpha")
     for density in densities:
-        _check_arguments(density, alphas[0], scope, chunk_size)
+        check_arguments(density, alphas[0], scope, chunk_size)
     for alpha in alphas:
-        _check_arguments(densities[0], alpha, scope, chunk_size)
+        check_arguments(densities[0], alpha, scope, chunk_size)
     src = _resolve_source(source, base)
     scored: list[tuple[float, float | str, float]] = []
     best: tuple[float, float, float | str, _Encoded] | None = None
@@ -594,7 +596,7 @@ def merge_to(experts: Sequence[CompressedExpert | PathLike], output: PathLike, *
     if base is None and out.suffix not in (".safetensors", ".cpeft"):
         raise InvalidArgumentError("merge output must end in .safetensors or .cpeft, or come with a base", out)
     if out.suffix == ".cpeft" and base is None:
-        _check_arguments(0.1 if density is None else density, default_alpha(DEFAULT_SCOPE) if alpha is None else alpha,
+        check_arguments(0.1 if density is None else density, default_alpha(DEFAULT_SCOPE) if alpha is None else alpha,
                          DEFAULT_SCOPE, golomb.DEFAULT_CHUNK_SIZE)
     if base is not None:
         return _onto_base(opened, Path(base), out, force, progress,

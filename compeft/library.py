@@ -494,11 +494,11 @@ def build_library(sources: str | Sequence[str], out: str | os.PathLike[str], *, 
     matches and which verifies is kept. Outputs are written atomically, so a worker killed mid-task
     leaves no partial file; Dask runs its task again elsewhere.
     """
-    from .api import _check_arguments, default_alpha
+    from .api import check_arguments, default_alpha
     from .codec.golomb import DEFAULT_CHUNK_SIZE
     chunk = DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size
     alpha = default_alpha(scope) if alpha is None else alpha
-    _check_arguments(density, alpha, scope, chunk)
+    check_arguments(density, alpha, scope, chunk)
     keep = [keep_dense] if isinstance(keep_dense, str) else list(keep_dense)
     out_root = os.fspath(out) if is_url(out) else os.path.abspath(out)  # workers may run elsewhere
     options = dict(storage_options or {})
