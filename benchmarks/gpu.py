@@ -180,17 +180,17 @@ def case_load(expert: compeft.CompressedExpert, dense: dict[str, torch.Tensor], 
 
     t0 = time.perf_counter()
     dev = expert.to_device("cuda")
-    dev.check()
+    dev.executor.check()
     torch.cuda.synchronize()
     first_to_device = time.perf_counter() - t0
-    pinned_words = dev.words.cpu().pin_memory()
+    pinned_words = dev.executor.words.cpu().pin_memory()
 
     def load() -> dict[str, torch.Tensor]:
-        dev.words.copy_(pinned_words, non_blocking=True)
+        dev.executor.words.copy_(pinned_words, non_blocking=True)
         return dev.state_dict()
 
     t_load = gpu_times(load, repeats)
-    t_h2d = gpu_times(lambda: dev.words.copy_(pinned_words, non_blocking=True), repeats)
+    t_h2d = gpu_times(lambda: dev.executor.words.copy_(pinned_words, non_blocking=True), repeats)
     t_decode = gpu_times(dev.state_dict, repeats)
     t_zero = gpu_times(lambda: torch.zeros(numel, dtype=torch.bfloat16, device="cuda"), repeats)
     t_d2d = gpu_times(lambda: on_gpu.clone(), repeats)
@@ -204,12 +204,12 @@ def case_load(expert: compeft.CompressedExpert, dense: dict[str, torch.Tensor], 
     runner = numba_cuda_decoder(dev)
     if runner is not None:
         from compeft.codec import triton_kernels as tk
-        names = [n for n in dev.names if dev.rows.get(n, -1) >= 0]
-        params = dev.params[[dev.rows[n] for n in names]].copy()
+        names = [n for n in dev.executor.names if dev.executor.rows.get(n, -1) >= 0]
+        params = dev.executor.params[[dev.executor.rows[n] for n in names]].copy()
         sizes = np.array([expert.entry(n).numel for n in names], dtype=np.int64)
         offsets = np.cumsum(sizes) - sizes
         work = golomb.chunk_work(params[:, tk.G_CHUNKS])
-        from compeft.expert import value_patterns
+        from compeft.dtypes import value_patterns
         for t, n in enumerate(names):
             params[t, 6], params[t, 7] = value_patterns(expert.entry(n).scale, torch.bfloat16)
         flat = torch.zeros(int(sizes.sum()), dtype=torch.bfloat16, device="cuda")
@@ -256,8 +256,8 @@ def case_apply(expert: compeft.CompressedExpert, dense: dict[str, torch.Tensor],
 
     t_dense = gpu_times(dense_add, repeats)
     saved: list[Any] = []
-    t_save = gpu_times(lambda: saved.append(dev.save_entries(base)), repeats)
-    t_restore = gpu_times(lambda: dev.restore_entries(base, saved[-1]), repeats)
+    t_save = gpu_times(lambda: saved.append(dev.executor.save_entries(base)), repeats)
+    t_restore = gpu_times(lambda: dev.executor.restore_entries(base, saved[-1]), repeats)
     before = {n: w.clone() for n, w in base.items()}
     undo = compeft.apply(expert, base, scale=0.5, restorable=True, check_base=False)
     undo.restore()

@@ -14,7 +14,7 @@ Cases, on the same adapter directories, scope "tensor", density 0.1, alpha 1 (se
 3. the same with ``workers=2``; 3b (counterfactual) the same with Dask's default
    ``MALLOC_TRIM_THRESHOLD_=65536`` left in the workers (build_library removes it);
 4. the engine's fixed cost: a LocalCluster + Client of w worker processes started, ``import
-   compeft.api`` run on every worker (``client.run``), shut down; w = 1 and 2;
+   compeft.encode`` run on every worker (``client.run``), shut down; w = 1 and 2;
 5. a resume: ``build_library`` again over case 3's output (every expert skipped after verifying).
 
 Rounds interleave the cases (1, 2, 3, 3b, 5, 4(1), 4(2), then again) so that noise from other jobs falls
@@ -54,23 +54,23 @@ TRIM = "MALLOC_TRIM_THRESHOLD_"
 def _import_on_worker() -> str | None:
     """The trivial task of case 4: what every library task needs before it can start. Returns the
     worker's MALLOC_TRIM_THRESHOLD_ (Dask's nanny sets it to 65536 by default)."""
-    import compeft.api  # noqa: F401
+    import compeft.encode  # noqa: F401
     return os.environ.get(TRIM, "unset")
 
 
 @contextlib.contextmanager
 def with_dask_malloc_trim() -> Any:
     """Case 3b (counterfactual): workers spawned with Dask's default MALLOC_TRIM_THRESHOLD_=65536,
-    which build_library's local cluster removes (compeft.library._plain_worker_environment); the
+    which build_library's local cluster removes (compeft.library.build.plain_worker_environment); the
     nanny also copies it into this process's os.environ, whence the restore."""
-    from compeft import library
+    from compeft.library import build as library
     saved = os.environ.get(TRIM)
-    plain = library._plain_worker_environment
-    library._plain_worker_environment = contextlib.nullcontext
+    plain = library.plain_worker_environment
+    library.plain_worker_environment = contextlib.nullcontext
     try:
         yield
     finally:
-        library._plain_worker_environment = plain
+        library.plain_worker_environment = plain
         if saved is None:
             os.environ.pop(TRIM, None)
         else:
@@ -95,7 +95,7 @@ def adapter_tensors(modules: list[tuple[int, str, int, int]], layers: int, rank:
 
 
 def engine_startup(workers: int, env_seen: list[Any]) -> float:
-    """Case 4: start a LocalCluster + Client of ``workers`` processes, import compeft.api on each, stop."""
+    """Case 4: start a LocalCluster + Client of ``workers`` processes, import compeft.encode on each, stop."""
     from distributed import Client, LocalCluster
     gc.collect()
     start = time.perf_counter()

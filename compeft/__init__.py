@@ -9,36 +9,33 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = ["compress", "open", "apply", "decompress", "merge", "tune_alpha", "build_library", "open_library",
            "CompressedExpert", "CompeftError", "__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .api import apply, compress, decompress, open, tune_alpha
+    from .applying import apply
+    from .encode import compress
     from .errors import CompeftError
-    from .expert import CompressedExpert
+    from .expert import CompressedExpert, open
+    from .export import decompress
     from .library import build_library, open_library
     from .merging import merge
+    from .tuning import tune_alpha
+
+
+# where each public name lives (loaded on first use)
+_HOMES = {"compress": ".encode", "open": ".expert", "apply": ".applying", "decompress": ".export",
+          "tune_alpha": ".tuning", "merge": ".merging", "build_library": ".library", "open_library": ".library",
+          "CompressedExpert": ".expert", "CompeftError": ".errors"}
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("compress", "open", "apply", "decompress", "tune_alpha"):
-        from . import api
-        return getattr(api, name)
-    if name in ("build_library", "open_library"):
-        from . import library
-        return getattr(library, name)
-    if name == "merge":
-        from .merging import merge
-        return merge
-    if name == "CompressedExpert":
-        from .expert import CompressedExpert
-        return CompressedExpert
-    if name == "CompeftError":
-        from .errors import CompeftError
-        return CompeftError
+    import importlib
+
+    if name in _HOMES:
+        return getattr(importlib.import_module(_HOMES[name], __name__), name)
     if name == "errors":
-        import importlib
         return importlib.import_module(".errors", __name__)
     raise AttributeError(f"module 'compeft' has no attribute {name!r}")

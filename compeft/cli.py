@@ -193,7 +193,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_decompress(args: argparse.Namespace) -> int:
     import compeft
     expert = _open(args, args.file, progress=not args.quiet)
-    out = compeft.decompress(expert, args.output, base=args.base, force=args.force, progress=not args.quiet)
+    out = compeft.decompress(expert, args.output, base=args.base, check_base=not args.force, progress=not args.quiet)
     if not args.quiet:
         print(f"wrote {out}")
     return 0
@@ -213,7 +213,7 @@ def _parse_weights(text: str | None, count: int) -> list[float] | None:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from .api import merge_to
+    from .export import merge_to
     if args.library:
         import compeft
         library = compeft.open_library(args.library, storage_options=_storage_options(args), cache=args.cache)
@@ -221,8 +221,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
     else:
         experts = [_open(args, e, progress=not args.quiet) for e in args.experts]
     out = merge_to(experts, args.output, method=args.method, weights=_parse_weights(args.weights, len(args.experts)),
-                   lam=args.lam, normalize=not args.no_normalize, drop_rate=args.drop_rate, seed=args.seed,
-                   base=args.base, density=args.density, alpha=args.alpha, force=args.force, progress=not args.quiet)
+                   scale=args.scale, normalize=not args.no_normalize, drop_rate=args.drop_rate, seed=args.seed,
+                   base=args.base, density=args.density, alpha=args.alpha, check_base=not args.force,
+                   progress=not args.quiet)
     if not args.quiet:
         print(f"wrote {out}")
     return 0
@@ -230,7 +231,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 def cmd_library_build(args: argparse.Namespace) -> int:
     import compeft
-    report = compeft.build_library(args.sources, args.out, base=args.base, density=args.density, alpha=args.alpha,
+    report = compeft.build_library(args.sources, args.output, base=args.base, density=args.density, alpha=args.alpha,
                                    scope=args.scope, keep_dense=args.keep_dense or (), auto_dense=not args.compress_all,
                                    chunk_size=args.chunk_size, storage_options=_storage_options(args),
                                    scheduler=args.scheduler, workers=args.workers, progress=not args.quiet)
@@ -409,7 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="task_arithmetic",
                    choices=("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"))
     p.add_argument("--weights", help="comma-separated, one per expert (default 1 each)")
-    p.add_argument("--lambda", dest="lam", type=float, default=1.0, help="factor on the merged task vector")
+    p.add_argument("--scale", "--lambda", dest="scale", type=float, default=1.0,
+                   help="λ, the factor on the merged task vector (--lambda: an older spelling)")
     p.add_argument("--no-normalize", action="store_true", help="linear: do not divide the weights by their sum")
     p.add_argument("--drop-rate", type=float, default=0.0, help="dare_*: drop probability p in [0, 1)")
     p.add_argument("--seed", type=int, default=0, help="dare_*: seed of the drops (recorded in the output)")
@@ -428,7 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = lsub.add_parser("build", help="compress many adapters (or fine-tunes) in parallel into a library with a catalog")
     p.add_argument("sources", nargs="+", help="adapter directories or fine-tunes, paths or URLs; globs expand "
                                               "(quote them), e.g. 's3://raw/adapters/*/'")
-    p.add_argument("--out", required=True, help="the library root: a directory or URL prefix")
+    output = p.add_argument("-o", "--output", "--out", required=True,
+                            help="the library root: a directory or URL prefix")
+    output.option_strings = ["-o", "--output"]  # --out (the earlier spelling) is still accepted, not shown
     p.add_argument("--base", help="base model (path readable by the workers, or URL) of full fine-tunes")
     p.add_argument("--density", type=_density, default=0.1, help="fraction k of entries kept, in (0, 1] (default 0.1)")
     p.add_argument("--alpha", type=_alpha, default=None,

@@ -1,25 +1,30 @@
-"""``CompressedExpert``: a container opened lazily; tensors are read, verified and decoded on demand."""
+"""``CompressedExpert``: a container opened lazily; tensors are read, verified and decoded on demand.
+
+Also the verbs that turn a path into an expert (:func:`open`, :func:`as_expert`) and the check
+that a state dict is an expert's base (:func:`check_base`).
+"""
 
 from __future__ import annotations
 
-import functools
 import math
 import os
-import struct
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, MutableMapping, Sequence
 
 import numpy as np
 import torch
 
 from .codec import golomb, kernels
-from .errors import InvalidArgumentError, LayoutError, OutputTooLargeError
+from .dtypes import DTYPE_TO_TORCH
+from .errors import BaseMismatchError, InvalidArgumentError, LayoutError, OutputTooLargeError
 from .format import ENCODING_DENSE, Header, RangeReader, TensorEntry, atomic_write, check_crc, read_header
-from .weights import DTYPE_TO_TORCH
+from .format.layout import padding
+from . import gpu
+from .plan import ADD, DECODE, CpuExecutor, StreamTensor, TensorPlan
+from .remote import is_url, open_reader, write
+from .sources import fingerprint
 
-_BITS_VIEW = {torch.float32: (torch.int32, np.uint32), torch.float16: (torch.int16, np.uint16),
-              torch.bfloat16: (torch.int16, np.uint16)}
-_ADD_MODE = {torch.float32: kernels.MODE_ADD_F32, torch.float16: kernels.MODE_ADD_F16,
-             torch.bfloat16: kernels.MODE_ADD_BF16}
+PathLike = str | os.PathLike[str]
+
 _COPY_BLOCK = 16 * 1024 * 1024
 _GAP = 64 * 1024  # payloads closer than this are fetched in one read
 _MAX_READ = 256 * 1024 * 1024  # ... as long as that read stays below this
@@ -28,35 +33,6 @@ try:
     _PHYSICAL_MEMORY = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 except (AttributeError, ValueError, OSError):  # not POSIX: rely on the allocator's own refusal
     _PHYSICAL_MEMORY = 1 << 62
-
-
-def flat_bits(tensor: torch.Tensor) -> np.ndarray:
-    """A flat numpy view of a contiguous CPU float32/float16/bfloat16 tensor's bits (uint32/uint16)."""
-    int_dtype, np_dtype = _BITS_VIEW[tensor.dtype]
-    return tensor.detach().view(int_dtype).reshape(-1).numpy().view(np_dtype)
-
-
-@functools.lru_cache(maxsize=4096)
-def value_patterns(scale: float, dtype: torch.dtype) -> tuple[int, int]:
-    """Bit patterns of +value and -value in ``dtype``: the float32 ``scale`` rounded to nearest even."""
-    bits = struct.unpack("<I", struct.pack("<f", scale))[0]
-    if dtype == torch.float32:
-        return bits, bits | 0x80000000
-    if dtype == torch.bfloat16:
-        half = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) & 0xFFFF
-    else:
-        half = int(np.array([scale], dtype=np.float32).astype(np.float16).view(np.uint16)[0])
-    return half, half | 0x8000
-
-
-def kept_value(scale: float, dtype: torch.dtype) -> float:
-    """The magnitude a kept entry decodes to: the float32 scale rounded to the tensor's dtype."""
-    bits = value_patterns(scale, dtype)[0]
-    if dtype == torch.float32:
-        return struct.unpack("<f", struct.pack("<I", bits))[0]
-    if dtype == torch.bfloat16:
-        return struct.unpack("<f", struct.pack("<I", bits << 16))[0]
-    return float(np.array([bits], dtype=np.uint16).view(np.float16)[0])
 
 
 def allocate(e: TensorEntry, shape: tuple[int, ...], dtype: torch.dtype, path: object, *, zero: bool = False,
@@ -207,7 +183,7 @@ class CompressedExpert:
             if e.encoding == ENCODING_DENSE:
                 out[e.name] = self._dense(e, payload)
                 continue
-            streams = out[e.name] = self._parse(e, payload)
+            streams = out[e.name] = self._parse(e, payload, check=True)  # the table is sound before any output exists
             if check and e.name not in self._checked:
                 jobs.append(golomb.DecodeJob(streams, e.numel, _NO_OUTPUT, f"tensor {e.name!r}"))
                 unchecked.append(e.name)
@@ -215,14 +191,40 @@ class CompressedExpert:
         self._checked.update(unchecked)
         return out
 
-    def to_device(self, device: str | torch.device = "cuda") -> Any:
-        """The expert's compressed bytes copied to a GPU once (cached per device): a
-        :class:`compeft.gpu.DeviceExpert` that decodes, applies and merges there."""
-        from .gpu import DeviceExpert, kernel_device
+    def tensors(self, names: Sequence[str] | None = None, *, check: bool = True) -> dict[str, StreamTensor]:
+        """:meth:`payloads` with what an executor needs from the header, in file order."""
+        out = {}
+        for name, payload in self.payloads(names, check=check).items():
+            e = self.entry(name)
+            dense = isinstance(payload, torch.Tensor)
+            out[name] = StreamTensor(name, e.shape, DTYPE_TO_TORCH[e.dtype], e.role, e.scale,
+                                     streams=None if dense else payload, value=payload if dense else None)
+        return out
 
-        dev = kernel_device(device)
+    def executor(self, device: str | torch.device | None = None, names: Sequence[str] | None = None, *,
+                 check: bool = True) -> CpuExecutor | gpu.DeviceExecutor:
+        """What runs plans (:mod:`compeft.plan`) over these tensors (default all): a
+        :class:`~compeft.plan.CpuExecutor`, or for a CUDA ``device`` a
+        :class:`~compeft.gpu.DeviceExecutor` holding the compressed bytes there (the whole
+        expert's copy is cached per device). ``check``: every chunk is decoded once without output
+        first, so a later write into a caller's weights cannot fail halfway."""
+        if device is None or torch.device(device).type == "cpu" and not gpu.interpreted():
+            return CpuExecutor(self.tensors(names, check=check), self.path)
+        if names is None or list(names) == self.names:
+            placed = self.to_device(device).executor
+        else:
+            placed = gpu.DeviceExecutor(list(self.tensors(names, check=False).values()), device, self.path)
+        if check:
+            placed.check()
+        return placed
+
+    def to_device(self, device: str | torch.device = "cuda") -> DeviceExpert:
+        """The expert's compressed bytes copied to a GPU once (cached per device): a
+        :class:`DeviceExpert` that decodes and applies there."""
+        dev = gpu.kernel_device(device)
         if dev not in self._on_device:
-            self._on_device[dev] = DeviceExpert(self, dev)
+            self._on_device[dev] = DeviceExpert(self, gpu.DeviceExecutor(list(self.tensors(check=False).values()),
+                                                                         dev, self.path))
         return self._on_device[dev]
 
     def state_dict(self, names: Sequence[str] | None = None, *, device: str | torch.device | None = None
@@ -234,20 +236,17 @@ class CompressedExpert:
         """
         if device is not None and torch.device(device).type != "cpu":
             return self.to_device(device).state_dict(names)
-        entries = self._entries(names)
+        held = self.tensors(names, check=False)
         out: dict[str, torch.Tensor] = {}
-        jobs = []
-        for e, payload in zip(entries, self._read(entries)):
-            if e.encoding == ENCODING_DENSE:
-                out[e.name] = self._dense(e, payload)
+        plans = []
+        for name, t in held.items():
+            if t.value is not None:
+                out[name] = t.value
                 continue
-            dtype = DTYPE_TO_TORCH[e.dtype]
-            streams = self._parse(e, payload, check=True)  # the chunk table is sound before the output exists
-            tensor = out[e.name] = allocate(e, e.shape, dtype, self.path)
-            positive, negative = value_patterns(e.scale, dtype)
-            jobs.append(golomb.DecodeJob(streams, e.numel, flat_bits(tensor), f"tensor {e.name!r}", positive, negative))
-        golomb.decode_many(jobs, kernels.MODE_DENSE, self.path)
-        self._checked.update(e.name for e in entries)
+            out[name] = allocate(self.entry(name), t.shape, t.dtype, self.path)
+            plans.append(TensorPlan(name, DECODE, out[name]))
+        CpuExecutor(held, self.path).run(plans)
+        self._checked.update(held)
         return out if names is None else {n: out[n] for n in names}
 
     def to_dense(self, name: str, *, dtype: torch.dtype | None = None, device: str | torch.device | None = None
@@ -275,7 +274,6 @@ class CompressedExpert:
         """Write the container to ``path`` atomically: a local path or ``file://`` URL by temporary
         file + rename, any other fsspec URL as :func:`compeft.remote.write` describes (one put on
         object stores). ``storage_options`` go to fsspec."""
-        from .remote import is_url, write
         if is_url(path):
             write(str(path), self._file_blocks(), storage_options)
         else:
@@ -283,15 +281,120 @@ class CompressedExpert:
 
     def verify(self) -> None:
         """Check every checksum, the padding and every payload's structure (decodes without output)."""
-        end = 0
-        for e in self.header.tensors:
-            if e.offset > end:  # alignment padding between payloads must be zero bytes
-                pad = self._reader.read(self.header.data_start + end, e.offset - end)
-                if pad.strip(b"\0"):
-                    raise LayoutError(f"non-zero padding bytes before tensor {e.name!r}", self.path)
-            end = e.offset + e.length
-        tail = self.header.file_length - self.header.data_start - end
-        if tail and self._reader.read(self.header.data_start + end, tail).strip(b"\0"):
-            raise LayoutError("non-zero padding bytes at the end of the file", self.path)
+        for offset, length, where in padding(self.header):
+            if self._reader.read(offset, length).strip(b"\0"):
+                raise LayoutError(f"non-zero padding bytes {where}", self.path)
         self._checked.clear()
         self.payloads()
+
+
+class DeviceExpert:
+    """An expert with its compressed bytes on one GPU (:meth:`CompressedExpert.to_device`): decodes
+    and adds there, bit-identical to the CPU. ``executor`` is the :class:`compeft.gpu.DeviceExecutor`."""
+
+    def __init__(self, expert: CompressedExpert, executor: gpu.DeviceExecutor) -> None:
+        self.expert, self.executor = expert, executor
+        self.device = executor.device
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of compressed words held on the device."""
+        return self.executor.nbytes
+
+    def state_dict(self, names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        """Dense tensors on the device (as :meth:`CompressedExpert.state_dict`, bit for bit)."""
+        names = self.executor.names if names is None else list(names)
+        out: dict[str, torch.Tensor] = {}
+        by_dtype: dict[torch.dtype, list[str]] = {}
+        for name in names:
+            if name not in self.executor.tensors:
+                raise InvalidArgumentError(f"tensor {name!r} is not on this device", self.expert.path)
+            if name in self.executor.dense:
+                out[name] = self.executor.dense[name].value.clone()
+            else:
+                by_dtype.setdefault(self.executor.tensors[name].dtype, []).append(name)
+        plans = []
+        for dtype, group in by_dtype.items():
+            # one zero-filled buffer per dtype, each tensor a view of it: one memset, one launch
+            held = [self.executor.tensors[n] for n in group]
+            flat = allocate(self.expert.entry(group[0]), (sum(t.numel for t in held),), dtype, self.expert.path,
+                            zero=True, device=self.device)
+            start = 0
+            for t in held:
+                view = flat[start:start + t.numel]
+                out[t.name] = view.view(t.shape)
+                plans.append(TensorPlan(t.name, DECODE, view))
+                start += t.numel
+        self.executor.run(plans)
+        return {n: out[n] for n in names}
+
+    def add_into(self, state: MutableMapping[str, torch.Tensor], scale: float = 1.0,
+                 names: Sequence[str] | None = None) -> None:
+        """``w = dtype(float32(w) ± step)`` at every kept entry, in place (as :func:`compeft.apply`);
+        value tensors are copied over their weights. Every chunk is checked before the first write."""
+        names = self.executor.names if names is None else list(names)
+        self.executor.check()
+        self.executor.run([TensorPlan(n, ADD, state[n], scale) for n in names])
+
+
+def open(path: PathLike, *, storage_options: Mapping[str, Any] | None = None,  # noqa: A001 - as safetensors
+         cache: PathLike | None = None, progress: bool = False) -> CompressedExpert:
+    """Open a ``.cpeft`` file or URL lazily: reads and validates the preamble and header only.
+
+    Parameters
+    ----------
+    path
+        A local path, or any fsspec URL (``https://…``, ``s3://bucket/key``, ``hf://…``,
+        ``file://…``, chained ``simplecache::s3://…``). Reading one tensor of a remote expert is
+        one range request; many tensors are fetched concurrently (docs/remote.md).
+    storage_options
+        Options for the URL's file system (credentials, ``client_kwargs``…), passed to fsspec.
+    cache
+        A directory for a persistent cache of fetched bytes, keyed by the URL and the object's
+        ETag / version / size, so a changed object is never served stale; several processes may
+        share it. Not used for local files.
+    progress
+        Show a progress bar of bytes fetched on long transfers.
+
+    Examples
+    --------
+    >>> import compeft, torch, tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), "e.cpeft")
+    >>> compeft.compress({"w": torch.randn(8, 8)}).save(path)
+    >>> compeft.open(path).names
+    ['w']
+    >>> compeft.open("file://" + path).names
+    ['w']
+    """
+    return CompressedExpert(open_reader(path, storage_options, cache, progress=progress))
+
+
+def as_expert(expert: CompressedExpert | PathLike) -> CompressedExpert:
+    """``expert`` itself, or the expert opened from a path or URL."""
+    return expert if isinstance(expert, CompressedExpert) else open(expert)
+
+
+def check_state(expert: CompressedExpert, state: Mapping[str, torch.Tensor], check_fingerprint: bool,
+               names: Sequence[str] | None = None) -> None:
+    """``state`` holds a floating weight of the right shape for each of ``names`` (default all the
+    expert's tensors) and, when they are all of them and ``check_fingerprint``, matches the
+    expert's base fingerprint."""
+    names = expert.names if names is None else list(names)
+    missing = [n for n in names if n not in state]
+    if missing:
+        raise BaseMismatchError(f"{len(missing)} tensors of the expert are not in the base (e.g. {missing[:3]})",
+                                expert.path)
+    for name in names:
+        e, w = expert.entry(name), state[name]
+        if tuple(w.shape) != e.shape:
+            raise BaseMismatchError(f"tensor {name!r}: expert shape {list(e.shape)}, base shape {list(w.shape)}",
+                                    expert.path)
+        if e.role == "delta" and not w.is_floating_point():
+            raise BaseMismatchError(f"tensor {name!r}: cannot add a delta into a {w.dtype} weight", expert.path)
+    wanted = expert.metadata.get("base_fingerprint")
+    if check_fingerprint and wanted and len(names) == len(expert):
+        got = fingerprint((n, state[n]) for n in expert.names)
+        if got != wanted:
+            raise BaseMismatchError("the base is not the one this expert was made from (fingerprint "
+                                    f"{got[:22]}… ≠ {wanted[:22]}…); pass check_base=False / --force to apply anyway",
+                                    expert.path)

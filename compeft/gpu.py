@@ -1,6 +1,6 @@
 """Decode, apply and merge on a GPU straight from the compressed bytes (Triton kernels).
 
-A :class:`DeviceExpert` holds an expert's compressed tensors on one device: every payload copied
+A :class:`DeviceExecutor` holds an expert's compressed tensors on one device: every payload copied
 once (one host-to-device copy of the words, from pinned memory) plus a small parameter table. From
 there, decoding to dense tensors, adding into resident weights, saving and restoring the entries
 an add overwrites (hot swaps) and the merge accumulators all run as one kernel launch over every
@@ -20,26 +20,20 @@ Examples
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, Mapping, MutableMapping, NamedTuple, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import torch
 
 from .codec import golomb, kernels
 from .errors import CorruptPayloadError, InvalidArgumentError
-from .expert import allocate, kept_value, value_patterns
-from .format.header import golomb_width
-from .weights import DTYPE_TO_TORCH
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .expert import CompressedExpert
+from .format.header import golomb_fields
+from .plan import DECODE, StreamTensor, TensorPlan, check_plans, kernel_mode, run_dense
 
 BLOCK = 512  # unary bits per tile of the decode kernel: the best of benchmarks/gpu.py's sweep on an H100
 NUM_WARPS = 2
 _WIDE = {torch.float32: True, torch.float16: False, torch.bfloat16: False}
 _INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
-_ADD_MODE = {torch.float32: kernels.MODE_ADD_F32, torch.float16: kernels.MODE_ADD_F16,
-             torch.bfloat16: kernels.MODE_ADD_BF16}
 
 
 def interpreted() -> bool:
@@ -112,34 +106,32 @@ def _kernels() -> Any:
     return triton_kernels
 
 
-class DeviceExpert:
-    """An expert's tensors (all, or ``names``) with their compressed bytes on ``device``.
+class DeviceExecutor:
+    """An expert's tensors with their compressed bytes on ``device``: runs plans there
+    (:mod:`compeft.plan`) with the Triton kernels.
 
     Build with :meth:`compeft.CompressedExpert.to_device` (cached per device). Payload CRCs and
     chunk tables are checked on the host before the copy; each chunk's bits are checked on the
     device the first time something is written into a caller's weights (:meth:`check`).
     """
 
-    def __init__(self, expert: CompressedExpert, device: str | torch.device = "cuda",
-                 names: Sequence[str] | None = None,
-                 payloads: Mapping[str, torch.Tensor | golomb.GolombStreams] | None = None) -> None:
+    def __init__(self, tensors: Sequence[StreamTensor], device: str | torch.device, path: str) -> None:
         self.device = kernel_device(device)
-        self.expert = expert
-        self.path = expert.path
-        if payloads is None:
-            payloads = expert.payloads(names, check=False)
-        self.names = list(payloads) if names is None else list(names)
-        self.dense: dict[str, torch.Tensor] = {}
+        self.path = path
+        self.tensors = {t.name: t for t in tensors}
+        self.names = list(self.tensors)
+        self.dense: dict[str, StreamTensor] = {}
         self.rows: dict[str, int] = {}  # name -> parameter row; -1 for a tensor with no kept entry
         compressed: list[tuple[golomb.GolombStreams, int]] = []
-        for name in self.names:
-            payload = payloads[name]
-            if isinstance(payload, torch.Tensor):
-                self.dense[name] = payload.to(self.device)
+        for t in tensors:
+            if t.streams is None:
+                assert t.value is not None
+                self.dense[t.name] = StreamTensor(t.name, t.shape, t.dtype, t.role, t.scale,
+                                                  value=t.value.to(self.device))
             else:
-                self.rows[name] = len(compressed) if payload.nnz else -1
-                if payload.nnz:
-                    compressed.append((payload, expert.entry(name).numel))
+                self.rows[t.name] = len(compressed) if t.streams.nnz else -1
+                if t.streams.nnz:
+                    compressed.append((t.streams, t.numel))
         words, cpu_params = golomb.pack(compressed)
         status = np.zeros(len(compressed), dtype=np.int64)
         kernels.check_tables(words, cpu_params, status)
@@ -151,10 +143,8 @@ class DeviceExpert:
         self.params = np.zeros((len(compressed), k.N_GPU_PARAMS), dtype=np.int64)
         self.params[:, :kernels.N_PARAMS] = cpu_params
         for t, (streams, _) in enumerate(compressed):
-            b = golomb_width(streams.golomb_m)
-            cut = (1 << b) - streams.golomb_m if b else 1  # m = 1: the low field is always 0, never a long form
-            half = (1 << (b - 1)) - cut if b else 0
-            self.params[t, [k.G_WIDTH, k.G_CUT, k.G_HALF, k.G_CHUNKS]] = (max(b - 1, 0), cut, half,
+            fields = golomb_fields(streams.golomb_m)
+            self.params[t, [k.G_WIDTH, k.G_CUT, k.G_HALF, k.G_CHUNKS]] = (fields.w, fields.cut, fields.half,
                                                                            streams.table.shape[0])
         self.narrow = np.array([_is_narrow(streams, numel) for streams, numel in compressed], dtype=bool)
         host = torch.from_numpy(words.view(np.int64))
@@ -206,39 +196,31 @@ class DeviceExpert:
             raise_bad([self._launch(kernels.MODE_CHECK, {n: {} for n in self.rows}, wide=False)])
             self._checked = True
 
-    # -- decoding ------------------------------------------------------------------------------
-    def state_dict(self, names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
-        """Dense tensors on the device, in their original dtypes and shapes (as
-        :meth:`compeft.CompressedExpert.state_dict`, bit for bit)."""
-        names = self.names if names is None else list(names)
-        out: dict[str, torch.Tensor] = {}
-        by_dtype: dict[torch.dtype, list[str]] = {}
-        for name in names:
-            if name in self.dense:
-                out[name] = self.dense[name].clone()
-            elif name not in self.rows:
-                raise InvalidArgumentError(f"tensor {name!r} is not on this device", self.path)
+    def run(self, plans: Sequence[TensorPlan]) -> None:
+        """Run every plan (:mod:`compeft.plan`): one launch per kernel operation and output width,
+        one device sync at the end. A DECODE output must be zero-filled (only kept entries are
+        written). Raises :class:`CorruptPayloadError` on the first bad chunk."""
+        check_plans(plans, self.tensors, self.device, self.path)
+        by_mode: dict[tuple[int, bool, bool], dict[str, dict[str, Any]]] = {}
+        for plan in plans:
+            if plan.name in self.dense:
+                run_dense(plan, self.dense[plan.name])
+                continue
+            t = self.tensors[plan.name]
+            values: dict[str, Any] = dict(out=plan.out.data_ptr())
+            if plan.operation == DECODE:
+                values["positive"], values["negative"] = t.patterns()
             else:
-                by_dtype.setdefault(DTYPE_TO_TORCH[self.expert.entry(name).dtype], []).append(name)
-        launches = []
-        for dtype, group in by_dtype.items():
-            # one zero-filled buffer per dtype, each tensor a view of it: one memset, one launch
-            entries = [self.expert.entry(n) for n in group]
-            flat = allocate(entries[0], (sum(e.numel for e in entries),), dtype, self.path, zero=True,
-                            device=self.device)
-            targets = {}
-            start = 0
-            for name, e in zip(group, entries):
-                view = flat[start:start + e.numel]
-                out[name] = view.view(e.shape)
-                positive, negative = value_patterns(e.scale, dtype)
-                targets[name] = dict(out=view.data_ptr(), positive=positive, negative=negative)
-                start += e.numel
-            launches.append(self._launch(kernels.MODE_SCATTER, targets, wide=_WIDE[dtype]))
-        raise_bad(launches)
-        return {n: out[n] for n in names}
+                values["delta"] = float(np.float32(np.float32(plan.scale) * np.float32(t.magnitude)))
+            if plan.aux is not None:
+                values["aux"] = plan.aux.data_ptr()
+            if plan.drop_cut:
+                values["drop_key"], values["drop_cut"] = plan.drop_key, plan.drop_cut
+            key = (kernel_mode(plan, zeroed=True), plan.out.dtype == torch.float32, bool(plan.drop_cut))
+            by_mode.setdefault(key, {})[plan.name] = values
+        raise_bad([self._launch(mode, targets, wide, drops) for (mode, wide, drops), targets in by_mode.items()])
 
-    # -- writing into weights ------------------------------------------------------------------
+    # -- hot swaps: the values an add overwrites -----------------------------------------------
     def _weights(self, state: Mapping[str, torch.Tensor], names: Sequence[str]) -> dict[str, torch.Tensor]:
         found = {}
         for name in names:
@@ -249,34 +231,6 @@ class DeviceExpert:
                                            self.path)
             found[name] = w
         return found
-
-    def add_into(self, state: MutableMapping[str, torch.Tensor], scale: float = 1.0,
-                 names: Sequence[str] | None = None) -> None:
-        """``w = dtype(float32(w) + float32(scale) · float32(v))`` at every kept entry, in place (as
-        :func:`compeft.apply`); value tensors are copied over their weights. Every chunk is checked
-        before the first write."""
-        from .api import _added  # api imports this module lazily: no cycle at import time
-
-        names = self.names if names is None else list(names)
-        weights = self._weights(state, names)
-        self.check()
-        step = np.float32(scale)
-        by_mode: dict[tuple[int, bool], dict[str, dict[str, Any]]] = {}
-        for name in names:
-            w = weights[name]
-            e = self.expert.entry(name)
-            if name in self.dense:
-                if e.role == "value":
-                    w.copy_(self.dense[name])
-                else:
-                    w.copy_(_added(w, float(step) * self.dense[name].float()))
-                continue
-            if w.dtype not in _ADD_MODE:
-                raise InvalidArgumentError(f"weight {name!r} is {w.dtype}: the GPU add supports float32, "
-                                           "float16 and bfloat16", self.path)
-            delta = float(np.float32(step * np.float32(kept_value(e.scale, DTYPE_TO_TORCH[e.dtype]))))
-            by_mode.setdefault((_ADD_MODE[w.dtype], _WIDE[w.dtype]), {})[name] = dict(out=w.data_ptr(), delta=delta)
-        raise_bad([self._launch(mode, targets, wide) for (mode, wide), targets in by_mode.items()])
 
     def save_entries(self, state: Mapping[str, torch.Tensor], names: Sequence[str] | None = None
                      ) -> dict[str, torch.Tensor]:
@@ -298,7 +252,7 @@ class DeviceExpert:
         raise_bad([self._launch(_kernels().MODE_SAVE, targets, wide) for wide, targets in by_width.items()])
         return saved
 
-    def restore_entries(self, state: MutableMapping[str, torch.Tensor], saved: Mapping[str, torch.Tensor]) -> None:
+    def restore_entries(self, state: Mapping[str, torch.Tensor], saved: Mapping[str, torch.Tensor]) -> None:
         """Put back what :meth:`save_entries` saved (bit-exact)."""
         weights = self._weights(state, list(saved))
         by_width: dict[bool, dict[str, dict[str, Any]]] = {}
@@ -309,29 +263,3 @@ class DeviceExpert:
                 continue
             by_width.setdefault(_WIDE[w.dtype], {})[name] = dict(out=w.data_ptr(), aux=slots.data_ptr())
         raise_bad([self._launch(_kernels().MODE_RESTORE, targets, wide) for wide, targets in by_width.items()])
-
-    # -- merge accumulators --------------------------------------------------------------------
-    def accumulate(self, mode: int, outs: Mapping[str, torch.Tensor], deltas: Mapping[str, float],
-                   elected: Mapping[str, torch.Tensor] | None = None,
-                   drops: Mapping[str, tuple[int, int]] | None = None) -> _Launch | None:
-        """Merge passes (``kernels.MODE_ADD_F32`` or ``MODE_TIES``) into float32 accumulators
-        ``outs`` (flat; [2·numel] for MODE_TIES) on the device; ``elected``: the flat float32
-        sign-election sums of MODE_TIES; ``drops``: DARE (key, cut) per tensor. Returns the launch
-        for :func:`raise_bad` (checked once per merge group rather than once per expert)."""
-        targets = {}
-        for name, out in outs.items():
-            values: dict[str, Any] = dict(out=out.data_ptr(), delta=deltas[name])
-            if elected is not None:
-                values["aux"] = elected[name].data_ptr()
-            if drops:
-                values["drop_key"], values["drop_cut"] = drops[name]
-            targets[name] = values
-        return self._launch(mode, targets, wide=True, drops=bool(drops))
-
-
-def on_device(expert: CompressedExpert, device: torch.device, names: Sequence[str]) -> DeviceExpert:
-    """``expert``'s tensors ``names`` on ``device``: the cached whole expert when they are all of
-    them (its bytes copied once, reused by later calls), else a new partial copy."""
-    if list(names) == expert.names:
-        return expert.to_device(device)
-    return DeviceExpert(expert, device, names)

@@ -6,7 +6,7 @@ group, whatever the number of experts); each expert's kept entries are added by 
 one expert after another, so no dense copy of any expert is made and the result does not depend on
 the thread count (each position is written by one thread per pass).
 
-Semantics (README "Merging"):
+Semantics (docs/merging.md):
 
 * ``linear`` (soup): λ · Σ (wᵢ / Σ w) τ̃ᵢ (``normalize=False``: λ · Σ wᵢ τ̃ᵢ);
 * ``task_arithmetic``: λ · Σ wᵢ τ̃ᵢ;
@@ -23,21 +23,21 @@ Semantics (README "Merging"):
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, MutableMapping, Sequence
 
-import numpy as np
 import torch
 
-from .codec import golomb, kernels
+from . import gpu
+from .dtypes import added
 from .errors import BaseMismatchError, InvalidArgumentError
-from .expert import CompressedExpert, allocate, flat_bits, kept_value
+from .expert import CompressedExpert, allocate, as_expert, check_state
+from .plan import ACCUMULATE, TIES, CpuExecutor, TensorPlan, drop_key
 from .progress import progress_bar
-from .weights import DTYPE_TO_TORCH
 
+Executor = CpuExecutor | gpu.DeviceExecutor
 GROUP_PARAMETERS = 1 << 24  # accumulators for at most this many parameters at a time (64 MiB each)
 GPU_GROUP_PARAMETERS = 1 << 28  # on a GPU: fewer, larger launches (1 GiB per accumulator)
 
@@ -45,70 +45,43 @@ GPU_GROUP_PARAMETERS = 1 << 28  # on a GPU: fewer, larger launches (1 GiB per ac
 class Accumulator:
     """The primitives a merge method combines, over one group of tensors: each runs one pass per
     expert over its kept entries (DARE drops and the 1 / (1 − p) rescale already applied) and
-    returns name -> float32 tensor."""
+    returns name -> float32 tensor. ``executors[i]`` runs expert i's plans (:mod:`compeft.plan`),
+    on the CPU or a GPU alike."""
 
-    def __init__(self, experts: Sequence[CompressedExpert], payloads: Any, group: list[str],
-                 weights: list[float], lam: float, drop_rate: float, seed: int,
-                 on_device: Sequence[Any] | None = None) -> None:
-        self.experts, self.payloads, self.group = experts, payloads, group
-        self.on_device = on_device  # None: the CPU kernels; else each expert's DeviceExpert
-        self.device = None if on_device is None else on_device[0].device
-        self.weights, self.lam, self.seed = weights, lam, seed
+    def __init__(self, experts: Sequence[CompressedExpert], executors: Sequence[Executor] | LazyExecutors, group: list[str],
+                 weights: list[float], scale: float, drop_rate: float, seed: int, device: torch.device) -> None:
+        self.experts, self.executors, self.group, self.device = experts, executors, group, device
+        self.weights, self.scale, self.seed = weights, scale, seed
         self.keep = 1.0 - drop_rate
         self.cut = int(drop_rate * 2.0 ** 63)
 
-    def _run(self, mode: int, scales: Sequence[float], elected: dict[str, torch.Tensor] | None = None
+    def _run(self, operation: str, scales: Sequence[float], elected: dict[str, torch.Tensor] | None = None
              ) -> dict[str, torch.Tensor]:
-        rows = 2 if mode == kernels.MODE_TIES else 1  # MODE_TIES also counts, in a second row
+        rows = 2 if operation == TIES else 1  # TIES also counts, in a second row
         first = self.experts[0]
+        shapes = {n: first.entry(n).shape for n in self.group}
         out = {n: allocate(first.entry(n), (rows, first.entry(n).numel), torch.float32, first.path, zero=True,
                            device=self.device) for n in self.group}
-        launches = []
-        for i, expert in enumerate(self.experts):
+        for i in range(len(self.experts)):
             scale = scales[i] / self.keep
-            batch = []
-            steps: dict[str, float] = {}
-            for name in self.group:
-                payload, e = self.payloads[i][name], expert.entry(name)
-                aux = None if elected is None else elected[name]
-                if isinstance(payload, torch.Tensor):  # a delta kept dense
-                    _dense_step(mode, out[name], payload.reshape(-1), scale, None if aux is None else aux.reshape(-1),
-                                self.cut, self.seed, i, name)
-                    continue
-                value = kept_value(e.scale, DTYPE_TO_TORCH[e.dtype])
-                steps[name] = float(np.float32(scale) * np.float32(value))
-                if self.device is None:
-                    batch.append(golomb.DecodeJob(
-                        payload, e.numel, flat_bits(out[name]), f"tensor {name!r}", delta=steps[name],
-                        aux=None if aux is None else aux.reshape(-1).numpy(),
-                        drop_key=_drop_key(self.seed, i, name) if self.cut else 0, drop_cut=self.cut))
-            if self.device is None:
-                golomb.decode_many(batch, mode, expert.path)
-            else:
-                launches.append(self.on_device[i].accumulate(
-                    mode, {n: out[n].view(-1) for n in steps}, steps,
-                    None if elected is None else {n: elected[n].reshape(-1) for n in steps},
-                    {n: (_drop_key(self.seed, i, n), self.cut) for n in steps} if self.cut else None))
-        if launches:
-            from .gpu import raise_bad
-
-            raise_bad(launches)
-        shapes = {n: self.experts[0].entry(n).shape for n in self.group}
+            self.executors[i].run([
+                TensorPlan(n, operation, out[n], scale, None if elected is None else elected[n],
+                           drop_key(self.seed, i, n) if self.cut else 0, self.cut) for n in self.group])
         return {n: out[n].reshape((rows, *shapes[n])) if rows > 1 else out[n].reshape(shapes[n]) for n in self.group}
 
     def weighted_sum(self, scales: Sequence[float]) -> dict[str, torch.Tensor]:
         """Σᵢ scalesᵢ · τ̃ᵢ."""
-        return self._run(kernels.MODE_ADD_F32, scales)
+        return self._run(ACCUMULATE, scales)
 
     def agreeing(self, elected: dict[str, torch.Tensor], scales: Sequence[float]) -> dict[str, torch.Tensor]:
         """Per tensor a [2, *shape] tensor: Σᵢ scalesᵢ · τ̃ᵢ over the entries whose sign is that of
         ``elected`` (>= 0 counts as +), and how many experts have such an entry."""
-        return self._run(kernels.MODE_TIES, scales, elected)
+        return self._run(TIES, scales, elected)
 
 
 def weighted_sum(acc: Accumulator) -> dict[str, torch.Tensor]:
     """Task arithmetic (and, with normalised weights, a soup): λ · Σ wᵢ τ̃ᵢ."""
-    return acc.weighted_sum([acc.lam * w for w in acc.weights])
+    return acc.weighted_sum([acc.scale * w for w in acc.weights])
 
 
 def ties(acc: Accumulator) -> dict[str, torch.Tensor]:
@@ -116,7 +89,7 @@ def ties(acc: Accumulator) -> dict[str, torch.Tensor]:
     elected = acc.weighted_sum([1.0] * len(acc.weights))
     agreeing = acc.agreeing(elected, acc.weights)
     # A new tensor per result, so that the [2, …] sum-and-count buffer is freed with the group.
-    return {n: torch.div(agreeing[n][0], agreeing[n][1].clamp_(min=1.0)).mul_(acc.lam) for n in acc.group}
+    return {n: torch.div(agreeing[n][0], agreeing[n][1].clamp_(min=1.0)).mul_(acc.scale) for n in acc.group}
 
 
 @dataclass(frozen=True)
@@ -144,11 +117,6 @@ class MergeResult(dict):  # type: ignore[type-arg]
     metadata: dict[str, Any]
 
 
-def _drop_key(seed: int, expert: int, name: str) -> int:
-    digest = hashlib.sha256(f"{seed}:{expert}:{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
 def _check_compatible(experts: Sequence[CompressedExpert], check_base: bool,
                       names: Sequence[str] | None = None) -> None:
     first = experts[0]
@@ -173,7 +141,8 @@ def _check_compatible(experts: Sequence[CompressedExpert], check_base: bool,
                                            "vectors can be merged", e.path)
 
 
-def _groups(expert: CompressedExpert, names: Sequence[str], limit: int) -> list[list[str]]:
+def tensor_groups(expert: CompressedExpert, names: Sequence[str], limit: int) -> list[list[str]]:
+    """``names`` cut, in order, into groups of at most ``limit`` parameters (a larger tensor alone)."""
     groups: list[list[str]] = [[]]
     size = 0
     for name in names:
@@ -187,9 +156,10 @@ def _groups(expert: CompressedExpert, names: Sequence[str], limit: int) -> list[
 
 
 def merge(experts: Sequence[CompressedExpert | str | os.PathLike[str]], *, method: str = "task_arithmetic",
-          weights: Sequence[float] | None = None, lam: float = 1.0, normalize: bool = True, drop_rate: float = 0.0,
+          weights: Sequence[float] | None = None, scale: float = 1.0, normalize: bool = True, drop_rate: float = 0.0,
           seed: int = 0, into: MutableMapping[str, torch.Tensor] | None = None, names: Sequence[str] | None = None,
-          check_base: bool = True, device: str | torch.device | None = None, progress: bool = False) -> MergeResult:
+          check_base: bool = True, device: str | torch.device | None = None, progress: bool = False,
+          lam: float | None = None) -> MergeResult:
     """Merge compressed experts from their streams.
 
     Parameters
@@ -201,8 +171,8 @@ def merge(experts: Sequence[CompressedExpert | str | os.PathLike[str]], *, metho
         A key of :data:`METHODS`: ``linear``, ``task_arithmetic``, ``ties``, ``dare_linear``, ``dare_ties``.
     weights
         One weight per expert (default 1 each).
-    lam
-        λ, the factor applied to the merged task vector.
+    scale
+        λ, the factor applied to the merged task vector (``lam`` is an older spelling of it).
     normalize
         ``linear`` only: divide the weights by their sum.
     drop_rate, seed
@@ -230,12 +200,14 @@ def merge(experts: Sequence[CompressedExpert | str | os.PathLike[str]], *, metho
     >>> compeft.merge([a, b], method="ties")["w"].shape
     torch.Size([100])
     """
-    from .api import _added, _as_expert, _check_base
-
+    if lam is not None:
+        if scale != 1.0 and scale != lam:
+            raise InvalidArgumentError("pass scale or its older spelling lam, not both")
+        scale = lam
     if method not in METHODS:
         raise InvalidArgumentError(f"unknown merge method {method!r}; known: {sorted(METHODS)}")
     rule = METHODS[method]
-    opened = [_as_expert(e) for e in experts]
+    opened = [as_expert(e) for e in experts]
     if not opened:
         raise InvalidArgumentError("merge needs at least one expert")
     try:
@@ -246,8 +218,8 @@ def merge(experts: Sequence[CompressedExpert | str | os.PathLike[str]], *, metho
         raise InvalidArgumentError(f"weights must be {len(opened)} finite numbers, got {weights!r}")
     if type(seed) is not int or seed < 0:
         raise InvalidArgumentError(f"seed must be a non-negative integer, got {seed!r}")
-    if not math.isfinite(lam):
-        raise InvalidArgumentError(f"lam must be finite, got {lam!r}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise InvalidArgumentError(f"scale must be a finite number, got {scale!r}")
     if not 0 <= drop_rate < 1 or (drop_rate and not rule.dare):
         raise InvalidArgumentError(f"drop_rate must be in [0, 1) and only with a dare_* method, got {drop_rate!r}")
     if rule.normalize and normalize:
@@ -262,17 +234,14 @@ def merge(experts: Sequence[CompressedExpert | str | os.PathLike[str]], *, metho
     for name in selected:
         opened[0].entry(name)  # an unknown name raises here
     if into is not None:
-        _check_base(opened[0], into, check_base, selected)
+        check_state(opened[0], into, check_base, selected)
     result = MergeResult()
-    result.metadata = {"method": method, "weights": coefficients, "lambda": float(lam), "drop_rate": drop_rate,
+    result.metadata = {"method": method, "weights": coefficients, "lambda": float(scale), "drop_rate": drop_rate,
                        "seed": seed, "experts": [e.path for e in opened]}
     run_on = None  # the device the kernels run on: None for the CPU kernels
-    if device is not None:
-        from .gpu import interpreted, kernel_device
-
-        if torch.device(device).type != "cpu" or interpreted():  # interpreted: the kernels' CPU test mode
-            run_on = kernel_device(device)
-    groups = _groups(opened[0], selected, GROUP_PARAMETERS if run_on is None else GPU_GROUP_PARAMETERS)
+    if device is not None and (torch.device(device).type != "cpu" or gpu.interpreted()):
+        run_on = gpu.kernel_device(device)  # (interpreted: the GPU kernels' CPU test mode)
+    groups = tensor_groups(opened[0], selected, GROUP_PARAMETERS if run_on is None else GPU_GROUP_PARAMETERS)
     if into is not None and len(groups) > 1:  # a corrupt later group must not find earlier ones written
         for e in opened:
             e.payloads(selected)
@@ -283,53 +252,29 @@ def merge(experts: Sequence[CompressedExpert | str | os.PathLike[str]], *, metho
             for e in opened:
                 e.prefetch(groups[k + 1])
         # CRCs verified on first use; a structurally bad chunk fails the first pass, before any write
-        # to `into`. Each expert's payloads are taken when its turn comes, so later experts' bytes
-        # are still arriving while the first ones decode.
-        if run_on is None:
-            payloads, placed = _LazyPayloads(opened, group), None
-        else:
-            from .gpu import on_device
-
-            placed = [on_device(e, run_on, group) for e in opened]
-            payloads = [{n: d.dense.get(n, d) for n in group} for d in placed]
-        merged = rule.combine(Accumulator(opened, payloads, group, coefficients, float(lam), drop_rate, seed, placed))
+        # to `into`.
+        executors = LazyExecutors(opened, group, run_on)
+        merged = rule.combine(Accumulator(opened, executors, group, coefficients, float(scale), drop_rate, seed,
+                                          run_on or torch.device("cpu")))
         for name in group:
             if into is None:
                 result[name] = merged[name]
             else:
                 weight = into[name]
                 with torch.no_grad():
-                    weight.copy_(_added(weight, merged[name].to(weight.device)))
+                    weight.copy_(added(weight, merged[name].to(weight.device)))
     return result
 
 
-class _LazyPayloads:
-    """``payloads[i]``: expert i's verified payloads of ``group``, read on first use."""
+class LazyExecutors:
+    """``executors[i]``: expert i's executor for ``group`` on ``device``, made on first use, so later
+    experts' bytes are still arriving (from a URL) while the first ones decode."""
 
-    def __init__(self, experts: Sequence[CompressedExpert], group: list[str]) -> None:
-        self._experts, self._group = experts, group
-        self._read: dict[int, dict[str, Any]] = {}
+    def __init__(self, experts: Sequence[CompressedExpert], group: list[str], device: torch.device | None) -> None:
+        self._experts, self._group, self._device = experts, group, device
+        self._made: dict[int, Executor] = {}
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        if i not in self._read:
-            self._read[i] = self._experts[i].payloads(self._group, check=False)
-        return self._read[i]
-
-
-def _dense_step(mode: int, out: torch.Tensor, dense: torch.Tensor, scale: float, aux: torch.Tensor | None, cut: int,
-                seed: int, expert: int, name: str) -> None:
-    """The kernels' rules for a delta stored dense (flat): its non-zero entries are its kept entries.
-    ``out`` is [1, numel], or [2, numel] for MODE_TIES (sum, then count)."""
-    values = dense.to(out.device).float()
-    kept = values != 0
-    if cut:  # drawn on the CPU whatever the device, so that drops do not depend on it
-        generator = torch.Generator().manual_seed(_drop_key(seed, expert, name))
-        kept &= (torch.rand(values.shape, generator=generator) >= cut / 2.0 ** 63).to(out.device)
-    zeros = torch.zeros_like(values)
-    if mode == kernels.MODE_ADD_F32:
-        out[0].add_(torch.where(kept, values * np.float32(scale), zeros))
-        return
-    assert aux is not None
-    agree = kept & ((values < 0) == (aux < 0))
-    out[0].add_(torch.where(agree, values * np.float32(scale), zeros))
-    out[1].add_(agree.float())
+    def __getitem__(self, i: int) -> Executor:
+        if i not in self._made:
+            self._made[i] = self._experts[i].executor(self._device, self._group, check=False)
+        return self._made[i]

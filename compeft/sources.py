@@ -16,8 +16,9 @@ from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
-from .errors import BaseMismatchError, SourceError
-from .weights import TORCH_TO_DTYPE, SafetensorsFile
+from .errors import BaseMismatchError, InvalidArgumentError, SourceError
+from .dtypes import TORCH_TO_DTYPE
+from .weights import SafetensorsFile
 
 COMPRESSIBLE = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -56,7 +57,6 @@ class Source:
     tensors: tuple[SourceTensor, ...]  # sorted by name
     adapter_config: dict[str, Any] | None = None
     base_fingerprint: str | None = None
-    files: tuple[str, ...] = ()  # the fine-tuned model's shard names (full), for restoring its layout
     model_files: dict[str, str] | None = None  # the fine-tune's small JSON files (config.json, ...), verbatim
 
 
@@ -279,7 +279,6 @@ def from_finetuned(finetuned: str | os.PathLike[str], base: str | os.PathLike[st
                                   (lambda h=handle, n=name: h.get_tensor(n))))
     print_fp = fingerprint((n, bs[n][1].get_tensor(n)) for n in sorted(bs))
     return Source("full", tuple(items), base_fingerprint=print_fp,
-                  files=tuple(p.name for p in ft_files) if ft_root.is_dir() else (),
                   model_files=model_files(ft_root) if ft_root.is_dir() else None)
 
 
@@ -306,3 +305,24 @@ def model_files(directory: Path) -> dict[str, str]:
             break
         out[path.name] = text
     return out
+
+
+def resolve_source(source: Mapping[str, torch.Tensor] | str | os.PathLike[str],
+                   base: str | os.PathLike[str] | None) -> Source:
+    """The source a user names: a tensor mapping (τ itself), a PEFT adapter directory, or a
+    fine-tuned model (directory or ``.safetensors`` file) with its ``base``."""
+    from .errors import InvalidArgumentError
+
+    if isinstance(source, Mapping):
+        if base is not None:
+            raise InvalidArgumentError("base is only used with a fine-tuned model path, not a tensor mapping")
+        return from_mapping(source)
+    path = Path(source)
+    if not path.exists():
+        raise SourceError("no such file or directory", path)
+    if base is not None:
+        return from_finetuned(path, base)
+    if (path / ADAPTER_CONFIG).is_file():
+        return from_peft_dir(path)
+    raise SourceError(f"not a PEFT adapter directory (no {ADAPTER_CONFIG}); a fine-tuned model also needs a base",
+                      path)

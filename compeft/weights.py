@@ -16,18 +16,10 @@ from typing import Iterator, Mapping
 
 import torch
 
+from .dtypes import DTYPE_TO_TORCH, TORCH_TO_DTYPE
 from .errors import SourceError
 from .format import atomic_write
 
-TORCH_TO_DTYPE = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-for _name, _code in (("uint16", "U16"), ("uint32", "U32"), ("uint64", "U64")):
-    if hasattr(torch, _name):
-        TORCH_TO_DTYPE[getattr(torch, _name)] = _code
-DTYPE_TO_TORCH = {code: dtype for dtype, code in TORCH_TO_DTYPE.items()}
 
 
 SAFETENSORS_HEADER_LIMIT = 100_000_000  # safetensors' own limit on its JSON header

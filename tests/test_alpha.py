@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import compeft
-import compeft.api
+import compeft.tuning
 from compeft.errors import InvalidArgumentError
 
 PAPER_GRID = [0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0]
@@ -150,13 +150,13 @@ def test_tune_candidates_are_byte_identical_to_compress(make_tv, scope):
 
 def test_tune_alpha_encodes_once_per_density(make_tv, monkeypatch):
     calls = []
-    original = compeft.api._encode
+    original = compeft.tuning.encode_source
 
     def counting(*args, **kwargs):
         calls.append(kwargs["density"])
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(compeft.api, "_encode", counting)
+    monkeypatch.setattr(compeft.tuning, "encode_source", counting)
     compeft.tune_alpha(make_tv(seed=9), lambda e: 1.0, densities=[0.1, 0.2], scope="global")
     assert calls == [0.1, 0.2]
 

@@ -229,7 +229,8 @@ def test_fidelity_figures_equal_the_dense_computation(lora_dir):
 
 
 def test_a_malformed_fidelity_key_is_shown_as_missing_not_rejected(make_tv):
-    from compeft.api import _encode, _resolve_source
+    from compeft.encode import encode_source as _encode
+    from compeft.sources import resolve_source as _resolve_source
     encoded = _encode(_resolve_source(make_tv(seed=1, shapes={"w": (20, 20)}), None), density=0.1, scope="tensor",
                       keep_dense=(), auto_dense=True, chunk_size=16384, metadata=None, progress=False)
     expert = encoded.build("norm", {"fidelity": {"overall": ["x", 1], "tensors": "nope"}})

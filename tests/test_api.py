@@ -513,6 +513,7 @@ def test_expert_doctests_pass():
     assert run_doctests(compeft.expert).failed == 0
 
 
-def test_api_doctests_pass():
-    import compeft.api
-    assert run_doctests(compeft.api).failed == 0
+@pytest.mark.parametrize("module", ["encode", "tuning", "applying", "export", "merging"])
+def test_api_doctests_pass(module):
+    import importlib
+    assert run_doctests(importlib.import_module(f"compeft.{module}")).failed == 0

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 import compeft
 from compeft import merging
-from compeft.api import merge_to
+from compeft.export import merge_to
 from compeft.codec import golomb
 from compeft.errors import ChecksumError
 from compeft.expert import CompressedExpert
@@ -96,7 +96,7 @@ def unshrunk(experts: list[CompressedExpert], base_dir: Path, tmp_path_factory: 
              ) -> dict[str, Any]:
     """Every merge with the default group size (one group): in memory, into a state dict, onto the base."""
     assert merging.GROUP_PARAMETERS == DEFAULT_GROUP  # computed before any test shrinks it
-    assert len(merging._groups(experts[0], experts[0].names, DEFAULT_GROUP)) == 1
+    assert len(merging.tensor_groups(experts[0], experts[0].names, DEFAULT_GROUP)) == 1
     root = tmp_path_factory.mktemp("unshrunk")
     out: dict[str, Any] = {}
     for method, drop in MERGES:
@@ -115,7 +115,7 @@ def unshrunk(experts: list[CompressedExpert], base_dir: Path, tmp_path_factory: 
 @pytest.mark.parametrize("small_groups", GROUP_SIZES, indirect=True)
 @pytest.mark.parametrize("method, drop", MERGES)
 def test_merge_in_many_groups_is_bit_identical(unshrunk, experts, small_groups, method, drop):
-    assert len(merging._groups(experts[0], experts[0].names, merging.GROUP_PARAMETERS)) > 1
+    assert len(merging.tensor_groups(experts[0], experts[0].names, merging.GROUP_PARAMETERS)) > 1
     got = compeft.merge(experts, **options(method, drop))
     assert_same_state(dict(got), unshrunk[method]["merge"])
 
@@ -137,7 +137,7 @@ def test_merge_into_a_state_dict_in_many_groups(unshrunk, experts, small_groups,
 def test_merge_onto_a_sharded_base_in_many_groups(unshrunk, experts, base_dir, tmp_path, small_groups, method, drop):
     """A shard holding several merge groups (the shipped crash: the second group of a shard)."""
     first = SHARDS["model-1.safetensors"]
-    assert len(merging._groups(experts[0], first, merging.GROUP_PARAMETERS)) > 1
+    assert len(merging.tensor_groups(experts[0], first, merging.GROUP_PARAMETERS)) > 1
     out = merge_to(experts, tmp_path / "merged", base=base_dir, **options(method, drop))
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in base_dir.iterdir())
     for shard in SHARDS:
@@ -153,7 +153,7 @@ def test_merge_with_a_corrupt_later_group_writes_nothing(experts, tmp_path, smal
     path.write_bytes(bytes(broken))
     state = tensors(1)
     before = {n: t.clone() for n, t in state.items()}
-    assert len(merging._groups(experts[0], experts[0].names, merging.GROUP_PARAMETERS)) > 2
+    assert len(merging.tensor_groups(experts[0], experts[0].names, merging.GROUP_PARAMETERS)) > 2
     with pytest.raises(ChecksumError):
         compeft.merge([experts[0], compeft.open(path), experts[2]], into=state, method="ties")
     assert_same_state(state, before)
@@ -167,7 +167,7 @@ def test_gpu_merge_in_many_groups_matches_cpu(unshrunk, experts, small_groups):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not interpreted():
         pytest.skip("needs a GPU or TRITON_INTERPRET=1")
-    assert len(merging._groups(experts[0], experts[0].names, merging.GPU_GROUP_PARAMETERS)) > 1
+    assert len(merging.tensor_groups(experts[0], experts[0].names, merging.GPU_GROUP_PARAMETERS)) > 1
     start = time.monotonic()
     for method, drop in (("dare_ties", 0.3),):
         got = compeft.merge(experts, device=device, **options(method, drop))

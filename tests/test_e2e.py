@@ -5,7 +5,7 @@ Each model is built once per module: a LoRA adapter (r = 8 on query/value, a few
 a tiny synthetic task), three more adapters for a library, and two full fine-tunes saved in several
 shards over a base saved in several shards. The commands run as ``python -m compeft.cli``; their
 outputs are checked against independent computations (PEFT's loader, PEFT's ``ties``, the merge
-formulas of README "Merging" over the decoded experts).
+formulas of docs/merging.md over the decoded experts).
 """
 
 from __future__ import annotations
@@ -264,7 +264,7 @@ def assert_state(directory: Path, want: dict[str, torch.Tensor], base: Path) -> 
 
 
 def oracle(method: str, taus: list[torch.Tensor]) -> torch.Tensor:
-    """README "Merging" with weights 1, λ = 1 and no drops, over two decoded experts."""
+    """docs/merging.md with weights 1, λ = 1 and no drops, over two decoded experts."""
     if method == "linear":
         return 0.5 * taus[0] + 0.5 * taus[1]
     if method in ("task_arithmetic", "dare_linear"):
@@ -311,16 +311,16 @@ def test_merge_with_small_groups_is_bit_identical(full: dict[str, Any], merged_d
                                                   root: Path) -> None:
     """The same merge with merge groups of 2^20 parameters: several groups in every shard (the bug that
     shipped crashed on a shard's second group) and tensors larger than a group."""
-    from compeft.merging import GROUP_PARAMETERS, _groups
+    from compeft.merging import GROUP_PARAMETERS, tensor_groups
 
     expert = compeft.open(full["experts"][0])
     small = 1 << 20
     index = json.loads((full["base"] / "model.safetensors.index.json").read_text())
     for shard in sorted(set(index["weight_map"].values())):
         names = [n for n in expert.names if index["weight_map"][n] == shard]
-        assert len(_groups(expert, names, small)) > 1, shard
+        assert len(tensor_groups(expert, names, small)) > 1, shard
     first_shard = [n for n in expert.names if index["weight_map"][n] == "model-00001-of-00002.safetensors"]
-    assert len(_groups(expert, first_shard, GROUP_PARAMETERS)) > 1  # crossed at the default size too
+    assert len(tensor_groups(expert, first_shard, GROUP_PARAMETERS)) > 1  # crossed at the default size too
     target = root / "merged-ties-small-groups"
     cli_with(f"import compeft.merging; compeft.merging.GROUP_PARAMETERS = {small}",
              "merge", *full["experts"], "--method", "ties", "--base", full["base"], "-o", target)

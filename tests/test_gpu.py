@@ -20,7 +20,7 @@ pytest.importorskip("triton")
 
 import compeft  # noqa: E402
 from compeft.errors import CorruptPayloadError, InvalidArgumentError  # noqa: E402
-from compeft.gpu import DeviceExpert  # noqa: E402
+from compeft.expert import DeviceExpert  # noqa: E402
 from conftest import bits, build_container, read_container, same_bits, set_payload  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -104,9 +104,9 @@ def test_invalid_vectors_fail_as_on_the_cpu(path):
 def device_expert(expert: compeft.CompressedExpert, wide: bool) -> DeviceExpert:
     """A device copy; ``wide`` forces the kernel's int64 arithmetic (chosen otherwise only for
     chunks spanning 2**30 positions or more)."""
-    placed = DeviceExpert(expert, DEVICE)
+    placed = expert.to_device(DEVICE)
     if wide:
-        placed.narrow[:] = False
+        placed.executor.narrow[:] = False
     return placed
 
 
@@ -219,7 +219,7 @@ def test_merge_on_device_matches_cpu(method):
 def test_device_argument_errors():
     expert = compeft.compress(task_vector(12, torch.float32), density=0.1)
     with pytest.raises(InvalidArgumentError, match="CUDA"):
-        DeviceExpert(expert, "meta")
+        expert.to_device("meta")
     weights = {n: torch.zeros(t.shape) for n, t in task_vector(12, torch.float32).items()}
     if ON_GPU:  # CPU weights given to a device expert
         with pytest.raises(InvalidArgumentError, match="must be a contiguous tensor on"):

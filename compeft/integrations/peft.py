@@ -18,7 +18,9 @@ from typing import Any, Mapping
 
 import torch
 
-from ..api import _as_expert, _restored, apply
+from ..applying import apply
+from ..expert import as_expert
+from ..export import restored
 from ..errors import BaseMismatchError, InvalidArgumentError, SourceError
 from ..expert import CompressedExpert
 
@@ -26,7 +28,7 @@ ExpertLike = CompressedExpert | str | os.PathLike[str]
 
 
 def _peft_expert(expert: ExpertLike) -> CompressedExpert:
-    opened = _as_expert(expert)
+    opened = as_expert(expert)
     if opened.metadata.get("source") != "peft" or not isinstance(opened.metadata.get("adapter_config"), dict):
         raise InvalidArgumentError("this expert was not made from a PEFT adapter (no adapter_config in its header)",
                                    opened.path)
@@ -37,7 +39,7 @@ def adapter_state_dict(expert: ExpertLike) -> dict[str, torch.Tensor]:
     """The adapter's tensors as PEFT saves them (``init`` + τ̃, e.g. 1 + τ̃ for (IA)³ vectors), under
     their saved names: what ``compeft decompress`` writes to ``adapter_model.safetensors``."""
     opened = _peft_expert(expert)
-    return {name: _restored(opened, name) for name in opened.names}
+    return {name: restored(opened, name) for name in opened.names}
 
 
 def adapter_config(expert: ExpertLike, *, inference_mode: bool = True) -> Any:
@@ -178,7 +180,7 @@ def merge_into(model: torch.nn.Module, expert: ExpertLike, *, check_base: bool =
     >>> int((model.weight != before).sum())
     4
     """
-    opened = _as_expert(expert)
+    opened = as_expert(expert)
     if opened.metadata.get("source") == "peft":
         peft_model = load_adapter(model, opened, "compeft_merge")
         merged = peft_model.merge_and_unload()
