@@ -1,13 +1,15 @@
 """Shared helpers for the compeft test-suite.
 
 Mostly exposed through fixtures; a few plain helpers (``bits``, ``same_bits``, ``read_container``,
-``build_container``, ``set_payload``, ``load_tool``) are also imported by test modules directly:
+``build_container``, ``set_payload``, ``load_tool``) are also imported by test modules directly, and
+``load_tool("surgery")`` gives tools/surgery.py, the container surgery the helpers below wrap:
 
 - ``reference``: the ComPEFT reference semantics written directly in torch (``reference_compress``);
 - ``apply_reference``: the float32 rule of ``compeft.apply`` written directly in torch;
 - ``make_tv``: a factory of tiny random task vectors;
 - ``roundtrip``: ``expert.save`` to a fresh file, then ``compeft.open`` it;
-- ``container``: read/rewrite the preamble, JSON header and data section of a ``.cpeft`` file;
+- ``container``: read/rewrite the preamble, JSON header and data section of a ``.cpeft`` file
+  (``read``, ``build``, ``encode_text``, ``set_payload``, ``flip_byte``: tools/surgery.py);
 - ``workdir``: a fresh temporary directory (``tmp_path``).
 """
 
@@ -15,11 +17,8 @@ from __future__ import annotations
 
 import fnmatch
 import itertools
-import json
 import math
 import os
-import struct
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -34,8 +33,6 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 COMPRESSIBLE = (torch.float32, torch.float16, torch.bfloat16)
-PREAMBLE = struct.Struct("<8sHHIIIQ")
-MAGIC = b"\x89CPEFT\r\n"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,91 +139,47 @@ def make_task_vector(seed: int = 0, shapes: Mapping[str, tuple[int, ...]] | None
 
 
 # ---------------------------------------------------------------------------------------------
-# container surgery
+# tools/ scripts, and container surgery (tools/surgery.py)
 
-
-@dataclass
-class Container:
-    """A parsed ``.cpeft`` file: preamble fields, header JSON document and data section."""
-
-    version: int
-    flags: int
-    header_length: int
-    header_crc: int
-    reserved: int
-    file_length: int
-    header_text: bytes
-    doc: dict[str, Any]
-    data: bytes
-
-    @property
-    def data_start(self) -> int:
-        return PREAMBLE.size + self.header_length
-
-    def entry(self, name: str) -> dict[str, Any]:
-        return next(t for t in self.doc["tensors"] if t["name"] == name)
-
-    def payload_range(self, name: str) -> tuple[int, int]:
-        """(start, end) of a tensor's payload, as absolute file offsets."""
-        e = self.entry(name)
-        return self.data_start + e["offset"], self.data_start + e["offset"] + e["length"]
-
-
-def read_container(path: Path | str) -> Container:
-    raw = Path(path).read_bytes()
-    magic, version, flags, hl, crc, reserved, fl = PREAMBLE.unpack(raw[:PREAMBLE.size])
-    text = raw[PREAMBLE.size:PREAMBLE.size + hl]
-    return Container(version, flags, hl, crc, reserved, fl, text, json.loads(text),
-                     raw[PREAMBLE.size + hl:])
-
-
-def encode_text(doc: Any, allow_nan: bool = False) -> bytes:
-    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False, allow_nan=allow_nan).encode()
-
-
-def build_container(doc: Any = None, data: bytes = b"", *, text: bytes | None = None, magic: bytes = MAGIC,
-                    version: int = 1, flags: int = 0, reserved: int = 0, header_length: int | None = None,
-                    header_crc: int | None = None, file_length: int | None = None) -> bytes:
-    """Assemble a container from a header document (or raw header text) and a data section.
-
-    The header text is padded with spaces so the data section starts at a multiple of 64; the
-    header CRC and the file length are recomputed unless given.
-    """
-    if text is None:
-        text = encode_text(doc)
-    padded = -(-(PREAMBLE.size + len(text)) // 64) * 64 - PREAMBLE.size
-    text = text + b" " * (padded - len(text))
-    hl = len(text) if header_length is None else header_length
-    crc = zlib.crc32(text) if header_crc is None else header_crc
-    fl = PREAMBLE.size + len(text) + len(data) if file_length is None else file_length
-    return PREAMBLE.pack(magic, version, flags, hl, crc, reserved, fl) + text + data
-
-
-def set_payload(container: Container, name: str, payload: bytes) -> None:
-    """Replace a payload of the same length and fix its CRC-32 in the header (structure only wrong)."""
-    e = container.entry(name)
-    assert len(payload) == e["length"]
-    start = e["offset"]
-    container.data = container.data[:start] + payload + container.data[start + e["length"]:]
-    e["crc32"] = zlib.crc32(payload)
-
-
-def flip_byte(path: Path | str, offset: int, mask: int = 0x01) -> None:
-    raw = bytearray(Path(path).read_bytes())
-    raw[offset] ^= mask
-    Path(path).write_bytes(bytes(raw))
+TOOLS = Path(__file__).resolve().parent.parent / "tools"
 
 
 def load_tool(name: str) -> Any:
-    """The module ``tools/<name>.py`` (tools are scripts, not a package), registered under ``name``."""
+    """The module ``tools/<name>.py`` (tools are scripts, not a package), registered under ``name`` so
+    that tools importing each other (``import surgery``) find it; loaded once."""
     import importlib.util
     import sys
 
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent.parent / "tools" / f"{name}.py")
+    path = TOOLS / f"{name}.py"
+    loaded = sys.modules.get(name)
+    if loaded is not None and getattr(loaded, "__file__", None) == str(path):
+        return loaded
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules.setdefault(name, module)
     spec.loader.exec_module(module)
     return module
+
+
+surgery = load_tool("surgery")
+read_container = surgery.read  # path or bytes -> Container (preamble, doc, data; entry, payload_range, ...)
+encode_text = surgery.encode  # compact UTF-8 JSON, as compeft writes headers
+
+
+def build_container(doc: Any = None, data: bytes = b"", *, text: bytes | None = None, **preamble: Any) -> bytes:
+    """A fresh file (MAGIC, version 1, flags 0 unless given) of a header document, or raw header
+    ``text``, and a data section; the header is never deflated. Lengths and the header CRC are
+    computed unless given (``header_length=``, ``header_crc=``, ``file_length=``: ``surgery.join``)."""
+    return surgery.join(doc if text is None else text, data, deflate=False, **preamble)
+
+
+def set_payload(container: surgery.Container, name: str, payload: bytes) -> None:
+    """Replace a payload of the same length and fix its CRC-32 in the header (structure only wrong)."""
+    container.set_payload(name, payload)
+
+
+def flip_byte(path: Path | str, offset: int, mask: int = 0x01) -> None:
+    Path(path).write_bytes(surgery.flip(Path(path).read_bytes(), offset, mask))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,7 +7,6 @@ original tensors (a flip in zero padding changes no tensor; only ``verify`` look
 from __future__ import annotations
 
 import struct
-import zlib
 from collections import Counter
 from pathlib import Path
 
@@ -17,22 +16,16 @@ import torch
 from compeft.errors import CompeftError
 from compeft.expert import CompressedExpert
 from compeft.format import BytesReader
-from compeft.format.header import FLAG_DEFLATE, PREAMBLE, PREAMBLE_SIZE
+from conftest import load_tool
 
+surgery = load_tool("surgery")
 VECTORS = Path(__file__).resolve().parent.parent / "spec" / "vectors"
 FILES = sorted(p.name[: -len(".cpeft")] for p in VECTORS.glob("*.cpeft"))
 
 
 def with_deflated_header(blob: bytes) -> bytes:
     """The same container with its header deflated (flag 0x0001), so the inflate path is flipped too."""
-    magic, version, flags, header_length, _, reserved, _ = PREAMBLE.unpack_from(blob)
-    text = blob[PREAMBLE_SIZE:PREAMBLE_SIZE + header_length].rstrip(b" ")
-    data = blob[PREAMBLE_SIZE + header_length:]
-    region = zlib.compress(text, 9)
-    region += b"\0" * (-(PREAMBLE_SIZE + len(region)) % 64)
-    file_length = PREAMBLE_SIZE + len(region) + len(data)
-    return PREAMBLE.pack(magic, version, flags | FLAG_DEFLATE, len(region), zlib.crc32(region), reserved,
-                         file_length) + region + data
+    return surgery.with_header(blob, deflate=True)
 
 
 def bits(t: torch.Tensor) -> bytes:

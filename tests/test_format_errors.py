@@ -154,7 +154,7 @@ def test_header_length_over_the_limit(mutate, container):
 
 
 def test_header_length_not_aligned(mutate, container):
-    expect(LayoutError, mutate(lambda c: container.build(c.doc, c.data, header_length=c.header_length - 8)))
+    expect(LayoutError, mutate(lambda c: container.build(c.doc, c.data, header_length=c.preamble.header_length - 8)))
 
 
 def test_header_bit_flip(valid, mutate):

@@ -7,7 +7,6 @@ the result. Only CompeftError subclasses may escape; a file that verifies must d
 
 from __future__ import annotations
 
-import json
 import os
 import struct
 import zlib
@@ -24,16 +23,15 @@ VECTORS = ROOT / "spec" / "vectors"
 
 
 fuzz = load_tool("fuzz")
+surgery = load_tool("surgery")
 SEEDS = {p.name: p.read_bytes() for p in sorted(VECTORS.glob("*.cpeft"))}
 EXAMPLES = int(os.environ.get("COMPEFT_FUZZ_EXAMPLES", "300"))
-PREAMBLE = struct.Struct("<8sHHIIIQ")
 
 TENSOR_FIELDS = ["name", "dtype", "shape", "encoding", "role", "init", "offset", "length", "crc32", "nnz", "scale",
                  "golomb_m", "chunk_size", "unary_bits", "high_bits"]
 META_FIELDS = ["density", "alpha", "scope", "source", "sigma", "threshold", "base_fingerprint", "adapter_config",
                "user", "created_by"]
-PREAMBLE_FIELDS = {"version": (8, "<H"), "flags": (10, "<H"), "header_length": (12, "<I"), "reserved": (20, "<I"),
-                   "file_length": (24, "<Q")}  # offset and format of the preamble fields edited raw
+PREAMBLE_FIELDS = ["version", "flags", "header_length", "reserved", "file_length"]  # edited raw
 
 # Integers near every boundary the reader checks: zero, one, the limits, the word sizes.
 EDGES = [0, 1, 2, 3, 7, 8, 63, 64, 65, 1023, 1024, 1025, 2**20, 2**20 + 1, 2**31 - 1, 2**31, 2**32, 2**48 - 1,
@@ -60,26 +58,11 @@ def field_value(old):
     return st.one_of(numbers(old), json_values, shapes, st.just(str(old)), st.floats(-1e300, 1e300))
 
 
-def split(blob: bytes):
-    fields = list(PREAMBLE.unpack_from(blob))
-    header = blob[32:32 + fields[3]]
-    text = zlib.decompress(header.rstrip(b"\0")) if fields[2] & 1 else header
-    return fields, json.loads(text), blob[32 + fields[3]:]
-
-
-def join(fields, doc, data: bytes, fix_crc: bool) -> bytes:
-    text = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
-    text += b" " * (-(32 + len(text)) % 64)
-    crc = zlib.crc32(text) if fix_crc else fields[4]
-    return PREAMBLE.pack(fields[0], fields[1], fields[2] & ~1, len(text), crc, fields[5], 32 + len(text) + len(data)) \
-        + text + data
-
-
 @st.composite
 def edited_files(draw) -> bytes:
     """A vector with 1-3 structural edits; CRCs repaired unless the draw says otherwise."""
     blob = SEEDS[draw(st.sampled_from(sorted(SEEDS)))]
-    fields, doc, data = split(blob)
+    preamble, doc, data = surgery.split(blob)
     tensors = doc["tensors"]
     data = bytearray(data)
     # compressed payloads as the unedited header places them: (entry, offset, length, table words)
@@ -121,11 +104,10 @@ def edited_files(draw) -> bytes:
                 tensors.pop(draw(st.integers(0, len(tensors) - 1)))
             elif choice in ("format_version", "tensors"):
                 doc[choice] = draw(json_values)
-    out = bytearray(join(fields, doc, bytes(data), fix_crc=draw(st.integers(0, 9)) > 0))
-    for name, value in raw_preamble.items():  # raw preamble edits after the lengths were recomputed
-        offset, layout = PREAMBLE_FIELDS[name]
-        struct.pack_into(layout, out, offset, value % 2 ** (8 * struct.calcsize(layout)))
-    return bytes(out)
+    fix_crc = draw(st.integers(0, 9)) > 0  # a plain JSON header, lengths recomputed, its CRC usually too
+    out = surgery.join(doc, bytes(data), preamble=preamble, deflate=False, allow_nan=True,
+                       header_crc=None if fix_crc else preamble.header_crc)
+    return surgery.with_preamble(out, wrap=True, **raw_preamble)  # raw edits after the lengths were recomputed
 
 
 @settings(max_examples=EXAMPLES, deadline=None, derandomize=EXAMPLES <= 300,

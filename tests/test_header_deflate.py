@@ -11,7 +11,10 @@ import torch
 
 import compeft
 from compeft.errors import HeaderError, UnsupportedVersionError
-from compeft.format.header import DEFLATE_ABOVE, FLAG_DEFLATE, MAX_HEADER_BYTES, PREAMBLE, PREAMBLE_SIZE
+from compeft.format.header import DEFLATE_ABOVE, FLAG_DEFLATE, MAX_HEADER_BYTES, PREAMBLE_SIZE
+from conftest import load_tool
+
+surgery = load_tool("surgery")
 
 
 def many_tensors(count: int = 400) -> dict[str, torch.Tensor]:
@@ -21,14 +24,9 @@ def many_tensors(count: int = 400) -> dict[str, torch.Tensor]:
 
 
 def rebuild(blob: bytes, region: bytes, flags: int) -> bytes:
-    """The same file with another header region (padded to keep the data section aligned)."""
-    _, version, _, length, _, reserved, file_length = PREAMBLE.unpack(blob[:PREAMBLE_SIZE])
-    data = blob[PREAMBLE_SIZE + length:]
-    padded = -(-(PREAMBLE_SIZE + len(region)) // 64) * 64 - PREAMBLE_SIZE
-    region = region + b"\0" * (padded - len(region))
-    preamble = PREAMBLE.pack(blob[:8], version, flags, padded, zlib.crc32(region), reserved,
-                             PREAMBLE_SIZE + padded + len(data))
-    return preamble + region + data
+    """The same file with another header region (zero-padded to keep the data section aligned)."""
+    preamble = surgery.preamble(blob)
+    return surgery.join(region, blob[preamble.data_start:], preamble=preamble, flags=flags, deflate=False, pad=b"\0")
 
 
 def test_large_header_is_deflated_and_reads_back(tmp_path):
@@ -56,9 +54,7 @@ def test_small_header_stays_plain_json():
 @pytest.fixture
 def deflated(tmp_path):
     blob = compeft.compress(many_tensors(), density=0.25).to_bytes()
-    length = struct.unpack_from("<I", blob, 12)[0]
-    text = zlib.decompress(blob[PREAMBLE_SIZE:PREAMBLE_SIZE + length].rstrip(b"\0"))
-    return blob, text, tmp_path
+    return blob, surgery.header_text(blob), tmp_path
 
 
 def write(tmp_path, blob: bytes):

@@ -10,7 +10,6 @@ import re
 import subprocess
 import sys
 import textwrap
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,9 @@ from compeft.codec import kernels, threads
 from compeft.errors import (BaseMismatchError, CompeftError, HeaderError, NotACompeftFileError, OutputTooLargeError,
                             SourceError)
 from compeft.format import header as fmt
+from conftest import load_tool
 
+surgery = load_tool("surgery")
 ROOT = Path(__file__).resolve().parent.parent
 SUBPROCESS_ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
 
@@ -70,9 +71,7 @@ def header_doc(tensors: list[dict], **metadata) -> dict:
 
 def deflated(text: bytes) -> bytes:
     """A container whose header is the deflated ``text`` (flag 0x0001) and no data section."""
-    region = zlib.compress(text, 9)
-    region += b"\0" * (-(32 + len(region)) % 64)
-    return fmt.PREAMBLE.pack(fmt.MAGIC, 1, fmt.FLAG_DEFLATE, len(region), zlib.crc32(region), 0, 32 + len(region)) + region
+    return surgery.join(text, deflate=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,10 +191,10 @@ def test_t6_inspect_escapes_control_characters_in_names(tmp_path, container):
 
 HUGE = r"""
     import json, resource, sys, zlib
+    sys.path.insert(0, "tools")  # run from the repository root: tools/surgery.py
     import torch
-    import compeft, compeft.report
+    import compeft, compeft.report, surgery
     from compeft.errors import OutputTooLargeError
-    from compeft.format import header as fmt
     path, shape = sys.argv[1], json.loads(sys.argv[2])
     warm = compeft.compress({"w": torch.randn(64)}, density=0.5)  # compile/load the kernels first
     warm.verify(), warm.state_dict()
@@ -210,11 +209,10 @@ HUGE = r"""
     entry = {"name": "w", "dtype": "F32", "shape": shape, "encoding": "ternary-golomb", "role": "delta",
              "init": None, "offset": 0, "length": len(payload), "crc32": zlib.crc32(payload), "nnz": 1,
              "scale": 0.5, "golomb_m": 1 << k, "chunk_size": 16384, "unary_bits": q + 1, "high_bits": 1}
-    text = json.dumps({"format": "compeft", "format_version": 1, "metadata": {}, "tensors": [entry]}).encode()
-    text += b" " * (-(32 + len(text)) % 64)
-    size = 32 + len(text) + len(payload)
+    blob = surgery.join({"format": "compeft", "format_version": 1, "metadata": {}, "tensors": [entry]}, payload)
+    size = len(blob)
     with open(path, "wb") as f:
-        f.write(fmt.PREAMBLE.pack(fmt.MAGIC, 1, 0, len(text), zlib.crc32(text), 0, size) + text + payload)
+        f.write(blob)
     expert = compeft.open(path)
     summary = compeft.report.describe(expert.header)
     expert.verify()  # decodes the chunk without output: walks the whole unary stream

@@ -36,7 +36,6 @@ import struct
 import sys
 import tempfile
 import warnings
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -46,13 +45,11 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 import compeft
+import surgery  # tools/surgery.py, beside this script
+from compeft.format.header import PREAMBLE_SIZE
 
 ROOT = Path(__file__).resolve().parent.parent
 VECTORS_DIR = ROOT / "spec" / "vectors"
-
-PREAMBLE = struct.Struct("<8sHHIIIQ")  # magic, version, flags, header_length, header_crc32, reserved, file_length
-PREAMBLE_SIZE = PREAMBLE.size  # 32
-DATA_ALIGNMENT = 64
 
 
 def g(seed: int) -> torch.Generator:
@@ -211,58 +208,6 @@ def load_inputs(directory: Path, vector: Vector) -> dict[str, torch.Tensor]:
 
 
 # ---------------------------------------------------------------------------------------------
-# container surgery (independent of compeft's own writer)
-
-
-def split(blob: bytes) -> tuple[tuple[Any, ...], bytes, bytes]:
-    """(preamble fields, header bytes incl. padding, data section)."""
-    fields = PREAMBLE.unpack_from(blob, 0)
-    header_length = fields[3]
-    return fields, blob[PREAMBLE_SIZE:PREAMBLE_SIZE + header_length], blob[PREAMBLE_SIZE + header_length:]
-
-
-def header_doc(blob: bytes) -> dict[str, Any]:
-    return json.loads(split(blob)[1].decode("utf-8"))
-
-
-def data_start(blob: bytes) -> int:
-    return PREAMBLE_SIZE + split(blob)[0][3]
-
-
-def join(fields: tuple[Any, ...], header: bytes, data: bytes, *, fix_crc: bool = True) -> bytes:
-    """Reassemble; ``fix_crc`` recomputes the header CRC and re-pads the header, keeping file_length consistent."""
-    magic, version, flags, header_length, crc, reserved, file_length = fields
-    if fix_crc:
-        text = header.rstrip(b" ")
-        new_length = -(-(PREAMBLE_SIZE + len(text)) // DATA_ALIGNMENT) * DATA_ALIGNMENT - PREAMBLE_SIZE
-        header = text + b" " * (new_length - len(text))
-        file_length += new_length - header_length
-        header_length, crc = new_length, zlib.crc32(header)
-    return PREAMBLE.pack(magic, version, flags, header_length, crc, reserved, file_length) + header + data
-
-
-def dump_json(doc: dict[str, Any]) -> bytes:
-    # The same serialisation compeft writes (compact, UTF-8).
-    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
-
-
-def edit_doc(blob: bytes, change: Callable[[dict[str, Any]], None]) -> bytes:
-    """Change the parsed header, re-serialise it and fix up the header CRC (and lengths if it grew)."""
-    fields, _, data = split(blob)
-    doc = header_doc(blob)
-    change(doc)
-    return join(fields, dump_json(doc), data)
-
-
-def tensor(doc: dict[str, Any], name: str) -> dict[str, Any]:
-    return next(t for t in doc["tensors"] if t["name"] == name)
-
-
-def set_bytes(blob: bytes, offset: int, new: bytes) -> bytes:
-    return blob[:offset] + new + blob[offset + len(new):]
-
-
-# ---------------------------------------------------------------------------------------------
 # the invalid vectors
 
 
@@ -277,15 +222,15 @@ class Invalid:
 
 
 def _bad_magic(blob: bytes) -> tuple[bytes, str]:
-    return set_bytes(blob, 1, b"X"), "byte 1 (magic 'C', 0x43) replaced by 'X' (0x58)"
+    return surgery.patch(blob, 1, b"X"), "byte 1 (magic 'C', 0x43) replaced by 'X' (0x58)"
 
 
 def _version_2(blob: bytes) -> tuple[bytes, str]:
-    return set_bytes(blob, 8, struct.pack("<H", 2)), "preamble version u16 at byte 8 set to 2"
+    return surgery.with_preamble(blob, version=2), "preamble version u16 at byte 8 set to 2"
 
 
 def _flags(blob: bytes) -> tuple[bytes, str]:
-    return (set_bytes(blob, 10, struct.pack("<H", 0x8000)),
+    return (surgery.with_preamble(blob, flags=0x8000),
             "preamble flags u16 at byte 10 set to 0x8000 (an unknown flag; 0x0001 means a deflated header)")
 
 
@@ -302,23 +247,19 @@ def _trailing_byte(blob: bytes) -> tuple[bytes, str]:
 
 
 def _header_crc(blob: bytes) -> tuple[bytes, str]:
-    text = split(blob)[1]
+    text = surgery.header_text(blob)
     at = text.index(b'"density":0.1') + len(b'"density":0.')
     pos = PREAMBLE_SIZE + at
-    return (set_bytes(blob, pos, b"2"),
+    return (surgery.patch(blob, pos, b"2"),
             f"header byte at file offset {pos} changed from '1' to '2' (\"density\":0.1 -> 0.2), "
             "header_crc32 left unchanged")
 
 
 def _bad_json(blob: bytes) -> tuple[bytes, str]:
-    fields, header, data = split(blob)
-    text = header.rstrip(b" ")
+    text = surgery.header_text(blob)
     assert text.endswith(b"}")
-    broken = text[:-1] + b" " * (len(header) - len(text) + 1)  # same header_length
     pos = PREAMBLE_SIZE + len(text) - 1
-    magic, version, flags, header_length, _, reserved, file_length = fields
-    preamble = PREAMBLE.pack(magic, version, flags, header_length, zlib.crc32(broken), reserved, file_length)
-    return (preamble + broken + data,
+    return (surgery.recrc(surgery.patch(blob, pos, b" ")),  # same header_length
             f"the JSON's closing '}}' at file offset {pos} replaced by a space (unbalanced object); "
             "header_crc32 recomputed over the edited header")
 
@@ -326,64 +267,55 @@ def _bad_json(blob: bytes) -> tuple[bytes, str]:
 def _format_version_2(blob: bytes) -> tuple[bytes, str]:
     def change(doc: dict[str, Any]) -> None:
         doc["format_version"] = 2
-    return edit_doc(blob, change), 'header "format_version" set to 2, header CRC recomputed'
+    return surgery.with_header(blob, change), 'header "format_version" set to 2, header CRC recomputed'
 
 
 def _payload_crc(blob: bytes) -> tuple[bytes, str]:
-    doc = header_doc(blob)
-    t = tensor(doc, "layer0.attn.weight")
-    assert t["length"] > 0
-    pos = data_start(blob) + t["offset"] + t["length"] - 1  # last byte of the sign stream
-    return (set_bytes(blob, pos, bytes([blob[pos] ^ 0x01])),
+    start, end = surgery.read(blob).payload_range("layer0.attn.weight")
+    assert end > start
+    pos = end - 1  # last byte of the sign stream
+    return (surgery.flip(blob, pos, 0x01),
             f"bit 0 of byte {pos} flipped (the last byte of tensor 'layer0.attn.weight''s payload, in its "
             "sign stream); its crc32 left unchanged")
 
 
 def _overlap(blob: bytes) -> tuple[bytes, str]:
-    doc = header_doc(blob)
+    doc = surgery.split(blob)[1]
     first, second = doc["tensors"][0], doc["tensors"][1]
     new = first["offset"] + 8
     assert first["length"] > 8
 
     def change(d: dict[str, Any]) -> None:
         d["tensors"][1]["offset"] = new
-    return (edit_doc(blob, change),
+    return (surgery.with_header(blob, change),
             f"tensor {second['name']!r} \"offset\" {second['offset']} -> {new} (inside the payload of "
             f"{first['name']!r}, which spans [{first['offset']}, {first['offset'] + first['length']})); "
             "header CRC recomputed")
 
 
 def _nnz_gt_numel(blob: bytes) -> tuple[bytes, str]:
-    doc = header_doc(blob)
-    t = tensor(doc, "layer1.mlp.bias")
+    t = surgery.read(blob).entry("layer1.mlp.bias")
     numel = math.prod(t["shape"])
 
     def change(d: dict[str, Any]) -> None:
-        tensor(d, "layer1.mlp.bias")["nnz"] = numel + 1
-    return (edit_doc(blob, change),
+        surgery.entry(d, "layer1.mlp.bias")["nnz"] = numel + 1
+    return (surgery.with_header(blob, change),
             f"tensor 'layer1.mlp.bias' \"nnz\" {t['nnz']} -> {numel + 1} (numel {numel}); header CRC recomputed")
 
 
 def _file_length(blob: bytes) -> tuple[bytes, str]:
-    fields = PREAMBLE.unpack_from(blob, 0)
-    return (set_bytes(blob, 24, struct.pack("<Q", fields[6] + 8)) + bytes(8),
-            f"8 zero bytes appended and file_length (u64 at byte 24) raised to {fields[6] + 8} to match: "
+    file_length = surgery.preamble(blob).file_length + 8
+    return (surgery.with_preamble(blob, file_length=file_length) + bytes(8),
+            f"8 zero bytes appended and file_length (u64 at byte 24) raised to {file_length} to match: "
             "the payloads no longer cover the data section exactly")
 
 
 def _chunk_table(blob: bytes, row: int, column: int, value: Callable[[int], int], what: str) -> tuple[bytes, str]:
-    doc = header_doc(blob)
-    t = tensor(doc, "w")
-    start = data_start(blob) + t["offset"]
-    pos = start + 8 * (3 * row + column)
+    word = 8 * (3 * row + column)
+    pos = surgery.read(blob).payload_range("w")[0] + word
     old = struct.unpack_from("<q", blob, pos)[0]
     new = value(old)
-    edited = set_bytes(blob, pos, struct.pack("<q", new))
-    payload = edited[start:start + t["length"]]
-
-    def change(d: dict[str, Any]) -> None:
-        tensor(d, "w")["crc32"] = zlib.crc32(payload)
-    return (edit_doc(edited, change),
+    return (surgery.with_payload(blob, "w", lambda payload: struct.pack_into("<q", payload, word, new)),
             f"tensor 'w' chunk table row {row} {what} (int64 at file offset {pos}) {old} -> {new}; the "
             "tensor's crc32 and the header CRC recomputed, so every checksum is valid")
 
@@ -401,32 +333,31 @@ def _chunk_unary(blob: bytes) -> tuple[bytes, str]:
 
 
 def _nonzero_padding(blob: bytes) -> tuple[bytes, str]:
-    doc = header_doc(blob)
-    t = tensor(doc, "norm.bias")
-    pos = data_start(blob) + t["offset"] + t["length"]  # first padding byte after the 6-byte payload
+    pos = surgery.read(blob).payload_range("norm.bias")[1]  # first padding byte after the 6-byte payload
     assert blob[pos] == 0
-    return (set_bytes(blob, pos, b"\x01"),
+    return (surgery.patch(blob, pos, b"\x01"),
             f"padding byte at file offset {pos} (right after tensor 'norm.bias''s 6-byte payload) set to 0x01")
 
 
 def _dense_length(blob: bytes) -> tuple[bytes, str]:
     def change(d: dict[str, Any]) -> None:
-        tensor(d, "step")["shape"] = [4]
-    return (edit_doc(blob, change),
+        surgery.entry(d, "step")["shape"] = [4]
+    return (surgery.with_header(blob, change),
             "tensor 'step' \"shape\" [3] -> [4] (24-byte I64 payload needs 32); header CRC recomputed")
 
 
 def _raw_header_edit(blob: bytes, old: bytes, new: bytes) -> bytes:
     """Replace ``old`` by ``new`` in the header's JSON text (edits json.dumps cannot express), re-pad
     it and recompute header_length, the header CRC and file_length."""
-    fields, header, data = split(blob)
-    text = header.rstrip(b" ")
-    assert text.count(old) == 1
-    return join(fields, text.replace(old, new), data)
+    def change(doc: dict[str, Any]) -> bytes:
+        text = surgery.encode(doc)
+        assert text.count(old) == 1
+        return text.replace(old, new)
+    return surgery.with_header(blob, change)
 
 
 def _duplicate_key(blob: bytes) -> tuple[bytes, str]:
-    t = tensor(header_doc(blob), "layer1.mlp.bias")
+    t = surgery.read(blob).entry("layer1.mlp.bias")
     old = f'"name":"layer1.mlp.bias","dtype":"F32","shape":{json.dumps(t["shape"], separators=(",", ":"))}'.encode()
     new = old.replace(b'"dtype":"F32"', b'"dtype":"F32","dtype":"F16"')
     return (_raw_header_edit(blob, old, new),
@@ -441,16 +372,16 @@ def _number_overflow(blob: bytes) -> tuple[bytes, str]:
 
 def _dtype_not_a_string(blob: bytes) -> tuple[bytes, str]:
     def change(d: dict[str, Any]) -> None:
-        tensor(d, "w")["dtype"] = ["F32"]
-    return (edit_doc(blob, change),
+        surgery.entry(d, "w")["dtype"] = ["F32"]
+    return (surgery.with_header(blob, change),
             'tensor \'w\' "dtype" "F32" -> ["F32"] (a list; found by tests/test_fuzz_structured.py); header CRC '
             "recomputed")
 
 
 def _scale_beyond_float32(blob: bytes) -> tuple[bytes, str]:
     def change(d: dict[str, Any]) -> None:
-        tensor(d, "w")["scale"] = 3.4028235677973366e+38
-    return (edit_doc(blob, change),
+        surgery.entry(d, "w")["scale"] = 3.4028235677973366e+38
+    return (surgery.with_header(blob, change),
             "tensor 'w' \"scale\" -> 3.4028235677973366e+38 (a finite double just beyond float32's range, which "
             "once raised OverflowError; found by tests/test_fuzz_structured.py); header CRC recomputed")
 
@@ -458,7 +389,8 @@ def _scale_beyond_float32(blob: bytes) -> tuple[bytes, str]:
 def _fingerprint_type(blob: bytes) -> tuple[bytes, str]:
     def change(d: dict[str, Any]) -> None:
         d["metadata"]["base_fingerprint"] = 12345
-    return (edit_doc(blob, change), 'metadata "base_fingerprint" null -> 12345 (a number); header CRC recomputed')
+    return (surgery.with_header(blob, change),
+            'metadata "base_fingerprint" null -> 12345 (a number); header CRC recomputed')
 
 
 def _chunk_outside(blob: bytes) -> tuple[bytes, str]:
@@ -468,21 +400,19 @@ def _chunk_outside(blob: bytes) -> tuple[bytes, str]:
 def _gap_past_end(blob: bytes) -> tuple[bytes, str]:
     """Move the last terminating 1 bit of tensor 'w''s unary stream 6 bits on: the last quotient grows
     by 6, so the last gap runs 18 positions (m = 3) past the end of the tensor."""
-    doc = header_doc(blob)
-    t = tensor(doc, "w")
-    unary_start = data_start(blob) + t["offset"] + 8 * 3 * -(-t["nnz"] // t["chunk_size"])
+    t = surgery.read(blob).entry("w")
+    unary = 8 * 3 * -(-t["nnz"] // t["chunk_size"])  # the unary stream follows the chunk table
     last = t["unary_bits"] - 1
-    words = bytearray(blob[unary_start:unary_start + 16])
-    assert words[last >> 3] >> (last & 7) & 1 and last + 6 < 128
-    words[last >> 3] &= ~(1 << (last & 7)) & 0xFF
-    words[(last + 6) >> 3] |= 1 << ((last + 6) & 7)
-    edited = set_bytes(blob, unary_start, bytes(words))
-    payload = edited[data_start(blob) + t["offset"]:data_start(blob) + t["offset"] + t["length"]]
+    assert last + 6 < 128
+
+    def move_bit(payload: bytearray) -> None:
+        assert payload[unary + (last >> 3)] >> (last & 7) & 1
+        payload[unary + (last >> 3)] &= ~(1 << (last & 7)) & 0xFF
+        payload[unary + ((last + 6) >> 3)] |= 1 << ((last + 6) & 7)
 
     def change(d: dict[str, Any]) -> None:
-        tensor(d, "w")["unary_bits"] = t["unary_bits"] + 6
-        tensor(d, "w")["crc32"] = zlib.crc32(payload)
-    return (edit_doc(edited, change),
+        surgery.entry(d, "w")["unary_bits"] = t["unary_bits"] + 6
+    return (surgery.with_header(surgery.with_payload(blob, "w", move_bit), change),
             f"tensor 'w' unary stream: the last 1 bit moved from bit {last} to {last + 6} and \"unary_bits\" "
             f"{t['unary_bits']} -> {t['unary_bits'] + 6}, so the last gap runs past the tensor's end; crc32 and "
             "header CRC recomputed")
