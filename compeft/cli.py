@@ -283,8 +283,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_encoding_options(p: argparse.ArgumentParser) -> None:
-    """The options ``compress`` and ``tune-alpha`` share."""
+def _add_encoding_options(p: argparse.ArgumentParser, meta: bool = True) -> None:
+    """The options ``compress``, ``tune-alpha`` and ``library build`` share (a library's experts carry
+    the build's own metadata, so it takes no ``--meta``)."""
     p.add_argument("--scope", choices=("tensor", "global"), default="tensor",
                    help="each tensor its own threshold and magnitude (tensor, default) or one over all tensors "
                         "(global, the paper's reference)")
@@ -294,7 +295,8 @@ def _add_encoding_options(p: argparse.ArgumentParser) -> None:
                    help="PEFT adapters: compress every floating tensor, also DoRA magnitudes, modules_to_save heads "
                         "and other weights that are kept dense by default")
     p.add_argument("--chunk-size", type=int, default=16384, help="kept entries per chunk (parallel decode unit)")
-    p.add_argument("--meta", action="append", metavar="KEY=VALUE", help="user metadata (repeatable)")
+    if meta:
+        p.add_argument("--meta", action="append", metavar="KEY=VALUE", help="user metadata (repeatable)")
     p.add_argument("-q", "--quiet", action="store_true")
 
 
@@ -410,8 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="task_arithmetic",
                    choices=("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"))
     p.add_argument("--weights", help="comma-separated, one per expert (default 1 each)")
-    p.add_argument("--scale", "--lambda", dest="scale", type=float, default=1.0,
-                   help="λ, the factor on the merged task vector (--lambda: an older spelling)")
+    p.add_argument("--scale", type=float, default=1.0, help="λ, the factor on the merged task vector")
+    p.add_argument("--lambda", dest="scale", type=float, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p.add_argument("--no-normalize", action="store_true", help="linear: do not divide the weights by their sum")
     p.add_argument("--drop-rate", type=float, default=0.0, help="dare_*: drop probability p in [0, 1)")
     p.add_argument("--seed", type=int, default=0, help="dare_*: seed of the drops (recorded in the output)")
@@ -443,7 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                                "cluster on this machine")
     engine.add_argument("--workers", type=int, help="worker processes of the local cluster (default: one per core)")
     p.add_argument("--json", action="store_true", help="print the build report as JSON")
-    _add_encoding_options(p)
+    _add_encoding_options(p, meta=False)
     _remote_options(p, cache=False)
     p.set_defaults(func=cmd_library_build)
 

@@ -3,9 +3,10 @@
 Everything remote lives here: resolving a URL (chained ones too) with its ``storage_options``,
 fetching byte ranges concurrently with bounded retries, checking that every response is exactly the
 range asked for, keeping fetched ranges in memory (a verify-then-apply or a prefetch does not fetch
-twice), an optional persistent cache directory, and atomic writes to stores. The bytes are those of
-the container on disk; the expert still checks every payload's CRC-32 before using it. The
-normative description of URLs, requests, the fallback and the cache layout is ``spec/REMOTE.md``.
+twice), an optional persistent cache directory (its pieces: :mod:`compeft.remote_cache`), and atomic
+writes to stores. The bytes are those of the container on disk; the expert still checks every
+payload's CRC-32 before using it. The normative description of URLs, requests, the fallback and
+the cache layout is ``spec/REMOTE.md``.
 
 No torch or numba here: ``compeft inspect URL`` stays light. fsspec's HTTP and S3 file systems need
 ``aiohttp`` and ``s3fs`` (``pip install 'compeft[remote]'``); they are imported only for such URLs.
@@ -14,8 +15,6 @@ No torch or numba here: ``compeft inspect URL`` stays light. fsspec's HTTP and S
 from __future__ import annotations
 
 import errno
-import hashlib
-import json
 import os
 import random
 import re
@@ -23,16 +22,14 @@ import threading
 import time
 import uuid
 import warnings
-import zlib
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
 
 from .errors import CompeftError, RemoteError, TruncatedFileError
 from .format.io import FileReader, atomic_write
 from .progress import byte_bar
+from .remote_cache import FetchStats, PieceCache
 
 PART_SIZE = 4 << 20  # a long range is fetched as parts of at most this many bytes, concurrently
 DEFAULT_WORKERS = 8  # concurrent requests per opened object
@@ -50,7 +47,6 @@ _SINGLE_PUT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss",
 # Fields of fsspec's ``info`` that change whenever an object's bytes change (the cache key).
 _VALIDATORS = ("VersionId", "version_id", "generation", "ETag", "etag", "md5Hash", "LastModified",
                "Last-Modified", "last_modified", "mtime", "updated", "created")
-_PIECE = re.compile(r"^(\d+)-(\d+)\.([0-9a-f]{8})$")
 
 T = TypeVar("T")
 
@@ -82,7 +78,8 @@ def resolve(url: str, storage_options: Mapping[str, Any] | None = None) -> tuple
         raise RemoteError(f"cannot resolve the URL or its storage options ({exc})", redact(url)) from None
 
 
-def _local_path(fs: Any, path: str) -> str | None:
+def local_path(fs: Any, path: str) -> str | None:
+    """The local path of ``path`` when ``fs`` is the local file system, else None."""
     from fsspec.implementations.local import LocalFileSystem
 
     return path if isinstance(fs, LocalFileSystem) else None
@@ -101,7 +98,7 @@ def open_reader(target: str | os.PathLike[str], storage_options: Mapping[str, An
         return FileReader(target)
     url = str(target)
     fs, path = resolve(url, storage_options)
-    local = _local_path(fs, path)
+    local = local_path(fs, path)
     if local is not None:
         return FileReader(local)
     return RemoteReader(fs, path, redact(url), cache=cache, progress=progress, workers=workers, retries=retries,
@@ -117,7 +114,7 @@ def object_identity(info: Mapping[str, Any]) -> str | None:
     return ";".join([*found, f"size={info.get('size')}"])
 
 
-def _cause(exc: BaseException) -> BaseException:
+def root_cause(exc: BaseException) -> BaseException:
     """What really failed: fsspec's HTTP ``info`` turns every failure (a 503, a refused connection)
     into FileNotFoundError; the HTTP status or connection error under it is what counts."""
     cause = exc.__cause__
@@ -130,7 +127,7 @@ def _cause(exc: BaseException) -> BaseException:
 
 def is_transient(exc: BaseException) -> bool:
     """Whether another try may succeed: connection trouble, timeouts, throttling, 5xx answers."""
-    exc = _cause(exc)
+    exc = root_cause(exc)
     if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
         return False
     status = getattr(exc, "status", None)
@@ -175,7 +172,7 @@ def attempt(call: Callable[[], T], what: str, name: str, retries: int = DEFAULT_
 
 def failure(exc: BaseException, what: str, name: str, attempts: int) -> CompeftError:
     """The compeft error for a store's exception: missing, denied, out of range, or what it said."""
-    cause = _cause(exc)
+    cause = root_cause(exc)
     if isinstance(cause, FileNotFoundError) or getattr(cause, "status", None) == 404:
         return RemoteError("no such object", name)
     exc = cause
@@ -187,76 +184,6 @@ def failure(exc: BaseException, what: str, name: str, attempts: int) -> CompeftE
     tries = f" after {attempts} attempts" if attempts > 1 else ""
     detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return RemoteError(f"{what} failed{tries}: {type(exc).__name__}{': ' + detail if detail else ''}", name)
-
-
-@dataclass
-class FetchStats:
-    """What an opened object cost: requests to the store and body bytes received, retries, and
-    bytes taken from the persistent cache instead."""
-
-    requests: int = 0
-    bytes_fetched: int = 0
-    retries: int = 0
-    cache_bytes: int = 0
-
-    def __post_init__(self) -> None:
-        self._lock = threading.Lock()
-
-    def add(self, **counts: int) -> None:
-        """Add to the counters (fetches run on several threads)."""
-        with self._lock:
-            for key, value in counts.items():
-                setattr(self, key, getattr(self, key) + value)
-
-
-class PieceCache:
-    """The persistent cache of one version of one object: each fetched range is a file
-    ``<start>-<end>.<crc32 hex>`` in a directory named by SHA-256 of the URL and the object's
-    identity, written to a temporary name and renamed (other processes never see a partial piece;
-    two writing the same piece write the same bytes). A piece whose CRC-32 does not match is removed
-    and fetched again."""
-
-    def __init__(self, root: str | os.PathLike[str], url: str, identity: str) -> None:
-        key = hashlib.sha256(f"{url}\n{identity}".encode()).hexdigest()
-        self.directory = Path(root).expanduser() / "compeft-v1" / key[:2] / key
-        try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            note = self.directory / "object.json"
-            if not note.exists():  # for people and cleanup scripts; readers never need it
-                atomic_write(note, [json.dumps({"url": url, "identity": identity}, indent=1).encode()])
-        except OSError as exc:
-            raise RemoteError(f"cannot use the cache directory {root}: {exc.strerror or exc}", url) from None
-
-    def pieces(self) -> list[tuple[int, int, Path]]:
-        """(start, end, file) of every complete piece, by start."""
-        out = []
-        try:
-            names = os.listdir(self.directory)
-        except OSError:
-            return []
-        for name in names:
-            match = _PIECE.match(name)
-            if match:
-                out.append((int(match[1]), int(match[2]), self.directory / name))
-        return sorted(out)
-
-    def load(self, start: int, end: int, path: Path) -> bytes | None:
-        """The piece's bytes, or None when it is gone (another process cleaned up) or corrupt."""
-        try:
-            data = path.read_bytes()
-        except OSError:
-            return None
-        if len(data) != end - start or f"{zlib.crc32(data):08x}" != path.name.rsplit(".", 1)[1]:
-            try:
-                path.unlink()
-            except OSError:
-                pass
-            return None
-        return data
-
-    def store(self, start: int, data: bytes) -> None:
-        name = f"{start}-{start + len(data)}.{zlib.crc32(data):08x}"
-        atomic_write(self.directory / name, [data])
 
 
 def _cover(start: int, end: int, intervals: Iterable[tuple[int, int, T]]) -> list[tuple[int, int, T | None]]:
@@ -487,7 +414,7 @@ def write(url: str, chunks: Iterable[bytes | memoryview], storage_options: Mappi
         atomic_write(url, chunks)
         return
     fs, path = resolve(url, storage_options)
-    local = _local_path(fs, path)
+    local = local_path(fs, path)
     if local is not None:
         atomic_write(local, chunks)
         return

@@ -350,7 +350,7 @@ def library(adapter: Path, root: Path) -> Path:
     for k, name in enumerate(("code", "chat")):
         train_lora(sources / name, seed=10 + k, steps=2)
     out = root / "lib"
-    proc = cli("library", "build", f"{sources}/*/", "--out", out, "--workers", "1")
+    proc = cli("library", "build", f"{sources}/*/", "-o", out, "--workers", "1")
     assert "built 3" in proc.stdout, proc.stdout
     return out
 

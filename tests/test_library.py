@@ -1,4 +1,4 @@
-"""Expert libraries (compeft/library.py, spec/LIBRARY.md): builds on a real Dask cluster of worker
+"""Expert libraries (compeft/library/, spec/LIBRARY.md): builds on a real Dask cluster of worker
 processes, the catalog, resuming, bad inputs, a worker killed mid-job, S3 and HTTP."""
 
 from __future__ import annotations

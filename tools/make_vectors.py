@@ -616,10 +616,12 @@ INVALID_CATALOGS: tuple[InvalidCatalog, ...] = (
 def build_library_vectors(directory: Path) -> list[tuple[InvalidCatalog, str]]:
     """library/: the experts, their expected tensors, the catalog, and invalid catalogs."""
     from compeft import library
+    from compeft.library.build import encoding_settings
+    from compeft.library.worker import catalog_entry, compress_source
 
     out = directory / "library"
     (out / "invalid").mkdir(parents=True, exist_ok=True)
-    settings = library._settings(**LIBRARY_SETTINGS)
+    settings = encoding_settings(**LIBRARY_SETTINGS)
     entries = {}
     for name, exprs in LIBRARY_EXPERTS.items():
         inputs = {n: _evaluate(e) for n, e in exprs.items()}
@@ -628,12 +630,12 @@ def build_library_vectors(directory: Path) -> list[tuple[InvalidCatalog, str]]:
             (Path(tmp) / "adapter_config.json").write_text(json.dumps(LIBRARY_CONFIG))
             record = {"name": name, "origin": f"s3://example-raw/adapters/{name}",
                       "source_id": hashlib.sha256(st_save(inputs)).hexdigest(), "settings": settings}
-            data = library._compress(tmp, None, settings, record).to_bytes()
+            data = compress_source(tmp, None, settings, record).to_bytes()
         (out / f"{name}.cpeft").write_bytes(data)
         expert = compeft.open(out / f"{name}.cpeft")
         expected = {n: expert.to_dense(n).contiguous() for n in expert.names}
         (out / f"{name}.expected.safetensors").write_bytes(st_save(expected))
-        entries[name] = library.CatalogEntry(**library._entry_for(expert, data, name, record))
+        entries[name] = library.CatalogEntry(**catalog_entry(expert, data, name, record))
     text = library.catalog_bytes(entries)
     (out / "catalog.json").write_bytes(text)
     done = []
