@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 from .version import __version__
 
-__all__ = ["compress", "open", "apply", "decompress", "merge", "tune_alpha", "build_library", "open_library",
-           "CompressedExpert", "CompeftError", "__version__"]
+__all__ = ["compress", "open", "apply", "decompress", "merge", "tune_alpha", "export_lora", "build_library",
+           "open_library", "CompressedExpert", "CompeftError", "__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .applying import apply
@@ -21,13 +21,14 @@ if TYPE_CHECKING:  # pragma: no cover
     from .expert import CompressedExpert, open
     from .export import decompress
     from .library import build_library, open_library
+    from .lora import export_lora
     from .merging import merge
     from .tuning import tune_alpha
 
 
 # where each public name lives (loaded on first use)
 _HOMES = {"compress": ".encode", "open": ".expert", "apply": ".applying", "decompress": ".export",
-          "tune_alpha": ".tuning", "merge": ".merging", "build_library": ".library", "open_library": ".library",
+          "tune_alpha": ".tuning", "export_lora": ".lora", "merge": ".merging", "build_library": ".library", "open_library": ".library",
           "CompressedExpert": ".expert", "CompeftError": ".errors"}
 
 
