@@ -68,6 +68,15 @@ def check_arguments(density: float, alpha: float | str, scope: str, chunk_size: 
         raise InvalidArgumentError(f"chunk_size must be an integer in [1, {MAX_CHUNK_SIZE}], got {chunk_size!r}")
 
 
+def is_text(value: str) -> bool:
+    """Whether ``value`` can be written as UTF-8 (a lone surrogate cannot)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def flat_f32(t: SourceTensor) -> np.ndarray:
     """A source tensor's residual as flat float32 (what selection and coding read)."""
     tensor = t.load().detach()
@@ -179,8 +188,12 @@ def encode_source(src: Source, *, density: float, scope: str, keep_dense: Sequen
     if isinstance(keep_dense, str):
         keep_dense = (keep_dense,)
     user = dict(metadata or {})
-    if not all(isinstance(k, str) and isinstance(v, str) for k, v in user.items()):
-        raise InvalidArgumentError("metadata must map strings to strings")
+    if not all(isinstance(k, str) and isinstance(v, str) and is_text(k) and is_text(v) for k, v in user.items()):
+        raise InvalidArgumentError("metadata must map strings to strings (valid Unicode: no lone surrogates)")
+    for t in src.tensors:
+        if not is_text(t.name):
+            raise SourceError(f"tensor name {t.name!r} is not valid Unicode text (a lone surrogate): the header "
+                              "could not hold it")
     compressed = [t for t in src.tensors
                   if t.floating and not (auto_dense and t.dense_reason)
                   and not any(fnmatch.fnmatchcase(t.name, p) for p in keep_dense)]

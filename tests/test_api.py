@@ -517,3 +517,12 @@ def test_expert_doctests_pass():
 def test_api_doctests_pass(module):
     import importlib
     assert run_doctests(importlib.import_module(f"compeft.{module}")).failed == 0
+
+
+def test_names_and_metadata_that_utf8_cannot_hold_are_refused_before_writing():
+    from compeft.errors import InvalidArgumentError, SourceError
+
+    with pytest.raises(SourceError, match="lone surrogate"):
+        compeft.compress({"a\ud800": torch.randn(4)})
+    with pytest.raises(InvalidArgumentError, match="lone surrogates"):
+        compeft.compress({"a": torch.randn(4)}, metadata={"k": "\udfff"})

@@ -95,6 +95,14 @@ def test_future_header_format_version(mutate):
     expect(UnsupportedVersionError, mutate(edit))
 
 
+@pytest.mark.parametrize("value", [1.0, True, "1", None])
+def test_header_format_version_that_is_not_an_integer(mutate, value):
+    def edit(c):
+        c.doc["format_version"] = value
+    err = expect(HeaderError, mutate(edit))
+    assert type(err) is HeaderError and "must be an integer" in str(err)
+
+
 @pytest.mark.parametrize("field,value", [("flags", 0x0002), ("flags", 0x8000), ("reserved", 1)])
 def test_unknown_flags(mutate, container, field, value):
     expect(UnsupportedVersionError, mutate(lambda c: container.build(c.doc, c.data, **{field: value})))
@@ -230,6 +238,7 @@ def test_unsorted_names(mutate):
         t[0]["name"], t[2]["name"] = t[2]["name"], t[0]["name"]  # "c", "b", "a" with offsets in file order
     err = expect(HeaderError, mutate(edit))
     assert "sorted" in str(err)
+    assert type(err) is HeaderError  # a header rule (FORMAT.md 12, L1), not a LayoutError
 
 
 @pytest.mark.parametrize("name", ["", None, 7, "x" * 1025])
@@ -248,6 +257,7 @@ def test_bad_names(mutate, name):
     ("a", "scale", 0.1), ("a", "shape", [-200]), ("a", "shape", [200.0]), ("a", "shape", "200"),
     ("a", "shape", [1] * 17), ("a", "shape", [2**40, 2**40]), ("a", "shape", [True, 200]), ("a", "dtype", "F8"), ("a", "dtype", "I32"), ("a", "role", "value"),
     ("a", "role", "weight"), ("b", "init", "0"), ("b", "init", True),
+    ("a", "scale", -0.0), ("a", "shape", [0, 2**48, 2**48]), ("a", "encoding", 7), ("a", "encoding", None),
 ])
 def test_bad_fields(mutate, tensor, field, value):
     def edit(c):
@@ -256,7 +266,8 @@ def test_bad_fields(mutate, tensor, field, value):
     assert repr(tensor) in str(err) or "#" in str(err)
 
 
-@pytest.mark.parametrize("field", ["offset", "length", "crc32", "nnz", "golomb_m", "scale", "unary_bits"])
+@pytest.mark.parametrize("field", ["offset", "length", "crc32", "nnz", "golomb_m", "scale", "unary_bits", "init",
+                                   "high_bits", "chunk_size", "dtype", "shape", "role"])
 def test_missing_fields(mutate, field):
     def edit(c):
         del c.entry("a")[field]
@@ -272,7 +283,8 @@ def test_metadata_density_outside_range(mutate, density):
 
 
 @pytest.mark.parametrize("key,value", [("scope", "layer"), ("source", "lora"), ("user", {"k": 1}),
-                                       ("user", ["x"]), ("adapter_config", "r=4")])
+                                       ("user", ["x"]), ("adapter_config", "r=4"), ("scope", None),
+                                       ("source", None), ("density", None), ("created_by", None)])
 def test_bad_metadata(mutate, key, value):
     def edit(c):
         c.doc["metadata"][key] = value

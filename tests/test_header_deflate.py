@@ -88,6 +88,39 @@ def test_plain_json_with_the_deflate_flag_is_rejected(deflated):
         compeft.open(path)
 
 
+def test_the_deflated_vector_is_deflated_and_decodes():
+    """spec/vectors/deflated_header.cpeft (FORMAT.md 3): flag 0x0001, a zlib stream then zero bytes,
+    the CRC over the stored bytes; it decodes to its expected tensors."""
+    from pathlib import Path
+    from safetensors.torch import load_file
+    vectors = Path(__file__).resolve().parent.parent / "spec" / "vectors"
+    blob = (vectors / "deflated_header.cpeft").read_bytes()
+    pre = surgery.preamble(blob)
+    region = blob[PREAMBLE_SIZE:pre.data_start]
+    assert pre.flags == FLAG_DEFLATE and zlib.crc32(region) == pre.header_crc
+    inflater = zlib.decompressobj()
+    text = inflater.decompress(region)
+    assert inflater.eof and not inflater.unused_data.strip(b"\0") and len(text) > DEFLATE_ABOVE
+    expert = compeft.open(vectors / "deflated_header.cpeft")
+    expert.verify()
+    expected = load_file(str(vectors / "deflated_header.expected.safetensors"))
+    assert all(torch.equal(expert.to_dense(n), expected[n]) for n in expected)
+
+
+@pytest.mark.parametrize("old,new,fragment", [
+    (b'"nnz":', b'"nnz":0,"nnz":', "duplicate key"),
+    (b'"user":{}', b'"user":{},"deep":' + b"[" * 63 + b"]" * 63, "deeper than 64"),
+    (b'"user":{}', b'"user":{},"n":1' + b"0" * 400, "overflows a double"),
+    (b'"user":{}', b'"user":{},"s":"\\udc00"', "lone surrogate"),
+])
+def test_json_rules_hold_inside_a_deflated_header(deflated, old, new, fragment):
+    blob, text, tmp = deflated
+    path = write(tmp, rebuild(blob, zlib.compress(text.replace(old, new, 1), 9), FLAG_DEFLATE))
+    with pytest.raises(HeaderError, match=fragment) as info:
+        compeft.open(path)
+    assert type(info.value) is HeaderError
+
+
 def test_unknown_flag_is_unsupported(deflated):
     blob, text, tmp = deflated
     path = write(tmp, rebuild(blob, zlib.compress(text, 9), FLAG_DEFLATE | 0x0002))

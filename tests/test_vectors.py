@@ -64,6 +64,25 @@ INVALID_EXPECTED = {
     "scale_beyond_float32.cpeft": ("HeaderError", "must be a finite, non-negative float32 value"),
     "chunk_offset_outside_stream.cpeft": ("CorruptPayloadError", "lies outside the tensor or its stream"),
     "gap_past_end.cpeft": ("CorruptPayloadError", "chunk 8 is corrupt: a decoded position lies outside"),
+    # issue 19 (FORMAT.md 12)
+    "short_not_magic.cpeft": ("NotACompeftFileError", "wrong magic"),
+    "short_magic_prefix.cpeft": ("TruncatedFileError", "shorter than the 32-byte preamble"),
+    "reserved_set.cpeft": ("UnsupportedVersionError", "reserved preamble field"),
+    "header_misaligned.cpeft": ("LayoutError", "does not align the data section"),
+    "file_length_short.cpeft": ("LayoutError", "shorter than preamble + header"),
+    "deflate_corrupt.cpeft": ("HeaderError", "deflated header is corrupt"),
+    "json_too_deep.cpeft": ("HeaderError", "nesting deeper than 64 levels"),
+    "integer_overflow.cpeft": ("HeaderError", '(after "sigma") overflows a double'),
+    "name_lone_surrogate.cpeft": ("HeaderError", "lone surrogate"),
+    "format_version_float.cpeft": ("HeaderError", "format_version must be an integer, got 1.0"),
+    "created_by_null.cpeft": ("HeaderError", "metadata created_by must be a string, got None"),
+    "encoding_unknown.cpeft": ("UnsupportedVersionError", "unknown encoding 'ternary-zstd'"),
+    "missing_init.cpeft": ("HeaderError", "lacks the key init"),
+    "shape_zero_huge.cpeft": ("HeaderError", "the product of the non-zero dimensions"),
+    "scale_negative_zero.cpeft": ("HeaderError", "scale -0.0 must be"),
+    "names_unsorted.cpeft": ("HeaderError", "must be unique and sorted"),
+    "bool_byte_2.cpeft": ("CorruptPayloadError", "BOOL element 1 is the byte 0x02"),
+    "chunk_word_high_bit.cpeft": ("CorruptPayloadError", "lies outside the tensor or its stream"),
 }
 INVALID_ROWS = mv.parse_invalid_readme((INVALID / "README.md").read_text(encoding="utf-8"))
 
@@ -215,6 +234,7 @@ def test_invalid_table_matches_readme_and_files():
         assert row["exception"] == INVALID_EXPECTED[row["file"]][0], row["file"]
         assert row["stage"] in ("open", "verify")
         assert hasattr(errors, row["exception"])
+        assert row["rule"] and row["rule"][0] in "PHJDELVX"
         assert (VECTORS / row["source"]).is_file()
         assert row["edit"]
 
@@ -252,8 +272,8 @@ def test_invalid_vector_is_the_documented_edit_of_its_source(spec):
     assert edited == (INVALID / f"{spec.name}.cpeft").read_bytes()
     row = next(r for r in INVALID_ROWS if r["file"] == f"{spec.name}.cpeft")
     assert row["edit"] == description.replace("|", "\\|")
-    assert (row["source"], row["stage"], row["exception"], row["tensor"]) == (
-        f"{spec.source}.cpeft", spec.stage, spec.error, spec.tensor)
+    assert (row["source"], row["stage"], row["exception"], row["tensor"], row["rule"]) == (
+        f"{spec.source}.cpeft", spec.stage, spec.error, spec.tensor, spec.rule)
 
 
 # ---------------------------------------------------------------------------------------------

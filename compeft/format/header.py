@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import struct
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 from ..errors import HeaderError, LayoutError, NotACompeftFileError, TruncatedFileError, UnsupportedVersionError
+from .json_limits import JsonLimits, JsonRuleError, loads
 
 MAGIC = b"\x89CPEFT\r\n"
 FORMAT_VERSION = 1
@@ -26,7 +26,7 @@ FLAG_DEFLATE = 0x0001  # the header is a zlib stream (RFC 1950) of the JSON text
 KNOWN_FLAGS = FLAG_DEFLATE
 DEFLATE_ABOVE = 16 * 1024  # the reference writer deflates JSON texts longer than this
 
-# Limits (spec/FORMAT.md section 6). Readers reject files beyond them before allocating anything.
+# Limits (spec/FORMAT.md section 8). Readers reject files beyond them before allocating anything.
 MAX_HEADER_BYTES = 64 * 1024 * 1024
 MAX_TENSORS = 1 << 20
 MAX_NAME_BYTES = 1024
@@ -39,6 +39,8 @@ MAX_JSON_DEPTH = 64
 # two (its entry and its shape), metadata a few. Parsing costs ~60 bytes of memory per container
 # (so a 64 MiB header of "{}," would need ~1.5 GB); this bound keeps that below ~150 MB.
 MAX_JSON_CONTAINERS = 2 * MAX_TENSORS + 65536
+HEADER_JSON = JsonLimits(max_bytes=MAX_HEADER_BYTES, max_containers=MAX_JSON_CONTAINERS, max_depth=MAX_JSON_DEPTH)
+MAX_INTEGER = 1 << 62  # integer fields without a limit of their own (offset, length, nnz, stream bits)
 
 ENCODING_DENSE = "dense"
 ENCODING_GOLOMB = "ternary-golomb"
@@ -62,9 +64,35 @@ def golomb_width(m: int) -> int:
     return (m - 1).bit_length()
 
 
+class GolombFields(NamedTuple):
+    """The derived fields of a Golomb parameter m (spec/FORMAT.md 5.2), see :func:`golomb_fields`."""
+
+    b: int  # ceil(log2 m): bits of the longest remainder
+    w: int  # max(b - 1, 0): bits of each entry's low field
+    cut: int  # low fields x >= cut are long-form (take a high bit): 2**b - m
+    half: int  # a high bit of 1 adds this to x: 2**(b - 1) - cut
+
+
+def golomb_fields(m: int) -> GolombFields:
+    """(b, w, cut, half) of Golomb parameter m >= 1: the one Python definition, shared by the
+    header checks, the codec and the GPU launcher (``compeft.codec.kernels.golomb_fields`` is its
+    Numba twin, for use inside kernels).
+
+    m = 1 (b = 0) has no remainder; there ``cut`` is 1 and ``half`` 0, so the decoding rule
+    "x >= cut is long-form" never fires (x is always 0) and no kernel needs a special case.
+    """
+    if m < 1:
+        raise ValueError(f"Golomb parameter must be at least 1, not {m}")
+    b = golomb_width(m)
+    if b == 0:
+        return GolombFields(0, 0, 1, 0)
+    cut = (1 << b) - m
+    return GolombFields(b, b - 1, cut, (1 << (b - 1)) - cut)
+
+
 def golomb_payload_length(nnz: int, chunk_size: int, golomb_m: int, unary_bits: int, high_bits: int) -> int:
     """Bytes of a ternary-golomb payload: chunk table, unary, low, high and sign streams (spec 5.1)."""
-    width = max(golomb_width(golomb_m) - 1, 0)
+    width = golomb_fields(golomb_m).w
     words = (3 * -(-nnz // chunk_size) + -(-unary_bits // 64) + -(-(nnz * width) // 64) + -(-high_bits // 64)
              + -(-nnz // 64))
     return 8 * words
@@ -166,8 +194,10 @@ def parse_preamble(raw: bytes, path: object, actual_size: int | None) -> tuple[i
     if version != FORMAT_VERSION:
         raise UnsupportedVersionError(
             f"format version {version} is not supported (this compeft reads version {FORMAT_VERSION})", path)
-    if flags & ~KNOWN_FLAGS or reserved != 0:
-        raise UnsupportedVersionError(f"unknown flags {flags:#x} / reserved field {reserved:#x} in the preamble", path)
+    if flags & ~KNOWN_FLAGS:
+        raise UnsupportedVersionError(f"unknown flags {flags:#x} in the preamble", path)
+    if reserved != 0:  # (a later version may use it: "unsupported", like an unknown flag)
+        raise UnsupportedVersionError(f"reserved preamble field is {reserved:#x}, not 0", path)
     if header_length > MAX_HEADER_BYTES:
         raise HeaderError(f"header of {header_length} bytes exceeds the limit of {MAX_HEADER_BYTES}", path)
     if (PREAMBLE_SIZE + header_length) % DATA_ALIGNMENT:
@@ -194,81 +224,29 @@ def _inflate(region: bytes, path: object) -> bytes:
     return text
 
 
-def _json_depth(value: Any, depth: int = 0) -> int:
-    """Nesting depth of ``value``; raises ValueError on a number that overflowed to infinity."""
-    if depth > MAX_JSON_DEPTH:
-        return depth
-    if isinstance(value, float) and not math.isfinite(value):  # 1e999 parses to inf, i.e. Infinity
-        raise ValueError(f"number {value} overflows a double")
-    if isinstance(value, dict):
-        return max((_json_depth(v, depth + 1) for v in value.values()), default=depth + 1)
-    if isinstance(value, list):
-        return max((_json_depth(v, depth + 1) for v in value), default=depth + 1)
-    return depth
-
-
-def _reject_constant(token: str) -> None:
-    raise ValueError(f"{token} is not allowed in a compeft header")
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    # Two readers of one file must not see different values: JSON parsers disagree on which of two
-    # equal keys wins, so a header with both is rejected instead of guessed.
-    doc = dict(pairs)
-    if len(doc) != len(pairs):
-        seen: set[str] = set()
-        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
-        raise ValueError(f"duplicate key {twice[:80]!r}")
-    return doc
-
-
-def strict_json(text: bytes) -> Any:
-    """Parse UTF-8 JSON, refusing duplicate keys and NaN/Infinity (``ValueError``, ``UnicodeDecodeError``
-    or ``RecursionError``): the rules every JSON document compeft reads follows (spec/FORMAT.md 3)."""
-    return json.loads(text.decode("utf-8"), parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
-
-
-# A JSON string; the closing quote is optional so that the pattern never fails once it starts: a
-# failing match would be retried at the next quote, which is quadratic on '"\"\"\"…' (a hang).
-_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"?', re.DOTALL)
-
-
-def _count_containers(text: bytes) -> int:
-    """JSON objects and arrays in ``text``, not counting brackets inside strings."""
-    if text.count(b"{") + text.count(b"[") <= MAX_JSON_CONTAINERS:
-        return 0  # the cheap upper bound already fits: no need to strip the strings
-    bare = _JSON_STRING.sub(b"", text)
-    return bare.count(b"{") + bare.count(b"[")
-
-
 def parse_header(text: bytes, header_crc: int, data_start: int, file_length: int, path: object,
                  flags: int = 0) -> Header:
-    """Verify the header's CRC, parse its JSON and validate every field and the layout."""
+    """Verify the header's CRC, parse its JSON and validate every field and the layout, in the order
+    of spec/FORMAT.md 12 (the error class of a file breaking several rules is that of the first)."""
     if zlib.crc32(text) != header_crc:
         raise HeaderError("header checksum mismatch (the header bytes are corrupt)", path)
     if flags & FLAG_DEFLATE:
         text = _inflate(text, path)
-    if _count_containers(text) > MAX_JSON_CONTAINERS:
-        raise HeaderError(f"header holds more than {MAX_JSON_CONTAINERS} JSON objects and arrays", path)
     try:
-        doc = strict_json(text)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise HeaderError(f"header is not valid UTF-8 JSON ({exc})", path) from None
+        doc = loads(text, HEADER_JSON)
+    except JsonRuleError as exc:
+        raise HeaderError(f"header JSON: {exc}", path) from None
     if not isinstance(doc, dict) or doc.get("format") != "compeft":
         raise HeaderError('header is not a JSON object with "format": "compeft"', path)
-    if doc.get("format_version") != FORMAT_VERSION:
-        raise UnsupportedVersionError(f"header format_version {doc.get('format_version')!r} is not {FORMAT_VERSION}", path)
+    version = doc.get("format_version")
+    if type(version) is not int:  # 1.0 and true are not integers; a missing version is not "unsupported"
+        raise HeaderError(f"header format_version must be an integer, got {version!r:.40}", path)
+    if version != FORMAT_VERSION:
+        raise UnsupportedVersionError(f"header format_version {version} is not {FORMAT_VERSION}", path)
     metadata = doc.get("metadata")
     raw_tensors = doc.get("tensors")
     if not isinstance(metadata, dict) or not isinstance(raw_tensors, list):
         raise HeaderError('header needs a "metadata" object and a "tensors" array', path)
-    # Tensor entries have a fixed shape (checked field by field); free-form JSON lives in metadata.
-    try:
-        too_deep = _json_depth(metadata) > MAX_JSON_DEPTH
-    except ValueError as exc:
-        raise HeaderError(f"metadata: {exc}", path) from None
-    if too_deep:
-        raise HeaderError(f"header JSON nests deeper than {MAX_JSON_DEPTH} levels", path)
     _check_metadata(metadata, path)
     if len(raw_tensors) > MAX_TENSORS:
         raise HeaderError(f"{len(raw_tensors)} tensors exceed the limit of {MAX_TENSORS}", path)
@@ -277,38 +255,33 @@ def parse_header(text: bytes, header_crc: int, data_start: int, file_length: int
     return Header(metadata=metadata, tensors=tensors, data_start=data_start, file_length=file_length)
 
 
+def _number(value: Any) -> bool:
+    """A JSON number (finite: the JSON rules refuse the rest), not ``true``/``false``."""
+    return type(value) in (int, float)
+
+
+# The metadata keys readers use, each optional but typed when present (spec/FORMAT.md 3.1); null
+# only where the spec says "or null". The informative keys (alpha_rule, tuning, model_files,
+# fidelity, build) and unknown keys are never checked: a file is not invalid because of them.
+_METADATA_RULES: tuple[tuple[str, Any, str], ...] = (
+    ("density", lambda v: _number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    ("scope", lambda v: isinstance(v, str) and v in SCOPES, f"one of {SCOPES}"),
+    ("source", lambda v: isinstance(v, str) and v in SOURCES, f"one of {SOURCES}"),
+    ("user", lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values()),
+     "an object mapping strings to strings"),
+    ("adapter_config", lambda v: v is None or isinstance(v, dict), "a JSON object or null"),
+    ("created_by", lambda v: isinstance(v, str), "a string"),
+    ("base_fingerprint", lambda v: v is None or isinstance(v, str), "a string or null"),
+    ("alpha", lambda v: v is None or _number(v), "a finite number or null"),
+    ("sigma", _number, "a finite number"),
+    ("threshold", _number, "a finite number"),
+)
+
+
 def _check_metadata(meta: Mapping[str, Any], path: object) -> None:
-    density = meta.get("density")
-    if density is not None:
-        if not isinstance(density, (int, float)) or isinstance(density, bool) or not 0 < density <= 1:
-            raise HeaderError(f"metadata density {density!r} is outside (0, 1]", path)
-    if meta.get("scope") not in (None, *SCOPES):
-        raise HeaderError(f"metadata scope {meta.get('scope')!r} is not one of {SCOPES}", path)
-    if meta.get("source") not in (None, *SOURCES):
-        raise HeaderError(f"metadata source {meta.get('source')!r} is not one of {SOURCES}", path)
-    user = meta.get("user", {})
-    if not isinstance(user, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in user.items()):
-        raise HeaderError("metadata user must map strings to strings", path)
-    config = meta.get("adapter_config")
-    if config is not None and not isinstance(config, dict):
-        raise HeaderError("metadata adapter_config must be a JSON object or null", path)
-    for key in ("created_by", "base_fingerprint"):  # compared and printed by readers: strings only
-        if not isinstance(meta.get(key, ""), (str, type(None))):
-            raise HeaderError(f"metadata {key} must be a string or null", path)
-    for key in ("alpha", "sigma", "threshold"):
-        value = meta.get(key, 0.0)
-        if value is None and key == "alpha":  # tensor scope with the closed-form α: one α per tensor
-            continue
-        if type(value) not in (int, float):
-            raise HeaderError(f"metadata {key} must be a finite number, got {value!r}", path)
-
-
-def _finite(value: Any) -> bool:
-    """A JSON number that is a finite double (an integer of 400 digits is not: float() overflows)."""
-    try:
-        return type(value) in (int, float) and math.isfinite(float(value))
-    except OverflowError:
-        return False
+    for key, valid, what in _METADATA_RULES:
+        if key in meta and not valid(meta[key]):
+            raise HeaderError(f"metadata {key} must be {what}, got {meta[key]!r:.80}", path)
 
 
 def _is_float32(value: float) -> bool:
@@ -322,39 +295,53 @@ def _is_int(value: Any, limit: int) -> bool:
     return type(value) is int and 0 <= value <= limit
 
 
+# Keys every entry must hold, and those a ternary-golomb entry holds besides (spec/FORMAT.md 3.2).
+ENTRY_KEYS = ("name", "dtype", "shape", "encoding", "role", "init", "offset", "length", "crc32")
+GOLOMB_KEYS = ("nnz", "scale", "golomb_m", "chunk_size", "unary_bits", "high_bits")
+
+
 def _parse_entry(raw: Any, index: int, path: object) -> TensorEntry:
     if not isinstance(raw, dict):
         raise HeaderError(f"tensor #{index} is not a JSON object", path)
     name = raw.get("name")
+    # (a lone surrogate, which UTF-8 cannot encode, was refused with the JSON)
     if not isinstance(name, str) or not name or len(name.encode("utf-8")) > MAX_NAME_BYTES:
         raise HeaderError(f"tensor #{index}: name must be a non-empty string of at most {MAX_NAME_BYTES} bytes", path)
 
     def bad(message: str, kind: type[HeaderError] | type[UnsupportedVersionError] = HeaderError) -> Exception:
         return kind(f"tensor {name!r}: {message}", path)
 
-    def integer(key: str, limit: int = 1 << 62) -> int:
-        value = raw.get(key)
+    def integer(key: str, limit: int = MAX_INTEGER) -> int:
+        value = raw[key]
         if not _is_int(value, limit):
-            raise bad(f"field {key!r} must be an integer in [0, {limit}], got {value!r}")
+            raise bad(f"field {key!r} must be an integer in [0, {limit}], got {value!r:.40}")
         return value
 
-    dtype = raw.get("dtype")
-    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:  # (a list or object is not even hashable)
-        raise bad(f"unknown dtype {dtype!r}")
-    shape = raw.get("shape")
-    if type(shape) is not list or len(shape) > MAX_NDIM or not all(_is_int(d, MAX_NUMEL) for d in shape):
-        raise bad(f"shape must be a list of at most {MAX_NDIM} non-negative integers")
-    numel = math.prod(shape)
-    if numel > MAX_NUMEL:
-        raise bad(f"{numel} elements exceed the limit of {MAX_NUMEL}")
-    encoding = raw.get("encoding")
+    encoding = raw.get("encoding")  # first: an entry of a later encoding may hold other fields
+    if not isinstance(encoding, str):
+        raise bad(f"encoding must be a string, got {encoding!r:.40}")
     if encoding not in ENCODINGS:
-        raise bad(f"unknown encoding {encoding!r}", UnsupportedVersionError)
-    role = raw.get("role")
-    if role not in ROLES:
-        raise bad(f"role {role!r} is not one of {ROLES}")
-    init = raw.get("init")
-    if init is not None and not _finite(init):
+        raise bad(f"unknown encoding {encoding!r:.80}", UnsupportedVersionError)
+    missing = [k for k in ENTRY_KEYS + (GOLOMB_KEYS if encoding == ENCODING_GOLOMB else ()) if k not in raw]
+    if missing:
+        raise bad(f"lacks the key{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
+    dtype = raw["dtype"]
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:  # (a list or object is not even hashable)
+        raise bad(f"unknown dtype {dtype!r:.40}")
+    shape = raw["shape"]
+    if type(shape) is not list or len(shape) > MAX_NDIM or not all(_is_int(d, MAX_NUMEL) for d in shape):
+        raise bad(f"shape must be a list of at most {MAX_NDIM} integers in [0, {MAX_NUMEL}]")
+    # Every accepted shape must be allocatable (numpy, torch): [0, 2**48, 2**48] holds no element,
+    # but its strides would overflow. So the limit bounds the product of the non-zero dimensions.
+    extent = math.prod(d for d in shape if d)
+    if extent > MAX_NUMEL:
+        raise bad(f"{extent} elements (the product of the non-zero dimensions) exceed the limit of {MAX_NUMEL}")
+    numel = math.prod(shape)
+    role = raw["role"]
+    if not isinstance(role, str) or role not in ROLES:
+        raise bad(f"role {role!r:.40} is not one of {ROLES}")
+    init = raw["init"]
+    if init is not None and not _number(init):
         raise bad("init must be a finite number or null")
     entry = TensorEntry(name=name, dtype=dtype, shape=tuple(shape), encoding=encoding, role=role,
                         init=None if init is None else float(init), offset=integer("offset"),
@@ -373,9 +360,10 @@ def _parse_entry(raw: Any, index: int, path: object) -> TensorEntry:
     chunk_size = entry.chunk_size = integer("chunk_size", MAX_CHUNK_SIZE)
     unary_bits = entry.unary_bits = integer("unary_bits")
     high_bits = entry.high_bits = integer("high_bits")
-    scale = raw.get("scale")
-    if not _finite(scale) or scale < 0 or not _is_float32(scale):
-        raise bad(f"scale {scale!r} must be a finite, non-negative float32 value")
+    scale = raw["scale"]
+    # copysign: -0.0 (and the number -0) would decode every kept entry to -0, whatever its sign bit
+    if not _number(scale) or math.copysign(1.0, scale) < 0 or not _is_float32(scale):
+        raise bad(f"scale {scale!r:.40} must be a finite, non-negative float32 value (-0.0 is negative)")
     entry.scale = float(scale)
     if nnz > numel:
         raise bad(f"nnz {nnz} exceeds the {numel} elements of shape {list(shape)}")
@@ -394,12 +382,13 @@ def _parse_entry(raw: Any, index: int, path: object) -> TensorEntry:
 
 
 def _check_layout(tensors: Sequence[TensorEntry], data_start: int, file_length: int, path: object) -> None:
-    """Names strictly increasing; payloads in name order, each at the next aligned offset."""
+    """Names strictly increasing (a header rule: HeaderError); payloads in name order, each at the
+    next aligned offset, covering the data section exactly (LayoutError)."""
     expected = 0
     previous = None
     for t in tensors:
         if previous is not None and not t.name > previous:
-            raise LayoutError(f"tensor names must be unique and sorted: {t.name!r} follows {previous!r}", path)
+            raise HeaderError(f"tensor names must be unique and sorted: {t.name!r} follows {previous!r}", path)
         previous = t.name
         if t.offset != expected:
             raise LayoutError(f"tensor {t.name!r}: payload at offset {t.offset}, expected {expected} "

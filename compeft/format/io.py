@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import stat
 import tempfile
 import zlib
 from pathlib import Path
 from typing import Iterable, Protocol
 
-from ..errors import ChecksumError, CompeftError, SourceError, TruncatedFileError
-from .header import PREAMBLE_SIZE, Header, parse_header, parse_preamble
+from ..errors import ChecksumError, CompeftError, CorruptPayloadError, SourceError, TruncatedFileError
+from .header import ENCODING_DENSE, PREAMBLE_SIZE, Header, TensorEntry, parse_header, parse_preamble
 
 # One read at open that usually holds the preamble and the whole header.
 FIRST_READ = 64 * 1024
+_NOT_BOOL = re.compile(rb"[^\x00\x01]")
 
 
 class RangeReader(Protocol):
@@ -91,6 +93,20 @@ def read_header(reader: RangeReader) -> Header:
 def check_crc(data: bytes | memoryview, expected: int, what: str, path: object) -> None:
     if zlib.crc32(data) != expected:
         raise ChecksumError(f"{what}: CRC-32 mismatch (the payload is corrupt)", path)
+
+
+def check_payload(entry: TensorEntry, data: bytes | memoryview, path: object) -> None:
+    """Every check of one payload's bytes that needs no decoding (spec/FORMAT.md 6 and 9): its CRC-32
+    (``ChecksumError``), then, for a dense BOOL tensor, that every byte is 0 or 1
+    (``CorruptPayloadError``: any other byte in a bool tensor is undefined behaviour in torch and
+    numpy, and two readers could disagree on what it means). Ternary-golomb payloads are checked
+    further by the codec (chunk tables, then decoding)."""
+    check_crc(data, entry.crc32, f"tensor {entry.name!r}", path)
+    if entry.encoding == ENCODING_DENSE and entry.dtype == "BOOL":
+        stray = _NOT_BOOL.search(data)
+        if stray is not None:
+            raise CorruptPayloadError(f"tensor {entry.name!r}: BOOL element {stray.start()} is the byte "
+                                      f"{stray.group()[0]:#04x}, not 0 or 1", path)
 
 
 def atomic_write(path: str | os.PathLike[str], chunks: Iterable[bytes | memoryview]) -> None:

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..errors import CatalogError, CompeftError, UnsupportedVersionError
-from ..format.header import strict_json
+from ..format.json_limits import JsonLimits, JsonRuleError, loads
 from ..remote import attempt, is_url, redact, resolve, root_cause
 from ..version import __version__
 
@@ -26,6 +26,11 @@ EXPERT_SUFFIX = ".cpeft"
 MAX_CATALOG_BYTES = 256 << 20  # ~250 B per entry: about a million experts
 MAX_EXPERTS = 1 << 20
 MAX_NAME_LENGTH = 200
+# The JSON rules of headers with the catalog's own limits (spec/LIBRARY.md 3.3): one object and 17
+# values per expert (room for 24), and room for unknown keys. Parsing costs ~60 bytes per object or
+# array and 30-70 per scalar: without the counts, 256 MiB of "{}," would need ~7 GB, of '"ab",' ~4 GB.
+CATALOG_JSON = JsonLimits(max_bytes=MAX_CATALOG_BYTES, max_containers=MAX_EXPERTS + 65536, max_depth=64,
+                          max_values=24 * MAX_EXPERTS + 65536)
 # Expert names become file names and object keys on every store and CLI arguments: no separators,
 # no leading dot, nothing a shell or a URL would reinterpret.
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=@-]*")
@@ -107,14 +112,16 @@ def parse_catalog(data: bytes, where: str) -> dict[str, CatalogEntry]:
     if len(data) > MAX_CATALOG_BYTES:
         raise CatalogError(f"catalog is larger than the limit of {MAX_CATALOG_BYTES} bytes", where)
     try:
-        doc = strict_json(data)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise CatalogError(f"catalog is not valid UTF-8 JSON ({exc})", where) from None
+        doc = loads(data, CATALOG_JSON)
+    except JsonRuleError as exc:
+        raise CatalogError(f"catalog JSON: {exc}", where) from None
     if not isinstance(doc, dict) or doc.get("format") != CATALOG_FORMAT:
         raise CatalogError(f'catalog is not a JSON object with "format": "{CATALOG_FORMAT}"', where)
-    if doc.get("format_version") != CATALOG_VERSION:
-        raise UnsupportedVersionError(f"catalog format_version {doc.get('format_version')!r} is not "
-                                      f"{CATALOG_VERSION}", where)
+    version = doc.get("format_version")
+    if type(version) is not int:  # 1.0 and true are not integers; a missing version is not "unsupported"
+        raise CatalogError(f"catalog format_version must be an integer, got {version!r:.40}", where)
+    if version != CATALOG_VERSION:
+        raise UnsupportedVersionError(f"catalog format_version {version} is not {CATALOG_VERSION}", where)
     experts = doc.get("experts")
     if not isinstance(experts, list):
         raise CatalogError('catalog needs an "experts" array', where)
