@@ -10,7 +10,8 @@ import torch
 from .dtypes import added
 from .errors import InvalidArgumentError
 from .expert import CompressedExpert, PathLike, as_expert, check_state
-from .plan import ADD, ADD_MODES, TensorPlan
+from .memory import allocate, check_outputs, output_bytes
+from .plan import ADD, ADD_MODES, DECODE, TensorPlan
 from .progress import progress_bar
 
 
@@ -75,7 +76,12 @@ def on_gpu(w: torch.Tensor) -> bool:
 
 def add_expert(expert: CompressedExpert, state_dict: MutableMapping[str, torch.Tensor], names: Sequence[str],
                scale: float, progress: bool = False, restorable: bool = False) -> Restore | None:
-    """The body of :func:`apply` for tensors ``names`` (the caller has checked the base)."""
+    """The body of :func:`apply` for tensors ``names`` (the caller has checked the base).
+
+    Phase 1 reads every payload once and checks every chunk of those very bytes (the executors hold
+    them); phase 2 writes from the same bytes, so a payload changed on disk in between cannot make
+    a write fail halfway. Should a write fail anyway (memory), a ``restorable`` apply is undone
+    before the error propagates."""
     by_device: dict[torch.device, list[str]] = {}
     for name in names:
         if on_gpu(state_dict[name]):
@@ -84,28 +90,49 @@ def add_expert(expert: CompressedExpert, state_dict: MutableMapping[str, torch.T
     # phase 1: read and verify everything before any write
     executors = [(expert.executor(None, on_host), on_host)]
     executors += [(expert.executor(device, group), group) for device, group in by_device.items()]
+    cpu = executors[0][0]
+    fallback = [n for n in on_host if not _in_place(state_dict[n].detach(), cpu.tensors[n].value is not None)]
+    check_outputs([max(((n, output_bytes(expert.entry(n))) for n in fallback), key=lambda item: item[1],
+                       default=("", 0))], expert.path)  # one decoded tensor at a time below
     undo = Restore(expert, state_dict) if restorable else None
     if undo is not None:
         undo.saved.append((None, {n: state_dict[n].detach().clone() for n in on_host}))
         for executor, group in executors[1:]:
             undo.saved.append((executor, executor.save_entries(state_dict, group)))
-    # phase 2: write
+    try:  # phase 2: write
+        _write(expert, state_dict, executors, fallback, scale, progress)
+    except BaseException:
+        if undo is not None:
+            undo.restore()
+        raise
+    return undo
+
+
+def _in_place(w: torch.Tensor, dense: bool) -> bool:
+    """Whether the CPU kernels (or, for a tensor stored dense, a copy) write into ``w`` directly."""
+    return dense or (w.device.type == "cpu" and w.dtype in ADD_MODES)
+
+
+def _write(expert: CompressedExpert, state_dict: MutableMapping[str, torch.Tensor], executors: list[Any],
+           fallback: list[str], scale: float, progress: bool) -> None:
     for executor, group in executors[1:]:
         executor.run([TensorPlan(n, ADD, state_dict[n], scale) for n in group])
     plans = []
     copies_back = []
-    cpu = executors[0][0]
+    cpu, on_host = executors[0]
     for name in progress_bar(on_host, "applying", progress):
         w, held = state_dict[name].detach(), cpu.tensors[name]
-        if held.value is not None or (w.device.type == "cpu" and w.dtype in ADD_MODES):
+        if name not in fallback:
             work = w if w.is_contiguous() or held.value is not None else w.contiguous()
             if work is not w:
                 copies_back.append((w, work))
             plans.append(TensorPlan(name, ADD, work, scale))
-        else:  # float64, a strided GPU weight or another device: the same rule on the kept positions only
-            dense = expert.to_dense(name).to(w.device)
+        else:  # float64, a strided GPU weight or another device: the same rule on the kept positions only,
+            # decoded from the bytes phase 1 read and checked (never read again)
+            dense = allocate(expert.entry(name), held.shape, held.dtype, expert.path)
+            cpu.run([TensorPlan(name, DECODE, dense)])
+            dense = dense.to(w.device)
             w.copy_(torch.where(dense != 0, added(w, float(scale) * dense.float()), w))
     cpu.run(plans)
     for w, work in copies_back:
         w.copy_(work)
-    return undo

@@ -8,19 +8,16 @@ import sys
 from typing import Any, Sequence
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return str(n)
+def _size(n: object) -> str:
+    from .report import human_size
+    return human_size(n)
 
 
 def _shown(value: object) -> str:
-    """``value`` as text safe for a terminal: a hostile file's names and metadata may hold escape
-    sequences (which could rewrite the screen), so non-printable characters are shown escaped."""
-    text = str(value)
-    return text if text.isprintable() else "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+    """``value`` as text safe for a terminal (:func:`compeft.report.shown`: a hostile file's names,
+    metadata and catalog fields may hold escape sequences that could rewrite the screen)."""
+    from .report import shown
+    return shown(value)
 
 
 def _parse_meta(items: Sequence[str]) -> dict[str, str]:
@@ -190,6 +187,26 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_lora(args: argparse.Namespace) -> int:
+    from .lora import export_lora
+    expert = _open(args, args.file, progress=not args.quiet)
+    targets = None if args.target_modules is None else args.target_modules.split(",")
+    result = export_lora(expert, args.output, rank=args.rank, target_modules=targets, strict=args.strict,
+                         progress=not args.quiet)
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2, sort_keys=True))
+        return 0
+    if result.left_out:
+        print(f"compeft: warning: left out {len(result.left_out)} tensors that cannot be a LoRA (biases, norms, "
+              f"embeddings; {100 * result.left_out_energy:.2f} % of ‖τ̃‖²): --json lists them, --strict refuses",
+              file=sys.stderr)
+    if not args.quiet:
+        worst = min(result.kept, key=result.kept.__getitem__)
+        print(f"wrote {result.path}: {len(result.kept)} modules at rank {result.rank}; ‖ΔW‖² kept: "
+              f"min {100 * result.kept[worst]:.1f} % ({worst})")
+    return 0
+
+
 def cmd_decompress(args: argparse.Namespace) -> int:
     import compeft
     expert = _open(args, args.file, progress=not args.quiet)
@@ -199,33 +216,11 @@ def cmd_decompress(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_weights(text: str | None, count: int) -> list[float] | None:
-    from .errors import InvalidArgumentError
-    if text is None:
-        return None
-    try:
-        weights = [float(w) for w in text.split(",")]
-    except ValueError:
-        raise InvalidArgumentError(f"--weights expects comma-separated numbers, got {text!r}") from None
-    if len(weights) != count:
-        raise InvalidArgumentError(f"--weights has {len(weights)} numbers for {count} experts")
-    return weights
-
-
 def cmd_merge(args: argparse.Namespace) -> int:
-    from .export import merge_to
-    if args.library:
-        import compeft
-        library = compeft.open_library(args.library, storage_options=_storage_options(args), cache=args.cache)
-        experts = library.select(args.experts)
-    else:
-        experts = [_open(args, e, progress=not args.quiet) for e in args.experts]
-    out = merge_to(experts, args.output, method=args.method, weights=_parse_weights(args.weights, len(args.experts)),
-                   scale=args.scale, normalize=not args.no_normalize, drop_rate=args.drop_rate, seed=args.seed,
-                   base=args.base, density=args.density, alpha=args.alpha, check_base=not args.force,
-                   progress=not args.quiet)
-    if not args.quiet:
-        print(f"wrote {out}")
+    from .merge_run import merge_command
+    out = merge_command(args, _storage_options(args))
+    if args.dry_run or not args.quiet:
+        print(out)
     return 0
 
 
@@ -251,19 +246,11 @@ def cmd_library_ls(args: argparse.Namespace) -> int:
     import compeft
     library = compeft.open_library(args.library, storage_options=_storage_options(args), cache=args.cache)
     rows = [library.entries[n] for n in library]
-    if args.json:
+    if args.json:  # (ASCII-escaped JSON: nothing in it reaches the terminal raw)
         print(json.dumps([r.to_json() for r in rows], indent=2))
         return 0
-    width = max([len("name"), *(len(_shown(r.name)) for r in rows)])
-    print(f"{'name':<{width}}  {'source':<6} {'base':<24} {'size':>10} {'params':>13} {'density':>7} {'alpha':>6} scope")
-    for r in rows:
-        base = _shown(r.base_model or r.base_fingerprint or "-")
-        base = base if len(base) <= 24 else base[:23] + "…"
-        alpha = r.alpha_rule if r.alpha is None else f"{r.alpha:g}"
-        print(f"{_shown(r.name):<{width}}  {r.source:<6} {base:<24} {_size(r.size):>10} {r.parameters:>13,} "
-              f"{r.density:>7g} {alpha!s:>6} {r.scope}")
-    total = sum(r.size for r in rows)
-    print(f"{len(rows)} experts, {_size(total)}")
+    from .library.reading import listing
+    print("\n".join(listing(rows)))
     return 0
 
 
@@ -404,19 +391,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_decompress)
 
-    p = sub.add_parser("merge", help="merge compressed experts (task arithmetic, soups, TIES, DARE) from their streams")
-    p.add_argument("experts", nargs="+", help=".cpeft files or URLs, all on the same base (with --library: names)")
+    p = sub.add_parser("export-lora", help="write any expert as a PEFT LoRA adapter of a chosen rank (truncated SVD)")
+    p.add_argument("file", help="a .cpeft file or URL: a full fine-tune, a merge or a LoRA adapter")
+    p.add_argument("-o", "--output", required=True, help="the LoRA adapter directory to write")
+    p.add_argument("--rank", type=int, required=True, help="r of every module")
+    p.add_argument("--target-modules", metavar="NAMES", help="comma-separated: only modules ending with these")
+    p.add_argument("--strict", action="store_true", help="refuse tensors that cannot be a LoRA instead of leaving "
+                                                         "them out")
+    p.add_argument("--json", action="store_true", help="print every module's share of ‖ΔW‖² kept as JSON")
+    _remote_options(p)
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_export_lora)
+
+    p = sub.add_parser("merge", help="merge compressed experts from their streams (flags, or a mergekit --config)")
+    p.add_argument("experts", nargs="*", help=".cpeft files or URLs, all on the same base (with --library: names)")
+    p.add_argument("--config", metavar="YAML", help="a mergekit merge config instead of experts and flags (docs/merging.md)")
+    p.add_argument("--dry-run", action="store_true", help="with --config: check the config and the experts' headers")
+    p.add_argument("--union", action="store_true", help="experts may hold different tensors (lacking one counts as 0)")
     p.add_argument("--library", metavar="URL", help="take the experts by name from this library (its catalog)")
-    p.add_argument("-o", "--output", required=True,
-                   help="a .safetensors merged task vector, a .cpeft (re-compressed), or with --base a model directory")
-    p.add_argument("--method", default="task_arithmetic",
-                   choices=("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"))
+    p.add_argument("-o", "--output",
+                   help="a .safetensors merged task vector, a .cpeft (re-compressed), or with a base a model directory")
+    p.add_argument("--method", choices=("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"),
+                   help="default task_arithmetic; ties is PEFT's rule (mergekit's: --config)")
     p.add_argument("--weights", help="comma-separated, one per expert (default 1 each)")
     p.add_argument("--scale", type=float, default=1.0, help="λ, the factor on the merged task vector")
     p.add_argument("--lambda", dest="scale", type=float, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p.add_argument("--no-normalize", action="store_true", help="linear: do not divide the weights by their sum")
     p.add_argument("--drop-rate", type=float, default=0.0, help="dare_*: drop probability p in [0, 1)")
-    p.add_argument("--seed", type=int, default=0, help="dare_*: seed of the drops (recorded in the output)")
+    p.add_argument("--seed", type=int, default=0, help="seed of DARE/DELLA drops and re-trim ties (recorded)")
     p.add_argument("--base", help="base model directory or .safetensors file: write base + merged τ")
     p.add_argument("--density", type=_density, help=".cpeft output: density of the re-compression (default: "
                    "the first expert's)")
@@ -474,12 +476,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .errors import CompeftError
     try:
         return int(args.func(args))
-    except CompeftError as exc:
-        print(f"compeft: error: {exc}", file=sys.stderr)
+    except CompeftError as exc:  # one line, whatever a hostile file put into the message
+        print(f"compeft: error: {_shown(exc)}", file=sys.stderr)
         return 2
     except OSError as exc:  # e.g. an unwritable output directory
         where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
-        print(f"compeft: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        print(f"compeft: error: {_shown(where)}{_shown(exc.strerror or exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("compeft: interrupted", file=sys.stderr)

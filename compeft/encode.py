@@ -20,7 +20,7 @@ import torch
 
 from .alpha import (ALPHA_UNBIASED, DEFAULT_ALPHA, DEFAULT_SCOPE, LORA_SOURCES, PRODUCT_RULES, RULES, TensorStats,
                     check_rule, fidelity, lora_factor, lora_pairs, scales, tensor_stats)
-from .codec import golomb, kernels
+from .codec import golomb, select_kernels
 from .dtypes import DTYPE_TO_TORCH, magnitude
 from .errors import FidelityWarning, InvalidArgumentError, SourceError
 from .expert import CompressedExpert
@@ -248,7 +248,7 @@ def encode_compressed(t: SourceTensor, chosen: Selection | None, density: float,
         chosen = select(lambda: [(t.name, values)], density)
     streams = golomb.encode(values, chosen.threshold, chunk_size)
     factor = lora_factor(t.name) if lora else None
-    sums = kernels.kept_stats(values, np.float32(chosen.threshold), STAT_BLOCKS)
+    sums = select_kernels.kept_stats(values, np.float32(chosen.threshold), STAT_BLOCKS)
     stats = tensor_stats(values, chosen.threshold, t.shape, None if factor is None else factor[1], sums)
     fields = dict(encoding=ENCODING_GOLOMB, role="delta", init=t.init, nnz=streams.nnz, scale=0.0,
                   golomb_m=streams.golomb_m, chunk_size=chunk_size, unary_bits=streams.unary_bits,

@@ -6,7 +6,7 @@ that a state dict is an expert's base (:func:`check_base`).
 
 from __future__ import annotations
 
-import math
+import hashlib
 import os
 from typing import Any, Iterator, Mapping, MutableMapping, Sequence
 
@@ -15,10 +15,11 @@ import torch
 
 from .codec import golomb, kernels
 from .dtypes import DTYPE_TO_TORCH
-from .errors import BaseMismatchError, InvalidArgumentError, LayoutError, OutputTooLargeError
-from .format import ENCODING_DENSE, Header, RangeReader, TensorEntry, atomic_write, check_crc, read_header
+from .errors import BaseMismatchError, InvalidArgumentError, LayoutError
+from .format import ENCODING_DENSE, Header, RangeReader, TensorEntry, atomic_write, check_payload, read_header
 from .format.layout import padding
 from . import gpu
+from .memory import allocate, available_memory, check_outputs, output_bytes  # noqa: F401 - re-exported
 from .plan import ADD, DECODE, CpuExecutor, StreamTensor, TensorPlan
 from .remote import is_url, open_reader, write
 from .sources import fingerprint
@@ -29,30 +30,6 @@ _COPY_BLOCK = 16 * 1024 * 1024
 _GAP = 64 * 1024  # payloads closer than this are fetched in one read
 _MAX_READ = 256 * 1024 * 1024  # ... as long as that read stays below this
 _NO_OUTPUT = np.empty(0, dtype=np.uint16)
-try:
-    _PHYSICAL_MEMORY = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-except (AttributeError, ValueError, OSError):  # not POSIX: rely on the allocator's own refusal
-    _PHYSICAL_MEMORY = 1 << 62
-
-
-def allocate(e: TensorEntry, shape: tuple[int, ...], dtype: torch.dtype, path: object, *, zero: bool = False,
-             device: Any = None) -> torch.Tensor:
-    """The output buffer of a decode. A compressed payload can declare far more elements than the file
-    holds bytes (a 2**48-element tensor of zeros has an empty payload), so an output too large for
-    this machine is a clear error, not a MemoryError or RuntimeError from deep inside torch."""
-    size = math.prod(shape) * dtype.itemsize
-    on_cpu = device is None or torch.device(device).type == "cpu"
-    reason = "more than this machine's memory" if on_cpu and size > _PHYSICAL_MEMORY else ""
-    if not reason:  # (checked first: with overcommit, an allocation can succeed and the zero-fill kill us)
-        device = device or "cpu"
-        try:
-            return (torch.zeros(shape, dtype=dtype, device=device) if zero
-                    else torch.empty(shape, dtype=dtype, device=device))
-        except (RuntimeError, MemoryError) as exc:
-            reason = str(exc).splitlines()[0][:120]
-    raise OutputTooLargeError(f"tensor {e.name!r}: cannot allocate its decoded output of {size:,} bytes ({reason})",
-                              path)
-
 
 class CompressedExpert:
     """A compressed expert (one ``.cpeft`` container). Construct with :func:`compeft.open` or
@@ -69,7 +46,10 @@ class CompressedExpert:
     def __init__(self, reader: RangeReader, header: Header | None = None) -> None:
         self._reader = reader
         self.header = header if header is not None else read_header(reader)
-        self._checked: set[str] = set()
+        # name -> SHA-256 of the payload bytes whose every chunk decoded without output: the check
+        # is skipped only for those very bytes (a payload swapped on disk since, even for one forged
+        # to the same CRC-32, is checked again before anything is written)
+        self._checked: dict[str, bytes] = {}
         self._on_device: dict[torch.device, Any] = {}
 
     # -- description ---------------------------------------------------------------------------
@@ -126,8 +106,18 @@ class CompressedExpert:
         ends = [entries[j - 1].offset + entries[j - 1].length for _, j in runs]
         return [(self.header.data_start + s, e - s) for s, e in zip(starts, ends)]
 
+    def _split(self, entries: Sequence[TensorEntry], data: memoryview, offset: int) -> list[memoryview]:
+        """The checked payloads (CRC, and whatever else needs no decoding) of one run read at ``offset``."""
+        start = offset - self.header.data_start
+        views = []
+        for e in entries:
+            view = data[e.offset - start: e.offset - start + e.length]
+            check_payload(e, view, self.path)
+            views.append(view)
+        return views
+
     def _read(self, entries: Sequence[TensorEntry]) -> list[memoryview]:
-        """CRC-verified payloads of ``entries`` (in file order); neighbours come in one read, and a
+        """Checked payloads of ``entries`` (in file order); neighbours come in one read, and a
         reader that can (a remote one) fetches all the runs concurrently."""
         runs = self._runs(entries)
         ranges = self._ranges(entries, runs)
@@ -136,13 +126,20 @@ class CompressedExpert:
         got = iter(read_many(wanted) if read_many is not None else [self._reader.read(o, n) for o, n in wanted])
         views: list[memoryview] = []
         for (i, j), (offset, length) in zip(runs, ranges):
-            data = memoryview(next(got) if length else b"")
-            start = offset - self.header.data_start
-            for e in entries[i:j]:
-                view = data[e.offset - start: e.offset - start + e.length]
-                check_crc(view, e.crc32, f"tensor {e.name!r}", self.path)
-                views.append(view)
+            views += self._split(entries[i:j], memoryview(next(got) if length else b""), offset)
         return views
+
+    def _read_runs(self, entries: Sequence[TensorEntry]) -> Iterator[list[tuple[TensorEntry, memoryview]]]:
+        """The checked payloads of ``entries`` one run at a time (at most one run's bytes held, plus
+        the next run a remote reader is already fetching): what :meth:`verify` walks."""
+        runs = self._runs(entries)
+        ranges = self._ranges(entries, runs)
+        prefetch = getattr(self._reader, "prefetch", None)
+        for k, ((i, j), (offset, length)) in enumerate(zip(runs, ranges)):
+            if prefetch is not None and k + 1 < len(ranges) and ranges[k + 1][1]:
+                prefetch([ranges[k + 1]])
+            data = memoryview(self._reader.read(offset, length) if length else b"")
+            yield list(zip(entries[i:j], self._split(entries[i:j], data, offset)))
 
     def prefetch(self, names: Sequence[str] | None = None) -> None:
         """Start fetching these tensors' payloads (default all) in the background, when the expert
@@ -163,9 +160,8 @@ class CompressedExpert:
                                     unary_bits=e.unary_bits, high_bits=e.high_bits,
                                     where=f"tensor {e.name!r}", path=self.path, check=check)
 
-    @staticmethod
-    def _dense(e: TensorEntry, payload: memoryview) -> torch.Tensor:
-        out = torch.empty(e.shape, dtype=DTYPE_TO_TORCH[e.dtype])
+    def _dense(self, e: TensorEntry, payload: memoryview) -> torch.Tensor:
+        out = allocate(e, e.shape, DTYPE_TO_TORCH[e.dtype], self.path)
         if e.numel:
             out.view(-1).view(torch.uint8).numpy()[:] = np.frombuffer(payload, dtype=np.uint8)
         return out
@@ -173,22 +169,26 @@ class CompressedExpert:
     def payloads(self, names: Sequence[str] | None = None, *, check: bool = True
                  ) -> dict[str, torch.Tensor | golomb.GolombStreams]:
         """Read and CRC-verify tensors without decoding them: dense tensors as torch tensors,
-        compressed ones as their streams. With ``check``, every chunk not checked before is also
-        decoded once without output, so a later decode into a caller's weights cannot fail halfway."""
+        compressed ones as their streams. With ``check``, every chunk of these very bytes is also
+        decoded once without output (unless the same bytes, by SHA-256, were checked before), so a
+        later decode of them into a caller's weights cannot fail halfway."""
         entries = self._entries(names)
+        check_outputs([(e.name, output_bytes(e)) for e in entries if e.encoding == ENCODING_DENSE], self.path)
         out: dict[str, torch.Tensor | golomb.GolombStreams] = {}
         jobs = []
-        unchecked = []
+        digests = {}
         for e, payload in zip(entries, self._read(entries)):
             if e.encoding == ENCODING_DENSE:
                 out[e.name] = self._dense(e, payload)
                 continue
             streams = out[e.name] = self._parse(e, payload, check=True)  # the table is sound before any output exists
-            if check and e.name not in self._checked:
-                jobs.append(golomb.DecodeJob(streams, e.numel, _NO_OUTPUT, f"tensor {e.name!r}"))
-                unchecked.append(e.name)
+            if check:
+                digest = hashlib.sha256(payload).digest()
+                if self._checked.get(e.name) != digest:
+                    jobs.append(golomb.DecodeJob(streams, e.numel, _NO_OUTPUT, f"tensor {e.name!r}"))
+                    digests[e.name] = digest
         golomb.decode_many(jobs, kernels.MODE_CHECK, self.path)
-        self._checked.update(unchecked)
+        self._checked.update(digests)
         return out
 
     def tensors(self, names: Sequence[str] | None = None, *, check: bool = True) -> dict[str, StreamTensor]:
@@ -197,7 +197,7 @@ class CompressedExpert:
         for name, payload in self.payloads(names, check=check).items():
             e = self.entry(name)
             dense = isinstance(payload, torch.Tensor)
-            out[name] = StreamTensor(name, e.shape, DTYPE_TO_TORCH[e.dtype], e.role, e.scale,
+            out[name] = StreamTensor(name, e.shape, e.numel, DTYPE_TO_TORCH[e.dtype], e.role, e.scale,
                                      streams=None if dense else payload, value=payload if dense else None)
         return out
 
@@ -236,6 +236,7 @@ class CompressedExpert:
         """
         if device is not None and torch.device(device).type != "cpu":
             return self.to_device(device).state_dict(names)
+        check_outputs([(e.name, output_bytes(e)) for e in self._entries(names)], self.path)  # before any allocation
         held = self.tensors(names, check=False)
         out: dict[str, torch.Tensor] = {}
         plans = []
@@ -246,7 +247,6 @@ class CompressedExpert:
             out[name] = allocate(self.entry(name), t.shape, t.dtype, self.path)
             plans.append(TensorPlan(name, DECODE, out[name]))
         CpuExecutor(held, self.path).run(plans)
-        self._checked.update(held)
         return out if names is None else {n: out[n] for n in names}
 
     def to_dense(self, name: str, *, dtype: torch.dtype | None = None, device: str | torch.device | None = None
@@ -280,12 +280,24 @@ class CompressedExpert:
             atomic_write(path, self._file_blocks())
 
     def verify(self) -> None:
-        """Check every checksum, the padding and every payload's structure (decodes without output)."""
+        """Check every checksum, the padding and every payload's structure (decodes without output).
+
+        Reads one run of neighbouring payloads at a time and copies nothing: it holds the header and
+        at most one run (FORMAT.md 8), whatever the file's size."""
         for offset, length, where in padding(self.header):
             if self._reader.read(offset, length).strip(b"\0"):
                 raise LayoutError(f"non-zero padding bytes {where}", self.path)
         self._checked.clear()
-        self.payloads()
+        for run in self._read_runs(self._entries(None)):
+            jobs, digests = [], {}
+            for e, payload in run:
+                if e.encoding == ENCODING_DENSE:
+                    continue  # its bytes are checked (CRC, bool values); nothing to decode
+                streams = self._parse(e, payload, check=True)
+                jobs.append(golomb.DecodeJob(streams, e.numel, _NO_OUTPUT, f"tensor {e.name!r}"))
+                digests[e.name] = hashlib.sha256(payload).digest()
+            golomb.decode_many(jobs, kernels.MODE_CHECK, self.path)
+            self._checked.update(digests)
 
 
 class DeviceExpert:
@@ -313,6 +325,8 @@ class DeviceExpert:
                 out[name] = self.executor.dense[name].value.clone()
             else:
                 by_dtype.setdefault(self.executor.tensors[name].dtype, []).append(name)
+        check_outputs([(n, output_bytes(self.expert.entry(n))) for group in by_dtype.values() for n in group],
+                      self.expert.path, self.device)
         plans = []
         for dtype, group in by_dtype.items():
             # one zero-filled buffer per dtype, each tensor a view of it: one memset, one launch

@@ -3,11 +3,14 @@ with the base's sharding (``decompress``, ``merge_to``), one shard in memory at 
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -16,7 +19,7 @@ from .applying import add_expert
 from .codec import golomb
 from .encode import check_arguments, compress, default_alpha
 from .errors import BaseMismatchError, HeaderError, InvalidArgumentError, SourceError
-from .expert import CompressedExpert, PathLike, as_expert
+from .expert import CompressedExpert, PathLike, as_expert, check_outputs, output_bytes
 from .format import atomic_write
 from .merging import merge
 from .progress import progress_bar
@@ -62,19 +65,21 @@ def decompress(expert: CompressedExpert | PathLike, output: PathLike, *, base: P
     out = Path(output)
     if base is not None:
         return decompress_onto_base(expert, Path(base), out, check_base, progress)
+    if out.suffix != ".safetensors" and expert.metadata.get("source") != "peft":
+        raise InvalidArgumentError("this expert is not a PEFT adapter: write a .safetensors task vector or pass a base",
+                                   expert.path)
+    # every tensor is held until the file is written: one memory budget for all of them
+    check_outputs([(e.name, output_bytes(e)) for e in expert.header.tensors], expert.path)
     expert.prefetch()  # from a URL: every payload requested at once, not tensor by tensor
     if out.suffix == ".safetensors":
         tensors = {n: expert.to_dense(n).contiguous() for n in progress_bar(expert.names, "decoding", progress)}
         write_safetensors(tensors, out)
         return out
-    if expert.metadata.get("source") != "peft":
-        raise InvalidArgumentError("this expert is not a PEFT adapter: write a .safetensors task vector or pass a base",
-                                   expert.path)
     tensors = {n: restored(expert, n).contiguous() for n in progress_bar(expert.names, "decoding", progress)}
-    out.mkdir(parents=True, exist_ok=True)
-    write_safetensors(tensors, out / "adapter_model.safetensors", {"format": "pt"})
-    config = expert.metadata.get("adapter_config") or {}
-    atomic_write(out / ADAPTER_CONFIG, [json.dumps(config, indent=2, sort_keys=True).encode()])
+    config = json.dumps(expert.metadata.get("adapter_config") or {}, indent=2, sort_keys=True).encode()
+    with staged_directory(out) as stage:  # both files appear together, or neither
+        write_safetensors(tensors, stage / "adapter_model.safetensors", {"format": "pt"})
+        atomic_write(stage / ADAPTER_CONFIG, [config])
     return out
 
 
@@ -82,15 +87,16 @@ def merge_to(experts: Sequence[CompressedExpert | PathLike], output: PathLike, *
              weights: Sequence[float] | None = None, scale: float = 1.0, normalize: bool = True,
              drop_rate: float = 0.0, seed: int = 0, base: PathLike | None = None, density: float | None = None,
              alpha: float | str | None = None, check_base: bool = True, progress: bool = False,
-             lam: float | None = None, force: bool | None = None) -> Path:
+             lam: float | None = None, force: bool | None = None, union: bool = False) -> Path:
     """:func:`compeft.merge` written out: base + merged τ with the base's sharding (``base``), a
     ``.safetensors`` merged task vector (float32), or a re-compressed ``.cpeft`` (``density``,
     default the first expert's; ``alpha`` default :func:`compress`'s). The merge's method, weights,
-    λ, drop rate and seed are recorded in the output's metadata."""
+    λ, drop rate and seed are recorded in the output's metadata. ``union``: experts may hold
+    different tensors (:func:`compeft.merge`)."""
     check_base = resolve_check_base(check_base, force)
     opened = [as_expert(e) for e in experts]
     options = dict(method=method, weights=weights, scale=scale, lam=lam, normalize=normalize, drop_rate=drop_rate,
-                   seed=seed, check_base=check_base)
+                   seed=seed, check_base=check_base, union=union)
     out = Path(output)
     if base is None and out.suffix not in (".safetensors", ".cpeft"):
         raise InvalidArgumentError("merge output must end in .safetensors or .cpeft, or come with a base", out)
@@ -98,8 +104,18 @@ def merge_to(experts: Sequence[CompressedExpert | PathLike], output: PathLike, *
         check_arguments(0.1 if density is None else density, default_alpha(DEFAULT_SCOPE) if alpha is None else alpha,
                          DEFAULT_SCOPE, golomb.DEFAULT_CHUNK_SIZE)
     if base is not None:
+        every = list(dict.fromkeys(n for e in opened for n in (e.names if union else opened[0].names)))
+        if union and Path(base).exists():  # onto_base checks the first expert's tensors; the others' here
+            located = safetensors_tensors([Path(base)] if Path(base).is_file() else safetensors_files(Path(base)))
+            missing = [n for n in every if n not in located]
+            if missing:
+                raise BaseMismatchError(f"{len(missing)} tensors of the experts are not in the base (e.g. "
+                                        f"{missing[:3]})", base)
         return onto_base(opened, Path(base), out, check_base, progress,
-                         lambda shard, names: merge(opened, into=shard, names=names, **options))
+                         lambda shard, names: merge(opened, into=shard, names=[n for n in every if n in shard],
+                                                    **options))
+    # the result holds a float32 tensor per merged tensor until it is written
+    check_outputs({n: 4 * e.entry(n).numel for e in opened for n in e.names}.items(), opened[0].path)
     result = merge(opened, progress=progress, **options)
     record = {"merge": json.dumps(result.metadata, sort_keys=True)}
     if out.suffix == ".safetensors":
@@ -117,17 +133,103 @@ def decompress_onto_base(expert: CompressedExpert, base: Path, out: Path, check_
                      lambda shard, names: add_expert(expert, shard, names, 1.0), model_files(expert))
 
 
+MAX_MODEL_FILES = 256  # files in a full fine-tune's model_files ...
+MAX_MODEL_FILES_BYTES = 16 << 20  # ... and their text in all (a config, a tokenizer's JSON files)
+MAX_FILE_NAME_BYTES = 255  # NAME_MAX of the common file systems
+
+
 def model_files(expert: CompressedExpert) -> dict[str, str]:
-    """The header's ``model_files`` (a full fine-tune's small JSON files), checked: the header is
-    untrusted input, so a name must be a plain ``*.json`` file name, never a path."""
+    """The header's ``model_files`` (a full fine-tune's small JSON files), checked completely before
+    anything is written: the header is untrusted input, so each name must be a plain, printable
+    ``*.json`` file name (no path, no NUL, not hidden, at most 255 UTF-8 bytes, never the weights'
+    index), each text valid UTF-8 (no lone surrogate), and they are at most
+    :data:`MAX_MODEL_FILES` files of :data:`MAX_MODEL_FILES_BYTES` in all."""
     files = expert.metadata.get("model_files") or {}
     if not isinstance(files, dict):
         raise HeaderError("metadata model_files must be a JSON object", expert.path)
+    if len(files) > MAX_MODEL_FILES:
+        raise HeaderError(f"metadata model_files lists {len(files)} files, more than {MAX_MODEL_FILES}", expert.path)
+    total = 0
     for name, text in files.items():
-        if (not isinstance(text, str) or not name.endswith(".json") or name != Path(name).name
-                or name in (".json", "..") or "\\" in name or name == SAFETENSORS_INDEX):
-            raise HeaderError(f"metadata model_files: {name!r} is not a plain .json file name with text", expert.path)
+        if not (isinstance(text, str) and _plain_json_name(name)):
+            raise HeaderError(f"metadata model_files: {ascii(name)[:300]} is not a plain .json file name with text",
+                              expert.path)
+        try:
+            total += len(text.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise HeaderError(f"metadata model_files: the text of {name!r} is not valid UTF-8 (a lone surrogate)",
+                              expert.path) from None
+        if total > MAX_MODEL_FILES_BYTES:
+            raise HeaderError(f"metadata model_files: more than {MAX_MODEL_FILES_BYTES:,} bytes of text in all",
+                              expert.path)
     return files
+
+
+def _plain_json_name(name: str) -> bool:
+    try:
+        size = len(name.encode("utf-8"))
+    except UnicodeEncodeError:
+        return False
+    return (name.endswith(".json") and name.isprintable() and 5 < size <= MAX_FILE_NAME_BYTES
+            and not name.startswith(".") and "/" not in name and "\\" not in name and name != SAFETENSORS_INDEX)
+
+
+@contextlib.contextmanager
+def staged_directory(out: Path) -> Iterator[Path]:
+    """A hidden directory beside ``out`` to write an output directory into. When the block ends
+    normally its files appear at ``out`` at once (renamed into place; moved one by one into an
+    existing non-empty ``out``); when it raises, the stage is removed and ``out`` is untouched. A
+    writer killed meanwhile (SIGKILL) leaves only the hidden stage, which holds a lock while its
+    writer lives: the next write to ``out`` removes stages whose lock is free."""
+    parent = out.parent if str(out.parent) else Path(".")
+    parent.mkdir(parents=True, exist_ok=True)
+    for old in parent.glob(f".{glob.escape(out.name)}.*.partial"):
+        _remove_abandoned(old)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=parent))
+    lock = _lock(stage)
+    try:
+        yield stage
+        if out.exists() and not out.is_dir():
+            raise InvalidArgumentError("the output exists and is not a directory", out)
+        try:
+            os.rename(stage, out)  # a new name, or over an empty directory: all at once
+        except OSError:
+            for item in sorted(stage.iterdir()):
+                os.replace(item, out / item.name)
+            stage.rmdir()
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    finally:
+        if lock >= 0:
+            os.close(lock)
+
+
+def _lock(directory: Path) -> int:
+    """An fd holding an exclusive lock on ``directory`` (released when the process dies), or -1."""
+    try:
+        import fcntl
+        fd = os.open(directory, os.O_RDONLY)
+    except (ImportError, OSError):
+        return -1
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return -1
+    return fd
+
+
+def _remove_abandoned(stage: Path) -> None:
+    """Remove a stage left by a writer that died (its lock is free); leave a live writer's alone."""
+    if stage.is_symlink() or not stage.is_dir():
+        return
+    fd = _lock(stage)
+    if fd >= 0:
+        try:
+            shutil.rmtree(stage, ignore_errors=True)
+        finally:
+            os.close(fd)
 
 
 def onto_base(experts: Sequence[CompressedExpert], base: Path, out: Path, check_base: bool, progress: bool,
@@ -170,34 +272,30 @@ def onto_base(experts: Sequence[CompressedExpert], base: Path, out: Path, check_
                                     base)
     for each in experts:
         each.verify()  # every payload checked before the first file is written
-    single = base.is_file() and out.suffix == ".safetensors"
-    stage = out if single or out.exists() else out.with_name(f".{out.name}.{os.getpid()}.partial")
-    try:
-        targets = [(base, stage)] if single else [(f, stage / f.name) for f in files]
-        if not single:
-            stage.mkdir(parents=True, exist_ok=True)
-        handles = {path: handle for path, handle in located.values()}
-        for source_file, dest in progress_bar(targets, "writing shards", progress):
-            handle = handles.get(source_file) or open_safetensors(source_file)  # a shard the expert leaves alone
-            shard_meta = handle.metadata() or None
-            shard = {n: handle.get_tensor(n) for n in handle.keys()}  # one shard in memory, not mapped
-            names = [n for n in expert.names if n in shard]
-            if names:
-                update(shard, names)
-            write_safetensors(shard, dest, shard_meta)
-            del shard
+    handles = {path: handle for path, handle in located.values()}
+    if base.is_file() and out.suffix == ".safetensors":
+        write_shard(base, out, handles, expert.names, update)
+        return out
+    with staged_directory(out) as stage:  # nothing appears at `out` until every file is written
+        for source_file in progress_bar(files, "writing shards", progress):
+            write_shard(source_file, stage / source_file.name, handles, expert.names, update)
         if base.is_dir():
             weight_names = {f.name for f in files}
             for item in base.iterdir():
                 if item.is_file() and item.name not in weight_names:
                     shutil.copy2(item, stage / item.name)
-        if not single:
-            for name, text in files_over.items():
-                atomic_write(stage / name, [text.encode("utf-8")])
-        if stage != out:
-            os.rename(stage, out)
-    except BaseException:
-        if stage != out:
-            shutil.rmtree(stage, ignore_errors=True)
-        raise
+        for name, text in files_over.items():  # (checked by model_files before the first shard)
+            atomic_write(stage / name, [text.encode("utf-8")])
     return out
+
+
+def write_shard(source_file: Path, dest: Path, handles: Mapping[Path, Any], names: Sequence[str],
+                update: Callable[[dict[str, torch.Tensor], list[str]], Any]) -> None:
+    """One shard of the base with ``update`` applied to the expert's tensors in it, written atomically."""
+    handle = handles.get(source_file) or open_safetensors(source_file)  # a shard the expert leaves alone
+    shard_meta = handle.metadata() or None
+    shard = {n: handle.get_tensor(n) for n in handle.keys()}  # one shard in memory, not mapped
+    changed = [n for n in names if n in shard]
+    if changed:
+        update(shard, changed)
+    write_safetensors(shard, dest, shard_meta)

@@ -126,7 +126,7 @@ class DeviceExecutor:
         for t in tensors:
             if t.streams is None:
                 assert t.value is not None
-                self.dense[t.name] = StreamTensor(t.name, t.shape, t.dtype, t.role, t.scale,
+                self.dense[t.name] = StreamTensor(t.name, t.shape, t.numel, t.dtype, t.role, t.scale,
                                                   value=t.value.to(self.device))
             else:
                 self.rows[t.name] = len(compressed) if t.streams.nnz else -1

@@ -58,15 +58,15 @@ class Accumulator:
     def _run(self, operation: str, scales: Sequence[float], elected: dict[str, torch.Tensor] | None = None
              ) -> dict[str, torch.Tensor]:
         rows = 2 if operation == TIES else 1  # TIES also counts, in a second row
-        first = self.experts[0]
-        shapes = {n: first.entry(n).shape for n in self.group}
-        out = {n: allocate(first.entry(n), (rows, first.entry(n).numel), torch.float32, first.path, zero=True,
-                           device=self.device) for n in self.group}
-        for i in range(len(self.experts)):
+        entries = {n: holder(self.experts, n).entry(n) for n in self.group}
+        out = {n: allocate(e, (rows, e.numel), torch.float32, self.experts[0].path, zero=True, device=self.device)
+               for n, e in entries.items()}
+        for i, expert in enumerate(self.experts):
             scale = scales[i] / self.keep
-            self.executors[i].run([
+            self.executors[i].run([  # (with union=True, an expert lacking a tensor adds nothing to it)
                 TensorPlan(n, operation, out[n], scale, None if elected is None else elected[n],
-                           drop_key(self.seed, i, n) if self.cut else 0, self.cut) for n in self.group])
+                           drop_key(self.seed, i, n) if self.cut else 0, self.cut) for n in self.group if n in expert])
+        shapes = {n: e.shape for n, e in entries.items()}
         return {n: out[n].reshape((rows, *shapes[n])) if rows > 1 else out[n].reshape(shapes[n]) for n in self.group}
 
     def weighted_sum(self, scales: Sequence[float]) -> dict[str, torch.Tensor]:
@@ -117,19 +117,36 @@ class MergeResult(dict):  # type: ignore[type-arg]
     metadata: dict[str, Any]
 
 
-def _check_compatible(experts: Sequence[CompressedExpert], check_base: bool,
-                      names: Sequence[str] | None = None) -> None:
+def holder(experts: Sequence[CompressedExpert], name: str) -> CompressedExpert:
+    """The first expert that holds tensor ``name`` (the first expert itself raises when none does)."""
+    return next((e for e in experts if name in e), experts[0])
+
+
+def merged_names(experts: Sequence[CompressedExpert], union: bool = False) -> list[str]:
+    """The tensors a merge covers: the first expert's, or with ``union`` every expert's (first
+    appearance order)."""
+    if not union:
+        return list(experts[0].names)
+    return list(dict.fromkeys(n for e in experts for n in e.names))
+
+
+def check_compatible(experts: Sequence[CompressedExpert], check_base: bool, names: Sequence[str] | None = None,
+                     union: bool = False) -> None:
+    """Experts merge when they hold the same tensors (``union``: any tensors) with the same shapes,
+    carry the same base fingerprint (unless not ``check_base``) and hold only deltas (of ``names``)."""
     first = experts[0]
     for other in experts[1:]:
-        if other.names != first.names:
+        if other.names != first.names and not union:
             missing = sorted(set(first.names) ^ set(other.names))
-            raise BaseMismatchError(f"experts hold different tensors (e.g. {missing[:3]} differ from "
-                                    f"{first.path})", other.path)
-        for name in first.names:
-            a, b = first.entry(name), other.entry(name)
+            raise BaseMismatchError(f"experts hold different tensors (e.g. {missing[:3]} differ from {first.path}); "
+                                    "union=True / --union merges them, an expert lacking a tensor counting as 0 "
+                                    "there", other.path)
+        for name in other.names:
+            reference = holder(experts, name)
+            a, b = reference.entry(name), other.entry(name)
             if a.shape != b.shape:
                 raise BaseMismatchError(f"tensor {name!r}: shape {list(b.shape)} here, {list(a.shape)} in "
-                                        f"{first.path}", other.path)
+                                        f"{reference.path}", other.path)
         prints = (first.metadata.get("base_fingerprint"), other.metadata.get("base_fingerprint"))
         if check_base and prints[0] != prints[1]:
             raise BaseMismatchError(f"built on a different base than {first.path} (fingerprints differ); "
@@ -141,12 +158,15 @@ def _check_compatible(experts: Sequence[CompressedExpert], check_base: bool,
                                            "vectors can be merged", e.path)
 
 
-def tensor_groups(expert: CompressedExpert, names: Sequence[str], limit: int) -> list[list[str]]:
-    """``names`` cut, in order, into groups of at most ``limit`` parameters (a larger tensor alone)."""
+def tensor_groups(expert: CompressedExpert | Sequence[CompressedExpert], names: Sequence[str], limit: int
+                  ) -> list[list[str]]:
+    """``names`` cut, in order, into groups of at most ``limit`` parameters (a larger tensor alone);
+    ``expert`` (or the first of several that holds each tensor) gives the sizes."""
+    experts = [expert] if isinstance(expert, CompressedExpert) else list(expert)
     groups: list[list[str]] = [[]]
     size = 0
     for name in names:
-        numel = expert.entry(name).numel
+        numel = holder(experts, name).entry(name).numel
         if groups[-1] and size + numel > limit:
             groups.append([])
             size = 0
@@ -159,16 +179,20 @@ def merge(experts: Sequence[CompressedExpert | str | os.PathLike[str]], *, metho
           weights: Sequence[float] | None = None, scale: float = 1.0, normalize: bool = True, drop_rate: float = 0.0,
           seed: int = 0, into: MutableMapping[str, torch.Tensor] | None = None, names: Sequence[str] | None = None,
           check_base: bool = True, device: str | torch.device | None = None, progress: bool = False,
-          lam: float | None = None) -> MergeResult:
+          lam: float | None = None, union: bool = False) -> MergeResult:
     """Merge compressed experts from their streams.
 
     Parameters
     ----------
     experts
         Opened experts or paths, all with the same tensor names and shapes (and base fingerprint,
-        unless ``check_base=False``).
+        unless ``check_base=False``); with ``union=True`` they may hold different tensors (the
+        result holds them all; an expert lacking a tensor counts as 0 there, as a fine-tune that
+        left that weight unchanged).
     method
-        A key of :data:`METHODS`: ``linear``, ``task_arithmetic``, ``ties``, ``dare_linear``, ``dare_ties``.
+        A key of :data:`METHODS`: ``linear``, ``task_arithmetic``, ``ties`` (PEFT's rule),
+        ``dare_linear``, ``dare_ties``. mergekit's methods and rules (its TIES among them) come
+        through configs: :func:`compeft.merge_run.merge_from_config`.
     weights
         One weight per expert (default 1 each).
     scale
@@ -227,30 +251,31 @@ def merge(experts: Sequence[CompressedExpert | str | os.PathLike[str]], *, metho
         if total == 0:
             raise InvalidArgumentError("linear merge weights sum to zero; pass normalize=False")
         coefficients = [w / total for w in coefficients]
-    _check_compatible(opened, check_base, names)
-    selected = list(opened[0].names if names is None else names)
+    check_compatible(opened, check_base, names, union)
+    selected = merged_names(opened, union) if names is None else list(names)
     if len(set(selected)) != len(selected):
         raise InvalidArgumentError("names holds a tensor twice")
     for name in selected:
-        opened[0].entry(name)  # an unknown name raises here
+        holder(opened, name).entry(name)  # an unknown name raises here
     if into is not None:
-        check_state(opened[0], into, check_base, selected)
+        for e in opened if union else opened[:1]:
+            check_state(e, into, check_base, [n for n in selected if n in e])
     result = MergeResult()
     result.metadata = {"method": method, "weights": coefficients, "lambda": float(scale), "drop_rate": drop_rate,
-                       "seed": seed, "experts": [e.path for e in opened]}
+                       "seed": seed, "experts": [e.path for e in opened], **({"union": True} if union else {})}
     run_on = None  # the device the kernels run on: None for the CPU kernels
     if device is not None and (torch.device(device).type != "cpu" or gpu.interpreted()):
         run_on = gpu.kernel_device(device)  # (interpreted: the GPU kernels' CPU test mode)
-    groups = tensor_groups(opened[0], selected, GROUP_PARAMETERS if run_on is None else GPU_GROUP_PARAMETERS)
+    groups = tensor_groups(opened, selected, GROUP_PARAMETERS if run_on is None else GPU_GROUP_PARAMETERS)
     if into is not None and len(groups) > 1:  # a corrupt later group must not find earlier ones written
         for e in opened:
-            e.payloads(selected)
+            e.payloads([n for n in selected if n in e])
     for e in opened:  # experts read from URLs: all start fetching the first group at once
-        e.prefetch(groups[0])
+        e.prefetch([n for n in groups[0] if n in e])
     for k, group in enumerate(progress_bar(groups, "merging", progress)):
         if k + 1 < len(groups):  # the next group downloads while this one decodes
             for e in opened:
-                e.prefetch(groups[k + 1])
+                e.prefetch([n for n in groups[k + 1] if n in e])
         # CRCs verified on first use; a structurally bad chunk fails the first pass, before any write
         # to `into`.
         executors = LazyExecutors(opened, group, run_on)
@@ -276,5 +301,6 @@ class LazyExecutors:
 
     def __getitem__(self, i: int) -> Executor:
         if i not in self._made:
-            self._made[i] = self._experts[i].executor(self._device, self._group, check=False)
+            expert = self._experts[i]
+            self._made[i] = expert.executor(self._device, [n for n in self._group if n in expert], check=False)
         return self._made[i]

@@ -37,24 +37,23 @@ OPERATIONS = (DECODE, ADD, ACCUMULATE, TIES)
 # the kernel operation that adds into a weight of each dtype
 ADD_MODES = {torch.float32: kernels.MODE_ADD_F32, torch.float16: kernels.MODE_ADD_F16,
              torch.bfloat16: kernels.MODE_ADD_BF16}
+# the output dtypes each operation writes into a compressed tensor (DECODE: the tensor's own)
+OUTPUT_DTYPES = {ADD: tuple(ADD_MODES), ACCUMULATE: (torch.float32,), TIES: (torch.float32,)}
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class StreamTensor:
     """One tensor of an expert, read and CRC-checked: its compressed ``streams`` or, stored dense,
     its ``value``; what decoding it needs from the header."""
 
     name: str
     shape: tuple[int, ...]
+    numel: int
     dtype: torch.dtype
     role: str  # "delta" or "value"
     scale: float  # the header's magnitude (float32) of a compressed tensor
     streams: golomb.GolombStreams | None = None
     value: torch.Tensor | None = None
-
-    @property
-    def numel(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
 
     @property
     def magnitude(self) -> float:
@@ -65,7 +64,7 @@ class StreamTensor:
         return value_patterns(self.scale, self.dtype)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class TensorPlan:
     """What to do with one tensor (see the module docstring for each operation)."""
 
@@ -136,8 +135,7 @@ def check_plans(plans: Sequence[TensorPlan], tensors: Mapping[str, StreamTensor]
                                        f"not {'a strided one' if out.device == device else out.device}", path)
         if t.value is not None:
             continue
-        wanted = {DECODE: (t.dtype,), ADD: tuple(ADD_MODES), ACCUMULATE: (torch.float32,),
-                  TIES: (torch.float32,)}[plan.operation]
+        wanted = (t.dtype,) if plan.operation == DECODE else OUTPUT_DTYPES[plan.operation]
         if out.dtype not in wanted:
             raise InvalidArgumentError(f"tensor {plan.name!r}: {plan.operation} needs an output of "
                                        f"{' or '.join(map(str, wanted))}, not {out.dtype}", path)
@@ -173,10 +171,13 @@ class CpuExecutor:
                 run_dense(plan, t)
                 continue
             mode = kernel_mode(plan, zeroed=False)
-            positive, negative = t.patterns() if plan.operation == DECODE else (0, 0)
-            aux = None if plan.aux is None else plan.aux.reshape(-1).numpy()
-            by_mode.setdefault(mode, []).append(golomb.DecodeJob(
-                t.streams, t.numel, flat_bits(plan.out), f"tensor {plan.name!r}", positive, negative,
-                step(plan.scale, t.magnitude), aux, plan.drop_key, plan.drop_cut))
+            if plan.operation == DECODE:
+                job = golomb.DecodeJob(t.streams, t.numel, flat_bits(plan.out), f"tensor {plan.name!r}", *t.patterns())
+            else:
+                job = golomb.DecodeJob(t.streams, t.numel, flat_bits(plan.out), f"tensor {plan.name!r}", 0, 0,
+                                       step(plan.scale, t.magnitude),
+                                       None if plan.aux is None else plan.aux.reshape(-1).numpy(),
+                                       plan.drop_key, plan.drop_cut)
+            by_mode.setdefault(mode, []).append(job)
         for mode in sorted(by_mode):
             golomb.decode_many(by_mode[mode], mode, self.path)

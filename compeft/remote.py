@@ -18,6 +18,7 @@ import errno
 import os
 import random
 import re
+import stat
 import threading
 import time
 import uuid
@@ -26,7 +27,7 @@ from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
 
-from .errors import CompeftError, RemoteError, TruncatedFileError
+from .errors import CompeftError, RemoteError, SourceError, TruncatedFileError
 from .format.io import FileReader, atomic_write
 from .progress import byte_bar
 from .remote_cache import FetchStats, PieceCache
@@ -95,23 +96,49 @@ def open_reader(target: str | os.PathLike[str], storage_options: Mapping[str, An
     to them. Other URLs give a :class:`RemoteReader`.
     """
     if not is_url(target):
-        return FileReader(target)
+        return FileReader(regular_file(target))
     url = str(target)
     fs, path = resolve(url, storage_options)
     local = local_path(fs, path)
     if local is not None:
-        return FileReader(local)
+        return FileReader(regular_file(local))
     return RemoteReader(fs, path, redact(url), cache=cache, progress=progress, workers=workers, retries=retries,
                         backoff=backoff)
+
+
+def regular_file(path: str | os.PathLike[str]) -> str | os.PathLike[str]:
+    """``path``, checked to name a regular file before anything opens it: opening a FIFO for reading
+    blocks until a writer appears (forever, for a hostile library member or a planted path), and a
+    device or socket never ends. ``os.stat`` does not block. (A path swapped for a FIFO between this
+    check and the open is the open's to refuse: it must use ``O_NONBLOCK`` and ``fstat``, as
+    :class:`compeft.weights.SafetensorsFile` does.)"""
+    try:
+        info = os.stat(path)
+    except OSError as exc:
+        raise SourceError(f"cannot open: {exc.strerror}", path) from None
+    except ValueError as exc:  # a NUL byte in the path
+        raise SourceError(f"cannot open: {exc}", ascii(os.fspath(path))) from None
+    if not stat.S_ISREG(info.st_mode):
+        kind = "a FIFO" if stat.S_ISFIFO(info.st_mode) else "a directory" if stat.S_ISDIR(info.st_mode) else \
+            "a device or socket"
+        raise SourceError(f"not a regular file ({kind})", path)
+    return path
 
 
 def object_identity(info: Mapping[str, Any]) -> str | None:
     """What identifies this version of an object (ETag, version id, modification time… and size),
     or None when the store gives nothing that changes with the bytes (then nothing is cached)."""
-    found = [f"{key}={info[key]}" for key in _VALIDATORS if info.get(key) not in (None, "")]
+    found = [f"{key}={text_of(info[key])}" for key in _VALIDATORS if info.get(key) not in (None, "")]
     if not found:
         return None
-    return ";".join([*found, f"size={info.get('size')}"])
+    return ";".join([*found, f"size={text_of(info.get('size'))}"])
+
+
+def text_of(value: object) -> str:
+    """``str(value)`` made encodable: a store's headers (an ETag with bytes that are not UTF-8 comes
+    back with lone surrogates) and a URL from the command line may hold anything; what cannot be
+    encoded is backslash-escaped (cache keys and their notes are UTF-8)."""
+    return str(value).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def root_cause(exc: BaseException) -> BaseException:
@@ -245,13 +272,14 @@ class RemoteReader:
         self._cache: PieceCache | None = None
         if cache is not None:
             info = self._attempt(lambda: fs.info(path), "reading the object's metadata")
-            self.size = info.get("size")
-            identity = object_identity(info)
+            size = info.get("size") if isinstance(info, Mapping) else None
+            self.size = size if type(size) is int and size >= 0 else None  # else: unknown, as without a cache
+            identity = object_identity(info) if isinstance(info, Mapping) else None
             if identity is None:
                 warnings.warn(f"{name}: the store gives no ETag, version or modification time, so a change "
                               "could not be detected: the cache is not used for this object", stacklevel=3)
             else:
-                self._cache = PieceCache(cache, name, identity)
+                self._cache = PieceCache(cache, text_of(name), identity)
 
     # -- fetching ------------------------------------------------------------------------------
     def _attempt(self, call: Callable[[], T], what: str) -> T:

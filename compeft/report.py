@@ -1,4 +1,5 @@
-"""Size and structure summaries of a container, computed from its header alone (no torch, no numba)."""
+"""Size and structure summaries of a container, computed from its header alone (no torch, no numba),
+and the one way compeft makes untrusted text safe to print (:func:`shown`, :func:`number`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,59 @@ from typing import Any
 
 from .alpha import LORA_SOURCES, fidelity_warnings, lora_pairs, module_name
 from .format.header import DTYPE_SIZES, ENCODING_GOLOMB, Header
+
+
+# Integers longer than this many bits are described, not printed (Python refuses to turn one of
+# more than 4300 digits into text, and nobody reads 60 digits).
+_LONGEST_INTEGER = 200
+
+
+def shown(value: object, limit: int | None = None) -> str:
+    r"""``value`` as text safe to print on a terminal, whatever a hostile file put in it: characters
+    that are not printable (escape sequences, bidirectional overrides, lone surrogates that cannot
+    be encoded) are shown escaped (``\x1b``), an integer too long to print is described, and the
+    text is cut to ``limit`` characters. Every name, metadata value and catalog field that the CLI
+    prints goes through here.
+
+    >>> shown("w\x1b[2J"), shown(10 ** 400)
+    ('w\\x1b[2J', '<an integer of 1329 bits>')
+    """
+    if type(value) is int and value.bit_length() > _LONGEST_INTEGER:
+        text = f"<an integer of {value.bit_length()} bits>"
+    else:
+        try:
+            text = str(value)
+        except (ValueError, TypeError):  # (a __str__ that fails)
+            text = f"<{type(value).__name__}>"
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+    if limit is not None and len(text) > limit:
+        text = text[:max(limit - 1, 0)] + "…"
+    return text
+
+
+def number(value: object, spec: str = "") -> str:
+    """``format(value, spec)`` for a number read from an untrusted file, or :func:`shown` when it
+    is not a number or out of the format's range (a 400-digit integer has no float)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            if not (type(value) is int and value.bit_length() > _LONGEST_INTEGER):
+                return format(value, spec)
+        except (OverflowError, ValueError):
+            pass
+    return shown(value)
+
+
+def human_size(n: object) -> str:
+    """A byte count as ``123 B``, ``1.50 KiB`` … ``2.00 GiB`` (any value: see :func:`number`)."""
+    if not isinstance(n, (int, float)) or isinstance(n, bool) or not abs(n) < 2 ** 80:
+        return f"{shown(n)} B"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(value) < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
+        value /= 1024
+    return f"{value} B"
 
 
 def _figure(value: Any) -> list[Any] | None:

@@ -13,7 +13,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from .codec import kernels
+from .codec import select_kernels
 from .errors import SourceError
 
 HIST_BLOCKS = 8  # fixed, not the thread count, so sums are the same on every machine
@@ -52,7 +52,7 @@ def select(tensors: Callable[[], Iterable[tuple[str, np.ndarray]]], density: flo
     count = 0
     for name, values in tensors():
         own = np.zeros(65536, dtype=np.int64)
-        total += kernels.histogram_high(values, own, blocks)
+        total += select_kernels.histogram_high(values, own, blocks)
         if own[NONFINITE_BUCKET:].any():
             raise SourceError(f"tensor {name!r} holds NaN or infinite values; a task vector must be finite")
         high += own
@@ -66,7 +66,7 @@ def select(tensors: Callable[[], Iterable[tuple[str, np.ndarray]]], density: flo
     low = np.zeros(65536, dtype=np.int64)
     squares = 0.0
     for _, values in tensors():
-        squares += kernels.histogram_low(values, np.uint32(bucket), mean, low, blocks)
+        squares += select_kernels.histogram_low(values, np.uint32(bucket), mean, low, blocks)
     sigma = math.sqrt(squares / (count - 1)) if count > 1 else 0.0
     if rank == 0:
         return Selection(threshold=0.0, sigma=sigma)

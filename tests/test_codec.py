@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from numba import njit
 
-from compeft.codec import golomb, kernels, reference
+from compeft.codec import encode_kernels, floats, golomb, kernels, reference
 from compeft.errors import CorruptPayloadError
 
 SETTINGS = settings(max_examples=80, deadline=None,
@@ -57,14 +57,14 @@ def encode_with_m(values: np.ndarray, threshold: float, m: int, chunk_size: int)
     values = np.ascontiguousarray(values, dtype=np.float32)
     thr = np.float32(threshold)
     costs = np.zeros((1, 2), dtype=np.int64)
-    nnz = int(kernels.count_gap_costs(values, thr, np.array([m], dtype=np.int64), costs))
+    nnz = int(encode_kernels.count_gap_costs(values, thr, np.array([m], dtype=np.int64), costs))
     unary_bits, high_bits = int(costs[0, 0]), int(costs[0, 1])
     sizes = golomb.stream_words(nnz, chunk_size, m, unary_bits, high_bits)
     assert sizes == (3 * -(-nnz // chunk_size), -(-unary_bits // 64), -(-(nnz * low_width(m)) // 64),
                      -(-high_bits // 64), -(-nnz // 64))
     table = np.zeros((sizes[0] // 3, 3), dtype=np.int64)
     unary, low, high, signs = (np.zeros(n, dtype=np.uint64) for n in sizes[1:])
-    got = kernels.encode_golomb(values, thr, m, chunk_size, table, unary, low, high, signs)
+    got = encode_kernels.encode_golomb(values, thr, m, chunk_size, table, unary, low, high, signs)
     assert tuple(int(x) for x in got) == (nnz, unary_bits, high_bits)
     return golomb.GolombStreams(nnz, m, chunk_size, unary_bits, high_bits, table, unary, low, high, signs)
 
@@ -431,19 +431,19 @@ def test_decode_add_matches_torch(seed, n, chunk_size, dtype, delta, density):
 @njit(cache=True)
 def _to_f16(a, out):
     for i in range(a.shape[0]):
-        out[i] = kernels.f32_to_f16_bits(a[i])
+        out[i] = floats.f32_to_f16_bits(a[i])
 
 
 @njit(cache=True)
 def _to_bf16(a, out):
     for i in range(a.shape[0]):
-        out[i] = kernels.f32_to_bf16_bits(a[i])
+        out[i] = floats.f32_to_bf16_bits(a[i])
 
 
 @njit(cache=True)
 def _from_bf16(h, out):
     for i in range(h.shape[0]):
-        out[i] = kernels.bf16_bits_to_f32(h[i])
+        out[i] = floats.bf16_bits_to_f32(h[i])
 
 
 def to_f16(a: np.ndarray) -> np.ndarray:
@@ -466,7 +466,7 @@ def is_nan16(bits: np.ndarray, exp_mask: int, man_mask: int) -> np.ndarray:
 
 
 def test_f16_all_patterns_round_trip():
-    f32 = kernels.F16_TO_F32
+    f32 = floats.F16_TO_F32
     assert (f32.view(np.uint32) == ALL16.view(np.float16).astype(np.float32).view(np.uint32)).all()
     torch_f32 = torch.from_numpy(ALL16.view(np.int16)).view(torch.float16).float().numpy()
     nan = np.isnan(torch_f32)
@@ -506,7 +506,7 @@ def _f16_halfway_cases() -> np.ndarray:
     """Every float32 exactly halfway between two adjacent finite float16 values (and 1 ulp either
     side), including the subnormal range and the tie between 65504 and infinity."""
     finite = ALL16[(ALL16 & 0x7C00) != 0x7C00]
-    base = kernels.F16_TO_F32[finite]
+    base = floats.F16_TO_F32[finite]
     normal = (finite & 0x7C00) != 0
     bits = base[normal].view(np.uint32)
     halves = [bits + np.uint32(0x1000), bits + np.uint32(0x0FFF), bits + np.uint32(0x1001)]
@@ -590,7 +590,7 @@ def test_encode_picks_cheapest_candidate(case, chunk_size):
     assert s.unary_bits + s.nnz * low_width(s.golomb_m) + s.high_bits == costs[s.golomb_m] == min(costs.values())
     # the kernel's per-candidate counts equal the reference's
     got = np.zeros((len(candidates), 2), dtype=np.int64)
-    assert kernels.count_gap_costs(np.ascontiguousarray(values, np.float32), np.float32(thr),
+    assert encode_kernels.count_gap_costs(np.ascontiguousarray(values, np.float32), np.float32(thr),
                                    np.array(candidates, dtype=np.int64), got) == s.nnz
     assert {m: (int(got[j, 0]), int(got[j, 1])) for j, m in enumerate(candidates)} == counts
     assert s.golomb_m == min(m for m in candidates if costs[m] == costs[s.golomb_m])  # ties: smallest m

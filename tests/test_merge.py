@@ -7,7 +7,9 @@ are written out, and the DARE rules (drop rate, rescaling, seeding) checked stat
 
 from __future__ import annotations
 
+import json
 import math
+import re
 import warnings
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import numba
 import numpy as np
 import pytest
 import torch
+import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from peft.utils import merge_utils
@@ -675,3 +678,303 @@ def test_names_duplicates_counted_once(same):
     compeft.merge(experts, names=["w", "w"], into=state)
     assert same(dup["w"], full["w"])
     assert same(state["w"], full["w"])
+
+
+# ---------------------------------------------------------------------------------------------
+# mergekit configs (compeft merge --config); the proof against mergekit itself is
+# tests/test_mergekit.py. Here: validation, dry runs, the tie rule's pieces, union, PEFT's rule.
+
+from compeft import merge_trim  # noqa: E402
+from compeft.cli import main as cli_main  # noqa: E402
+from compeft.merge_config import load_config  # noqa: E402
+from compeft.merge_methods import Operands, gta_dense, gta_stream  # noqa: E402
+from compeft.merge_run import merge_from_config, plan_config  # noqa: E402
+
+
+@pytest.fixture
+def saved(tmp_path):
+    """Three experts on disk (tensor scope: each tensor its own magnitude) and a base directory."""
+    experts = make_experts(3, SHAPES, densities=[0.3, 0.4, 0.5], scope="tensor", keep_dense=["layer.0.bias"])
+    paths = []
+    for i, e in enumerate(experts):
+        paths.append(str(tmp_path / f"e{i}.cpeft"))
+        e.save(paths[-1])
+    base = save_model(tmp_path / "base", {n: torch.randn(s) for n, s in SHAPES.items()})
+    return tmp_path, paths, base
+
+
+def config(paths, method="ties", weights=(1.0, 0.5, 0.7), base=None, **params):
+    out = {"merge_method": method, "models": [{"model": p, "parameters": {"weight": w}} for p, w in zip(paths, weights)]}
+    if base is not None:
+        out["base_model"] = str(base)
+    if params:
+        out["parameters"] = params
+    return out
+
+
+@pytest.fixture
+def no_payloads(monkeypatch):
+    """Fail any read of a payload: what runs under it works from headers alone."""
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("a payload was read")
+    monkeypatch.setattr(CompressedExpert, "payloads", refuse)
+
+
+BAD_CONFIGS = [
+    (lambda c: c.update(foo=1), "unknown config key 'foo'"),
+    (lambda c: c.update(slices=[]), "'slices'"),
+    (lambda c: c.update(merge_method="slerp"), "'slerp' is not supported"),
+    (lambda c: c.pop("merge_method"), "merge_method"),
+    (lambda c: c.pop("base_model"), "needs base_model"),
+    (lambda c: [m.pop("parameters") for m in c["models"]], "parameter 'weight'"),
+    (lambda c: c.update(parameters={"density": 1.5}), "'density'"),
+    (lambda c: c.update(parameters={"density": -0.1}), "'density'"),
+    (lambda c: c.update(parameters={"lambda": "abc"}), "expected a finite number"),
+    (lambda c: c.update(parameters={"lambda": float("nan")}), "expected a finite number"),
+    (lambda c: c.update(parameters={"normalize": "maybe"}), "expected true or false"),
+    (lambda c: c.update(parameters={"gamma": 0.1}), "not a parameter of ties"),
+    (lambda c: c.update(parameters={"density": [{"filter": "layer"}]}), "value missing"),
+    (lambda c: c.update(parameters={"density": [0.5, {"filter": "a", "value": 1}]}), "expected a finite number"),
+    (lambda c: c.update(parameters={"density": {"value": [[0.5]]}}), "scalar or a list"),
+    (lambda c: c.update(parameters={"density": []}), "empty list"),
+    (lambda c: c["models"][0].update(lora="x"), "unknown key 'lora'"),
+    (lambda c: c["models"][0].update(model=c["models"][0]["model"] + "+lora"), "MODEL+LORA"),
+    (lambda c: c["models"].append(dict(c["models"][0])), "listed twice"),
+    (lambda c: c.update(dtype="int8"), "'dtype'"),
+    (lambda c: c.update(out_dtype=16), "'out_dtype'"),
+    (lambda c: c.update(tokenizer_source="union"), "tokenizer_source"),
+    (lambda c: c.update(chat_template="chatml"), "chat_template"),
+    (lambda c: c.update(models=[]), "'models'"),
+    (lambda c: c.update(merge_method="nuslerp", parameters={}), "at most 2"),
+    (lambda c: c.update(merge_method="model_stock", parameters={}, models=[{"model": c["models"][0]["model"]}]),
+     "at least 2"),
+    (lambda c: c.update(merge_method="della", parameters={"density": 0.1, "epsilon": 0.15}), "density ± epsilon"),
+    (lambda c: c.update(merge_method="linear", parameters={}), "mergekit adds base_model"),
+    (lambda c: c.update(merge_method="passthrough", parameters={}, models=[{"model": c["models"][0]["model"]}]),
+     "exactly one model"),
+    (lambda c: c["models"][1].update(parameters={"weight": [{"filter": "layer.1", "value": 1.0}]}), "'weight'"),
+]
+
+
+@pytest.mark.parametrize("mutate, fragment", BAD_CONFIGS)
+def test_config_validation_refuses_before_any_payload(saved, no_payloads, mutate, fragment):
+    root, paths, base = saved
+    conf = config(paths, base=base, density=0.5)
+    mutate(conf)
+    with pytest.raises(InvalidArgumentError, match=re.escape(fragment)):
+        merge_from_config(conf, root / "out")
+
+
+def test_config_yaml_is_read_safely(saved):
+    root, paths, base = saved
+    (root / "evil.yml").write_text("merge_method: !!python/object/apply:os.system ['echo owned']\nmodels: []\n")
+    with pytest.raises(InvalidArgumentError, match="not valid YAML"):
+        load_config(root / "evil.yml")
+    (root / "list.yml").write_text("- a\n- b\n")
+    with pytest.raises(InvalidArgumentError, match="must be a mapping"):
+        load_config(root / "list.yml")
+
+
+def test_cli_config_errors_are_one_line(saved, capsys):
+    root, paths, base = saved
+    yml = root / "m.yml"
+    yml.write_text(yaml.safe_dump(config(paths, base=base, density=2)))
+    assert cli_main(["merge", "--config", str(yml), "-o", str(root / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("compeft: error:") and "'density'" in err and "\n" not in err
+    for extra in (["--method", "ties"], ["--weights", "1,2,3"], ["--drop-rate", "0.1"], [paths[0]]):
+        assert cli_main(["merge", "--config", str(yml), "-o", str(root / "out"), *extra]) == 2
+        assert "cannot be combined with --config" in capsys.readouterr().err
+    assert cli_main(["merge", paths[0], paths[1], "--dry-run"]) == 2
+    assert "--dry-run needs --config" in capsys.readouterr().err
+
+
+def test_dry_run_reads_headers_only(saved, no_payloads, capsys):
+    root, paths, base = saved
+    yml = root / "m.yml"
+    yml.write_text(yaml.safe_dump(config(paths, base=base, density=0.5)))
+    assert cli_main(["merge", "--config", str(yml), "--dry-run", "-o", str(root / "out")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("config OK: ties of 3 experts") and "base holds every tensor" in out
+    assert not (root / "out").exists()
+    plan = merge_from_config(config(paths, base=base, density=0.5), dry_run=True)
+    assert plan.summary()["tensors"] == len(SHAPES)
+
+
+def test_dry_run_catches_incompatible_experts_and_base(saved, no_payloads, tmp_path):
+    root, paths, base = saved
+    other = tmp_path / "other.cpeft"
+    compeft.compress({n: torch.randn(2, 2) if n == "layer.0.weight" else torch.randn(s) for n, s in SHAPES.items()},
+                     density=0.5).save(other)
+    with pytest.raises(BaseMismatchError, match="shape"):
+        merge_from_config(config([paths[0], str(other)], weights=(1, 1), base=base), dry_run=True)
+    small = save_model(tmp_path / "small", {"layer.0.weight": torch.zeros(24, 16)})
+    with pytest.raises(BaseMismatchError, match="not in the base"):
+        merge_from_config(config(paths, base=small), root / "model-out", dry_run=True)
+    with pytest.raises(InvalidArgumentError, match="needs the base"):
+        merge_from_config(config(paths, method="linear"), root / "model-out", dry_run=True)
+
+
+def test_peft_ties_config_is_compeft_ties(saved, same):
+    root, paths, base = saved
+    got = merge_from_config(config(paths, method="peft_ties", base=base, **{"lambda": 0.8}))
+    want = compeft.merge([compeft.open(p) for p in paths], method="ties", weights=[1.0, 0.5, 0.7], lam=0.8)
+    for name in want:
+        assert same(got[name], want[name]), name
+
+
+def mergekit_gta(deltas, weights, consensus, normalize):
+    """mergekit's generalised task arithmetic after sparsification, written out in torch."""
+    w = torch.tensor(weights).reshape(-1, *([1] * deltas[0].dim()))
+    d = torch.stack(deltas) * w
+    if consensus:
+        mask = d.sign() == ((d.sum(0) >= 0).float() * 2 - 1)
+        mixed, divisor = (d * mask).sum(0), (w * mask).sum(0)
+        divisor[divisor == 0] = 1
+    else:
+        mixed, divisor = d.sum(0), w.sum()
+    return mixed / divisor if normalize else mixed
+
+
+def test_dense_stored_delta_is_trimmed_by_magnitude(saved):
+    """A tensor stored dense has many magnitudes: TIES keeps its top k, as mergekit."""
+    root, paths, base = saved
+    got = merge_from_config(config(paths, base=base, density=0.3))
+    name = "layer.0.bias"
+    deltas = []
+    for p in paths:
+        t = compeft.open(p).to_dense(name).float()
+        k = max(1, int(0.3 * t.numel()))
+        keep = torch.zeros(t.numel(), dtype=torch.bool)
+        keep[t.abs().argsort(descending=True)[:k]] = True
+        deltas.append(torch.where(keep, t, torch.zeros_like(t)))
+    torch.testing.assert_close(got[name], mergekit_gta(deltas, [1.0, 0.5, 0.7], True, True))
+
+
+@pytest.mark.parametrize("method, params", [
+    ("ties", {"density": 0.2}), ("ties", {"density": 0.15, "rescale": True}), ("breadcrumbs", {"density": 0.3}),
+    ("breadcrumbs_ties", {"density": 0.2, "gamma": 0.05}), ("dare_ties", {"density": 0.6}),
+    ("dare_linear", {"density": 0.4, "normalize": True}), ("peft_ties", {"density": 0.2}),
+    ("task_arithmetic", {}),
+])
+def test_stream_and_decoded_paths_agree(saved, same, method, params):
+    """The kernels' drop cuts and the decoded path's trims are the same rule, bit for bit."""
+    root, paths, base = saved
+    for weights in ((1.0, -0.5, 0.7), (1.0, 0.5, 0.7), (0.5, 0.5, 0.5)):  # exact, stepped, single divisors
+        plan = plan_config(config(paths, method=method, weights=weights, base=base, **params), seed=3)
+        names = [n for n in plan.names if n != "layer.0.bias"]  # compressed in every expert
+        ops = Operands(plan.operands, plan.indices, names, plan.seed)
+        stream = gta_stream(plan.config.method, ops, names, plan.params)
+        for name in names:
+            assert same(stream[name], gta_dense(plan.config.method, ops, name, plan.params[name])), (weights, name)
+
+
+def test_tie_rule_hashes_are_the_kernels_drops():
+    expert = compeft.compress({"w": torch.randn(5000)}, density=0.4)
+    nnz = expert.entry("w").nnz
+    key, cut = 12345, int(0.3 * 2 ** 63)
+    out = torch.zeros(5000)
+    expert.executor(None, ["w"]).run([compeft.plan.TensorPlan("w", compeft.plan.ACCUMULATE, out, 1.0, None, key, cut)])
+    where = torch.nonzero(expert.to_dense("w").float()).reshape(-1)
+    kept = merge_trim.entry_hashes(key, 0, nnz) >= np.uint64(cut)
+    assert torch.equal(out[where] != 0, torch.from_numpy(kept))
+    assert merge_trim.count_kept(key, cut, nnz) == int(kept.sum())
+
+
+def test_top_cut_in_blocks_is_exact(monkeypatch):
+    nnz = 7000
+    h = merge_trim.entry_hashes(99, 0, nnz)
+    wanted = {c: int(np.sort(h)[::-1][c - 1]) for c in (1, 17, 3500, 6999)}
+    monkeypatch.setattr(merge_trim, "BLOCK", 1000)  # the histogram path
+    for c, cut in wanted.items():
+        assert merge_trim.top_cut(99, nnz, c) == cut
+        assert merge_trim.count_kept(99, cut, nnz) == c
+
+
+def test_config_merges_bit_identical_across_thread_counts(saved, same):
+    root, paths, base = saved
+    confs = [config(paths, method="della", base=base, density=0.5, epsilon=0.2),
+             config(paths, method="breadcrumbs_ties", base=base, density=0.2),
+             {"merge_method": "model_stock", "base_model": str(base), "models": [{"model": p} for p in paths]},
+             {"merge_method": "sce", "base_model": str(base), "models": [{"model": p} for p in paths],
+              "parameters": {"select_topk": 0.5}},
+             config(paths[:2], method="nuslerp", weights=(1, 2), base=base)]
+    threads, numba_threads = torch.get_num_threads(), numba.get_num_threads()
+    try:
+        results = []
+        for n in (1, max(2, numba.config.NUMBA_NUM_THREADS)):
+            torch.set_num_threads(n)
+            numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+            results.append([merge_from_config(c, seed=1) for c in confs])
+    finally:
+        torch.set_num_threads(threads)
+        numba.set_num_threads(numba_threads)
+    for a, b in zip(*results):
+        assert all(same(a[n], b[n]) for n in a)
+
+
+def test_union_counts_a_missing_tensor_as_zero(same):
+    g = torch.Generator().manual_seed(0)
+    a = {"x": torch.randn(50, generator=g), "y": torch.randn(30, generator=g)}
+    b = {"y": torch.randn(30, generator=g), "z": torch.randn(20, generator=g)}
+    experts = [compeft.compress(t, density=0.5) for t in (a, b)]
+    padded = [compeft.compress({**t, **{n: torch.zeros(s) for n, s in (("x", 50), ("y", 30), ("z", 20)) if n not in t}},
+                               density=0.5) for t in (a, b)]
+    with pytest.raises(BaseMismatchError, match="union"):
+        compeft.merge(experts)
+    for method, kwargs in (("task_arithmetic", {}), ("ties", {}), ("dare_linear", {"drop_rate": 0.3, "seed": 2})):
+        got = compeft.merge(experts, method=method, weights=[1.0, 0.5], union=True, **kwargs)
+        want = compeft.merge(padded, method=method, weights=[1.0, 0.5], **kwargs)
+        assert list(got) == ["x", "y", "z"] and got.metadata["union"] is True
+        for n in want:
+            assert torch.allclose(got[n], want[n], atol=1e-6), (method, n)  # magnitudes differ by the padding's σ
+    state = {"x": torch.zeros(50), "y": torch.zeros(30), "z": torch.zeros(20)}
+    compeft.merge(experts, union=True, into=state)
+    assert same(state["z"], compeft.merge(experts, union=True)["z"])
+
+
+def test_config_models_by_library_name(saved, monkeypatch, same):
+    """``library:`` (or --library): a model found in the catalog comes from it, else from its path."""
+    root, paths, base = saved
+    opened = {}
+
+    class FakeLibrary(dict):
+        pass
+
+    def fake_open_library(url, **kwargs):
+        opened["url"] = url
+        return FakeLibrary(math=compeft.open(paths[0]), code=compeft.open(paths[1]))
+
+    monkeypatch.setattr("compeft.library.open_library", fake_open_library)
+    conf = config(["math", "code", paths[2]], base=base, density=0.5)
+    got = merge_from_config({**conf, "library": "s3://bucket/lib"})
+    want = merge_from_config(config(paths, base=base, density=0.5))
+    assert opened["url"] == "s3://bucket/lib" and all(same(got[n], want[n]) for n in want)
+    with pytest.raises(InvalidArgumentError, match="library"):
+        merge_from_config({**conf, "library": "s3://bucket/lib"}, library="s3://other")
+    yml = root / "lib.yml"
+    yml.write_text(yaml.safe_dump(conf))
+    assert cli_main(["merge", "--config", str(yml), "--library", "s3://bucket/x", "-o", str(root / "tv.safetensors"),
+                     "-q"]) == 0
+    from safetensors.torch import load_file
+    tv = load_file(str(root / "tv.safetensors"))
+    assert all(same(tv[n], want[n]) for n in want)
+    record = json.loads(compeft.open(paths[0]).metadata.get("user", {}).get("merge", "{}") or "{}")
+    assert record == {}  # the inputs are untouched
+
+
+def test_config_outputs_model_tv_and_cpeft(saved, same):
+    root, paths, base = saved
+    conf = config(paths, base=base, density=0.5, **{"lambda": 0.5})
+    tv = merge_from_config(conf)
+    out = merge_from_config(conf, root / "model")
+    from safetensors.torch import load_file
+    merged, base_sd = load_file(str(out / "model.safetensors")), load_file(str(base / "model.safetensors"))
+    for n in tv:
+        assert same(merged[n], base_sd[n] + tv[n])
+    path = merge_from_config(conf, root / "m.cpeft", density=0.2)
+    expert = compeft.open(path)
+    assert expert.metadata["density"] == 0.2
+    assert json.loads(expert.metadata["user"]["merge"])["method"] == "ties"
+    with pytest.raises(InvalidArgumentError, match="scales the base"):
+        merge_from_config({**config(paths, method="linear", normalize=False)}, root / "x.safetensors", base=base)

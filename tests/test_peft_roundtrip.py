@@ -336,3 +336,22 @@ def test_full_finetune_with_a_bad_model_file_name(workdir, container):
     with pytest.raises(HeaderError, match="evil.json"):
         compeft.decompress(path, workdir / "out", base=workdir / "base")
     assert not (workdir / "out").exists() and not (workdir / "evil.json").exists()
+
+
+def test_adapters_with_regular_expressions_load_as_peft_loads_them(workdir):
+    """Legitimate patterns (a regex target_modules, regex rank_pattern keys) are evaluated by compeft
+    within a budget and handed to PEFT as the names they match (spec/SECURITY.md T19): the adapter
+    is the one PEFT builds from the original config."""
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=r".*(q|v)_proj", rank_pattern={r"v_pr.j": 2},
+                        alpha_pattern={r"^q_\w+$": 16})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = get_peft_model(fresh_base(), config)
+    train_like(model, 7)
+    model.save_pretrained(str(workdir / "a"))
+    expert = compeft.compress(workdir / "a", density=0.5)
+    loaded = load_adapter(fresh_base(), expert)
+    peft_loaded = load_dir(compeft.decompress(expert, workdir / "restored"))
+    assert torch.equal(outputs(loaded), outputs(peft_loaded))
+    assert loaded.base_model.model.v_proj.lora_A["default"].weight.shape[0] == 2
+    assert loaded.base_model.model.q_proj.scaling["default"] == 4.0

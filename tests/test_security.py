@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -466,3 +467,315 @@ def test_t12_wrong_base_is_refused_unless_forced(tmp_path):
     assert all(torch.equal(wrong[n], before[n]) for n in wrong)  # refused before any write
     compeft.apply(expert, wrong, check_base=False)
     assert not torch.equal(wrong["w"], before["w"])
+
+
+# ---------------------------------------------------------------------------------------------
+# T19 (adapter configs evaluated by PEFT) is tests/test_adapter_config.py.
+# T20: files that are not regular files
+
+FIFO_PROBE = r"""
+    import sys, compeft
+    from compeft.errors import SourceError
+    target, kind = sys.argv[1], sys.argv[2]
+    try:
+        if kind == "library":
+            compeft.open_library(target)["math"]
+        elif kind == "library-verify":
+            compeft.open_library(target).verify(["math"])
+        else:
+            compeft.open(target)
+    except SourceError as exc:
+        print("refused:", exc)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="POSIX FIFOs")
+@pytest.mark.parametrize("kind", ["path", "file-url", "library", "library-verify", "cli", "catalog"])
+def test_t20_a_fifo_is_refused_without_blocking(tmp_path, kind):
+    """Opening a FIFO for reading blocks until a writer comes (forever): refused by its type first.
+    Run in a subprocess with a timeout, so that a regression fails instead of hanging the suite."""
+    if kind.startswith("library") or kind == "catalog":
+        shutil.copytree(ROOT / "spec" / "vectors" / "library", tmp_path / "lib")
+        fifo = tmp_path / "lib" / ("catalog.json" if kind == "catalog" else "math.cpeft")
+        fifo.unlink()
+        target = str(tmp_path / "lib")
+    else:
+        fifo = tmp_path / "expert.cpeft"
+        target = f"file://{fifo}" if kind == "file-url" else str(fifo)
+    os.mkfifo(fifo)
+    if kind in ("cli", "catalog"):
+        command = ["verify", target] if kind == "cli" else ["library", "ls", target]
+        proc = subprocess.run([sys.executable, "-m", "compeft.cli", *command], cwd=ROOT, env=SUBPROCESS_ENV,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert proc.stderr.strip().splitlines() == [f"compeft: error: {fifo}: not a regular file (a FIFO)"]
+        return
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(FIFO_PROBE), target, kind], cwd=ROOT,
+                          env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == f"refused: {fifo}: not a regular file (a FIFO)", proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# T21: one memory budget per call
+
+GIB_ELEMENTS = 2 ** 28  # float32: 1 GiB
+
+
+def many_gibibytes(count: int) -> bytes:
+    """``count`` compressed float32 tensors of 1 GiB each, all zero (empty payloads): a few KB."""
+    tensors = [golomb_entry(f"w{i:04d}", [GIB_ELEMENTS]) for i in range(count)]
+    return surgery.join(header_doc(tensors, source="tensors"))
+
+
+MEMORY_PROBE = r"""
+    import resource, sys, time, json
+    import compeft
+    from compeft.errors import OutputTooLargeError
+    from compeft.export import merge_to
+    path, out = sys.argv[1], sys.argv[2]
+    expert = compeft.open(path)
+    results = {}
+    for name, call in [("state_dict", lambda: expert.state_dict()),
+                       ("decompress", lambda: compeft.decompress(expert, out + "/tv.safetensors")),
+                       ("merge_to", lambda: merge_to([expert, expert], out + "/m.safetensors"))]:
+        started = time.perf_counter()
+        try:
+            call()
+            results[name] = "allocated"
+        except OutputTooLargeError as exc:
+            results[name] = str(exc)
+        results[name + "_s"] = time.perf_counter() - started
+    results["peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(results))
+"""
+
+
+@pytest.mark.parametrize("address_limit", [None, 4 << 30])
+def test_t21_forty_gibibytes_in_a_few_kilobytes_are_refused_before_any_allocation(tmp_path, address_limit):
+    """Red-team finding: each declared tensor passed the per-tensor check and state_dict, decompress
+    and merge allocated them one after another. The sum of one call's outputs is checked against
+    the memory available (and under a 4 GiB address-space limit, against what is left of it)."""
+    from compeft.memory import available_memory
+    count = max(40, available_memory() // 2 ** 30 + 2)
+    path = write(tmp_path, many_gibibytes(count))
+    assert path.stat().st_size < 256 * count + 4096  # 8.9 KB for forty
+    limit = "" if address_limit is None else f"resource.setrlimit(resource.RLIMIT_AS, ({address_limit}, {address_limit}))\n"
+    code = "import resource\n" + limit + textwrap.dedent(MEMORY_PROBE)
+    proc = subprocess.run([sys.executable, "-c", code, str(path), str(tmp_path)], cwd=ROOT, env=SUBPROCESS_ENV,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    for name in ("state_dict", "decompress", "merge_to"):
+        assert "in all" in results[name] and "memory available" in results[name] and str(path) in results[name], results
+        assert results[name + "_s"] < 5, results
+    assert results["peak_mib"] < 2048, results
+    assert not list(tmp_path.glob("*.safetensors"))
+    cli = subprocess.run([sys.executable, "-m", "compeft.cli", "decompress", str(path), "-o", str(tmp_path / "x.safetensors")],
+                         cwd=ROOT, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
+    assert cli.returncode == 2 and len(cli.stderr.strip().splitlines()) == 1 and "in all" in cli.stderr, cli.stderr
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_t21_dense_payloads_are_outputs_too(tmp_path, monkeypatch):
+    """A dense tensor's copy counts against the call's budget (it bypassed allocate() once);
+    verify() copies nothing, so it still runs with no memory to spare."""
+    import compeft.memory
+    expert = compeft.compress({"w": torch.randn(64, 64), "i": torch.arange(4096)}, density=0.5)
+    expert.save(tmp_path / "e.cpeft")
+    opened = compeft.open(tmp_path / "e.cpeft")
+    monkeypatch.setattr(compeft.memory, "available_memory", lambda device=None: 4096)
+    with pytest.raises(OutputTooLargeError, match="in all"):
+        opened.state_dict()
+    with pytest.raises(OutputTooLargeError, match="in all"):
+        opened.payloads(["i"])
+    opened.verify()
+
+
+VERIFY_PROBE = r"""
+    import json, resource, sys
+    import compeft, compeft.expert
+    compeft.expert._MAX_READ = 4 << 20  # runs of at most 4 MiB (256 MiB by default)
+    warm = compeft.compress({"w": compeft.expert.torch.randn(64)}, density=0.5)
+    warm.verify()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    compeft.open(sys.argv[1]).verify()
+    print(json.dumps({"growth_mib": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024}))
+"""
+
+
+def test_t21_verify_holds_the_header_and_one_run_not_the_file(tmp_path):
+    """FORMAT.md 8: verify() needs the header and the largest run of payloads read together. A
+    64 MiB file of sixteen 4 MiB dense tensors once cost 128 MiB (the file, then a copy of each)."""
+    g = torch.Generator().manual_seed(2)
+    tensors = {f"d{i:02d}": torch.randn(1 << 20, generator=g) for i in range(16)}
+    compeft.compress(tensors, density=0.5, keep_dense=["d*"]).save(tmp_path / "dense.cpeft")
+    proc = run_python(VERIFY_PROBE.replace("sys.argv[1]", repr(str(tmp_path / "dense.cpeft"))))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    growth = json.loads(proc.stdout.strip().splitlines()[-1])["growth_mib"]
+    print(f"\nverify of a 64 MiB file of dense payloads: peak RSS grew {growth:.1f} MiB")
+    assert growth < 24, growth
+
+
+# ---------------------------------------------------------------------------------------------
+# T22: the bytes checked are the bytes written
+
+
+def forge_crc(data: bytearray, at: int, target: int) -> None:
+    """Set ``data[at:at + 4]`` so that ``zlib.crc32(data) == target``: CRC-32 is affine over GF(2),
+    so the 32 unknown bits solve a linear system (a CRC detects accidents, not forgery)."""
+    import zlib
+
+    def crc_with(value: int) -> int:
+        data[at:at + 4] = value.to_bytes(4, "little")
+        return zlib.crc32(data)
+
+    zero = crc_with(0)
+    columns = [crc_with(1 << i) ^ zero for i in range(32)]
+    rows = [(columns[i], 1 << i) for i in range(32)]  # (image, preimage) pairs; eliminate on the image
+    want, solution = target ^ zero, 0
+    basis: list[tuple[int, int]] = []
+    for image, pre in rows:
+        for b_image, b_pre in basis:
+            if image ^ b_image < image:
+                image, pre = image ^ b_image, pre ^ b_pre
+        if image:
+            basis.append((image, pre))
+            basis.sort(reverse=True)
+    for b_image, b_pre in basis:
+        if want ^ b_image < want:
+            want, solution = want ^ b_image, solution ^ b_pre
+    assert want == 0, "the 4 bytes cannot reach that CRC"
+    assert crc_with(solution) == target
+
+
+def test_t22_a_payload_swapped_after_verify_for_a_crc_forgery_writes_nothing(tmp_path):
+    """Red-team finding: after verify(), apply() trusted the cached structure check by name; a payload
+    replaced on disk by one forged to the same CRC-32 got 19 of 20 tensors written before the error
+    (and restorable=True never returned its handle). The check is now keyed by the SHA-256 of the
+    bytes read, and apply writes only from the bytes it read and checked."""
+    from compeft.codec import golomb
+    from compeft.errors import CorruptPayloadError
+    g = torch.Generator().manual_seed(4)
+    tensors = {f"w{i:02d}": torch.randn(64, 64, generator=g) for i in range(20)}
+    path = tmp_path / "e.cpeft"
+    compeft.compress(tensors, density=0.3).save(path)
+    expert = compeft.open(path)
+    expert.verify()
+    last = max(expert.header.tensors, key=lambda e: e.offset)
+    words = golomb.stream_words(last.nnz, last.chunk_size, last.golomb_m, last.unary_bits, last.high_bits)
+    blob = bytearray(path.read_bytes())
+    start = expert.header.data_start + last.offset
+    payload = bytearray(blob[start:start + last.length])
+    payload[8 * words[0]:8 * (words[0] + words[1])] = bytes(8 * words[1])  # the unary stream zeroed
+    forge_crc(payload, last.length - 4, last.crc32)  # the last sign word absorbs the difference
+    blob[start:start + last.length] = payload
+    path.write_bytes(bytes(blob))  # same size, same header: only a decode can tell
+    state = {n: torch.zeros(64, 64) for n in tensors}
+    with pytest.raises(CorruptPayloadError, match=repr(last.name)):
+        compeft.apply(expert, state, restorable=True)
+    assert all(not bool(t.any()) for t in state.values()), "a weight was written before the error"
+    with pytest.raises(CorruptPayloadError):
+        expert.verify()
+
+
+# ---------------------------------------------------------------------------------------------
+# T23: model_files of a full fine-tune
+
+
+@pytest.fixture(scope="module")
+def fine_tune(tmp_path_factory) -> tuple[Path, Path]:
+    """A base directory and an expert of a fine-tune of it with model_files (config.json)."""
+    root = tmp_path_factory.mktemp("ft")
+    g = torch.Generator().manual_seed(6)
+    base = {"a": torch.randn(32, 32, generator=g), "b": torch.randn(32, generator=g)}
+    for name, tensors in (("base", base), ("tuned", {n: t + 0.1 for n, t in base.items()})):
+        (root / name).mkdir()
+        save_file(tensors, root / name / "model.safetensors")
+        (root / name / "config.json").write_text(json.dumps({"model_type": name}))
+    compeft.compress(root / "tuned", base=root / "base", density=0.5).save(root / "e.cpeft")
+    return root / "base", root / "e.cpeft"
+
+
+@pytest.mark.parametrize("files", [
+    {"a\x00.json": "{}"}, {"\ud800.json": "{}"}, {"x" * 300 + ".json": "{}"}, {".hidden.json": "{}"},
+    {"w\x1b[2J.json": "{}"}, {"sub/x.json": "{}"}, {"x.json": "\ud800"}, {"x.json": 3},
+    {f"f{i}.json": "{}" for i in range(300)}, {"a.json": "x" * (9 << 20), "b.json": "y" * (9 << 20)},
+    {"model.safetensors.index.json": "{}"},
+])
+def test_t23_model_files_are_checked_completely_before_anything_is_written(tmp_path, fine_tune, files):
+    """Red-team finding: names with NUL, surrogates or over 255 bytes passed the check and failed in
+    the write, after the weight shards were written; their number was unbounded."""
+    base, expert_path = fine_tune
+    hostile = tmp_path / "hostile.cpeft"
+    _, doc, data = surgery.split(expert_path.read_bytes())
+    doc["metadata"]["model_files"] = files
+    hostile.write_bytes(surgery.join(json.dumps(doc).encode(), data))  # ASCII: a lone surrogate as \ud800
+    out = tmp_path / "out"
+    with pytest.raises(HeaderError, match="model_files|surrogate") as info:
+        compeft.decompress(hostile, out, base=base)
+    assert str(hostile) in str(info.value) and len(str(info.value).splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hostile.cpeft"]  # nothing written, no stray
+
+
+# ---------------------------------------------------------------------------------------------
+# T25: what the CLI prints
+
+
+def test_t25_library_ls_prints_hostile_catalog_fields_safely(tmp_path):
+    """Red-team finding: `compeft library ls` trusted catalog fields: huge integers gave tracebacks
+    and escape sequences reached the terminal. Every field goes through report.shown/number."""
+    lib = tmp_path / "lib"
+    shutil.copytree(ROOT / "spec" / "vectors" / "library", lib)
+    doc = json.loads((lib / "catalog.json").read_text())
+    doc["experts"][0].update(size=10 ** 60, parameters=10 ** 300, density=1e308, source="\x1b]0;pwned\x07",
+                             scope="\u202etensor", base_model="\x1b[2J" + "m" * 40, alpha=None,
+                             alpha_rule="\x9b31m")
+    (lib / "catalog.json").write_text(json.dumps(doc))
+    for extra in ([], ["--json"]):
+        proc = subprocess.run([sys.executable, "-m", "compeft.cli", "library", "ls", str(lib), *extra], cwd=ROOT,
+                              env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0 and not proc.stderr, proc.stderr
+        assert all(line.isprintable() for line in proc.stdout.splitlines()), proc.stdout
+    assert "<an integer of" in proc.stdout or "e+" in proc.stdout or json.loads(proc.stdout)
+
+
+def test_t25_cli_errors_are_one_printable_line(tmp_path):
+    path = tmp_path / "w\x1b]0;pwned\x07.cpeft"
+    proc = subprocess.run([sys.executable, "-m", "compeft.cli", "verify", str(path)], cwd=ROOT, env=SUBPROCESS_ENV,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1 and proc.stderr.rstrip("\n").isprintable()
+    assert r"w\x1b]0;pwned\x07.cpeft" in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# T24: what a remote store answers
+
+
+class OddStore:
+    """An fsspec-like store of one object whose metadata is odd (fuzzer finding, remote target)."""
+
+    protocol = "odd"
+
+    def __init__(self, blob: bytes, info: dict) -> None:
+        self.blob, self._info = blob, info
+
+    def info(self, path: str) -> dict:
+        return dict(self._info)
+
+    def cat_file(self, path: str, start: int | None = None, end: int | None = None) -> bytes:
+        return self.blob[start:end]
+
+
+@pytest.mark.parametrize("info", [{"ETag": "\ud800abc", "size": None}, {"ETag": "x", "size": "12"},
+                                  {"ETag": ["x"], "size": -1}, {"ETag": "x", "size": True}])
+def test_t24_odd_object_metadata_is_not_trusted(tmp_path, small, info):
+    """An ETag whose bytes were not UTF-8 (lone surrogates once decoded) raised UnicodeEncodeError
+    while naming the cache directory; a size that is not a non-negative integer raised TypeError."""
+    from compeft.expert import CompressedExpert
+    from compeft.remote import RemoteReader
+    blob = small.read_bytes()
+    reader = RemoteReader(OddStore(blob, info), "obj", "odd://obj", cache=tmp_path / "cache", retries=0)
+    expert = CompressedExpert(reader)
+    expert.verify()
+    assert sorted(expert.names) == ["a", "b"]

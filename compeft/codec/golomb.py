@@ -13,9 +13,10 @@ from typing import Any, Sequence
 import numpy as np
 from numba.typed import List
 
-from ..errors import CorruptPayloadError
-from ..format.header import MAX_GOLOMB_M, golomb_payload_length, golomb_width
-from . import kernels
+from ..errors import CorruptPayloadError, InvalidArgumentError
+from ..format.header import MAX_GOLOMB_M, golomb_fields, golomb_payload_length
+from . import encode_kernels, kernels
+from .floats import F16_TO_F32
 
 DEFAULT_CHUNK_SIZE = 16384
 
@@ -47,7 +48,7 @@ class GolombStreams:
 
 def stream_words(nnz: int, chunk_size: int, golomb_m: int, unary_bits: int, high_bits: int) -> tuple[int, ...]:
     """Words of the table, unary, low, high and sign parts."""
-    width = max(golomb_width(golomb_m) - 1, 0)
+    width = golomb_fields(golomb_m).w
     return (3 * -(-nnz // chunk_size), -(-unary_bits // 64), -(-(nnz * width) // 64), -(-high_bits // 64),
             -(-nnz // 64))
 
@@ -67,7 +68,7 @@ def golomb_candidates(nnz: int, numel: int) -> np.ndarray:
 def count_kept(values: np.ndarray, threshold: float) -> int:
     """Number of entries with ``|v| >= threshold`` and ``v != 0``."""
     costs = np.zeros((1, 2), dtype=np.int64)
-    return int(kernels.count_gap_costs(values, np.float32(threshold), np.ones(1, np.int64), costs))
+    return int(encode_kernels.count_gap_costs(values, np.float32(threshold), np.ones(1, np.int64), costs))
 
 
 def encode(values: np.ndarray, threshold: float, chunk_size: int = DEFAULT_CHUNK_SIZE) -> GolombStreams:
@@ -77,15 +78,15 @@ def encode(values: np.ndarray, threshold: float, chunk_size: int = DEFAULT_CHUNK
     nnz = count_kept(values, threshold)
     candidates = golomb_candidates(nnz, values.size)
     costs = np.zeros((candidates.size, 2), dtype=np.int64)
-    kernels.count_gap_costs(values, thr, candidates, costs)
-    widths = np.array([max(golomb_width(int(m)) - 1, 0) for m in candidates], dtype=np.int64)
+    encode_kernels.count_gap_costs(values, thr, candidates, costs)
+    widths = np.array([golomb_fields(int(m)).w for m in candidates], dtype=np.int64)
     best = int(np.argmin(costs.sum(axis=1) + nnz * widths))  # ties: the smallest m (candidates are sorted)
     m = int(candidates[best])
     unary_bits, high_bits = int(costs[best, 0]), int(costs[best, 1])
     sizes = stream_words(nnz, chunk_size, m, unary_bits, high_bits)
     table = np.zeros((sizes[0] // 3, 3), dtype=np.int64)
     unary, low, high, signs = (np.zeros(n, dtype=np.uint64) for n in sizes[1:])
-    got = kernels.encode_golomb(values, thr, m, chunk_size, table, unary, low, high, signs)
+    got = encode_kernels.encode_golomb(values, thr, m, chunk_size, table, unary, low, high, signs)
     assert got == (nnz, unary_bits, high_bits), "encoder passes disagree"
     return GolombStreams(nnz, m, chunk_size, unary_bits, high_bits, table, unary, low, high, signs)
 
@@ -129,30 +130,73 @@ class DecodeJob:
     numel: int
     out: np.ndarray  # flat uint16 / uint32 bits of the output (ignored by MODE_CHECK)
     where: str
-    positive: int = 0
+    positive: int = 0  # value patterns of MODE_DENSE / MODE_SCATTER (bits of the output's dtype)
     negative: int = 0
-    delta: float = 0.0
-    aux: np.ndarray | None = None  # float32[numel] sign-election sums (MODE_TIES)
-    drop_key: int = 0  # DARE (see kernels.P_DROP_*): both in [0, 2**63)
+    delta: float = 0.0  # the step (scale × magnitude) of MODE_ADD_* and MODE_TIES, as float32
+    aux: np.ndarray | None = None  # float32[numel] sign-election sums (MODE_TIES only)
+    drop_key: int = 0  # DARE (see kernels.P_DROP_*), MODE_ADD_F32 and MODE_TIES only: both in [0, 2**63)
     drop_cut: int = 0
 
 
 _NO_AUX = np.empty(0, dtype=np.float32)
+_U16, _U32 = np.dtype(np.uint16), np.dtype(np.uint32)
+# The output bits each mode writes: float32 bits (uint32) or 16-bit float bits (uint16).
+OUTPUT_DTYPES = {kernels.MODE_DENSE: (_U16, _U32), kernels.MODE_SCATTER: (_U16, _U32),
+                 kernels.MODE_ADD_F32: (_U32,), kernels.MODE_ADD_BF16: (_U16,), kernels.MODE_ADD_F16: (_U16,),
+                 kernels.MODE_TIES: (_U32,)}
+MODE_NAMES = {kernels.MODE_CHECK: "check", kernels.MODE_DENSE: "dense", kernels.MODE_SCATTER: "scatter",
+              kernels.MODE_ADD_F32: "add_f32", kernels.MODE_ADD_BF16: "add_bf16", kernels.MODE_ADD_F16: "add_f16",
+              kernels.MODE_TIES: "ties"}
+
+
+def check_job(job: DecodeJob, mode: int, path: object = None) -> None:
+    """Raise :class:`InvalidArgumentError` unless ``job`` fits decode mode ``mode``: its output's
+    shape and dtype, its value patterns, aux array and DARE drops (see ``kernels.MODE_*``)."""
+    name = MODE_NAMES[mode]
+    if job.drop_cut and mode not in kernels.DARE_MODES:
+        raise InvalidArgumentError(f"{job.where}: {name} drops no entries (DARE is for add_f32 and ties)", path)
+    if not (0 <= job.drop_key < 1 << 63 and 0 <= job.drop_cut < 1 << 63):
+        raise InvalidArgumentError(f"{job.where}: DARE key and cut must lie in [0, 2**63)", path)
+    if mode == kernels.MODE_CHECK:
+        return
+    out = job.out
+    size = 2 * job.numel if mode == kernels.MODE_TIES else job.numel
+    if not isinstance(out, np.ndarray) or out.ndim != 1 or out.size != size:
+        raise InvalidArgumentError(f"{job.where}: output must be flat with {size} entries", path)
+    allowed = OUTPUT_DTYPES[mode]
+    if out.dtype not in allowed:
+        raise InvalidArgumentError(f"{job.where}: {name} writes {' or '.join(map(str, allowed))} bits, "
+                                   f"not {out.dtype}", path)
+    if not (out.flags.c_contiguous and out.flags.writeable):
+        raise InvalidArgumentError(f"{job.where}: output must be contiguous and writeable", path)
+    if mode in (kernels.MODE_DENSE, kernels.MODE_SCATTER):
+        top = np.iinfo(out.dtype).max
+        if not (0 <= job.positive <= top and 0 <= job.negative <= top):
+            raise InvalidArgumentError(f"{job.where}: value patterns must be {out.dtype} bits", path)
+    aux = job.aux
+    if mode != kernels.MODE_TIES:
+        if aux is not None:
+            raise InvalidArgumentError(f"{job.where}: only ties reads an aux array", path)
+    elif (not isinstance(aux, np.ndarray) or aux.dtype != np.float32 or aux.ndim != 1 or aux.size != job.numel
+          or not aux.flags.c_contiguous):
+        raise InvalidArgumentError(f"{job.where}: ties needs aux, a contiguous float32[{job.numel}]", path)
 
 
 def decode_many(jobs: Sequence[DecodeJob], mode: int, path: object) -> None:
-    """Check the chunk tables, then decode every chunk of every job in one parallel region
+    """Check every job against ``mode`` (:func:`check_job`, before anything is written), check the
+    chunk tables, then decode every chunk of every job in one parallel region per output dtype
     (see ``kernels.MODE_*``). Raises :class:`CorruptPayloadError` naming the first bad tensor."""
+    if mode not in MODE_NAMES:
+        raise InvalidArgumentError(f"unknown decode mode {mode!r}", path)
+    for job in jobs:
+        check_job(job, mode, path)
     groups: dict[Any, list[DecodeJob]] = {}
     for job in jobs:
-        size = 2 * job.numel if mode == kernels.MODE_TIES else job.numel
-        if mode != kernels.MODE_CHECK and (job.out.ndim != 1 or job.out.size != size):
-            raise ValueError(f"output must be flat with {size} entries")
         if job.streams.nnz == 0:
             if mode == kernels.MODE_DENSE:
                 job.out[:] = 0
             continue
-        key = np.dtype(np.uint16) if mode == kernels.MODE_CHECK else job.out.dtype
+        key = _U16 if mode == kernels.MODE_CHECK else job.out.dtype
         groups.setdefault(key, []).append(job)
     for dtype, group in groups.items():
         _decode_group(group, mode, np.empty(0, dtype=dtype), path)
@@ -198,7 +242,7 @@ def _decode_group(group: list[DecodeJob], mode: int, empty: np.ndarray, path: ob
     work = chunk_work((params[:, kernels.P_UNARY] - params[:, kernels.P_TABLE]) // 3)
     deltas = np.array([job.delta for job in group], dtype=np.float32)
     status = np.zeros(work.shape[0], dtype=np.int64)
-    kernels.decode_golomb(words, params, outs, auxs, deltas, work, mode, kernels.F16_TO_F32, status)
+    kernels.decode_golomb(words, params, outs, auxs, deltas, work, mode, F16_TO_F32, status)
     _raise_first(status, work, group, path)
 
 

@@ -1,9 +1,18 @@
-"""Numba kernels of the ternary-golomb codec (spec/FORMAT.md, section "ternary-golomb").
+"""Numba kernels of the ternary-golomb decoder (spec/FORMAT.md, section "ternary-golomb"), and the
+codes, modes and parameter columns every codec kernel shares (the encoder's kernels are in
+:mod:`compeft.codec.encode_kernels`, the selection's in :mod:`compeft.codec.select_kernels`).
 
 Kernels see only contiguous numpy arrays and scalars; the caller allocates every output and has
 validated every offset and length (see :mod:`compeft.codec.golomb`). Each kernel still stops at
 the end of its inputs and outputs on its own and reports a status code instead of raising, because
 Numba does not bounds-check and no Python object may cross the kernel boundary.
+
+Decoding is one chunk walker (:func:`walk_chunk`: the unary word scan, the low and high fields,
+positions, signs and every validity check, written once) and one small parallel driver per
+operation (``*_chunks``, see :data:`DRIVERS`). An operation is a pair of plain ``@njit`` functions
+given to the walker as arguments, so Numba compiles a walker specialised for each operation: its
+``begin`` checks (and for dense, zero-fills) the chunk's output range, its ``visit`` writes one
+kept entry. No per-entry branch on the operation is left in any hot loop.
 
 Bit streams are arrays of little-endian uint64 words; bit ``i`` of a stream is bit ``i % 64`` of
 word ``i // 64``. No ``fastmath`` anywhere: decode is bit-exact by specification.
@@ -15,6 +24,9 @@ import numpy as np
 from numba import njit, prange
 from numba.cpython.unsafe.numbers import trailing_zeros
 
+from ..errors import InvalidArgumentError
+# F16_TO_F32: the table the add_f16 drivers take, also importable from here as before
+from .floats import F16_TO_F32, bf16_bits_to_f32, f32_to_bf16_bits, f32_to_f16_bits  # noqa: F401
 from .threads import serialized  # importing it pins a thread-safe threading layer (see threads.py)
 
 # Status codes a decode kernel returns per chunk (0 = the chunk decoded and matched the table).
@@ -44,7 +56,7 @@ STATUS_MESSAGES = {
     ERR_TABLE_BITS: "chunk table invalid: a chunk has fewer unary bits or more high bits than its entries allow",
 }
 
-# Output modes of the decode kernel.
+# Decode operations (each has its driver in DRIVERS; golomb.decode_many checks the output dtypes).
 MODE_CHECK = 0  # decode and validate only; write nothing
 MODE_DENSE = 1  # zero-fill the chunk's range of ``out`` and write the value patterns
 MODE_ADD_F32 = 2  # out (float32) += ±delta
@@ -53,57 +65,33 @@ MODE_ADD_F16 = 4  # out (uint16 holding float16) = f16(f32(out) ± delta)
 MODE_SCATTER = 5  # like MODE_DENSE into an output known to be zero: no zero-fill pass
 MODE_TIES = 6  # where the entry's sign agrees with aux's (aux >= 0 elects +): out[p] += ±delta and
 #               out[numel + p] += 1 (out is float32[2 * numel]: the agreeing sum, then the count)
+MODES = (MODE_CHECK, MODE_DENSE, MODE_ADD_F32, MODE_ADD_BF16, MODE_ADD_F16, MODE_SCATTER, MODE_TIES)
+DARE_MODES = (MODE_ADD_F32, MODE_TIES)  # the merge passes: the only ones that drop entries (DARE)
 
-F16_TO_F32 = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+# Columns of the per-tensor parameter rows given to the batch kernels.
+P_NNZ, P_NUMEL, P_M, P_CHUNK, P_UNARY_BITS, P_HIGH_BITS, P_POSITIVE, P_NEGATIVE = range(8)
+P_TABLE, P_UNARY, P_LOW, P_HIGH, P_SIGNS, P_END = range(8, 14)  # word offsets into the shared words array
+P_DROP_KEY, P_DROP_CUT = 14, 15  # DARE: entry e is dropped when splitmix64(key + e) >> 1 < cut (cut 0: none)
+N_PARAMS = 16
 
-
-# ---------------------------------------------------------------------------------------------
-# float helpers (numba has no float16 or bfloat16 type on the CPU)
-
-
-@njit(cache=True, inline="always")
-def bf16_bits_to_f32(h):
-    """uint16 bfloat16 bits -> float32 (exact)."""
-    return np.uint32(np.uint32(h) << np.uint32(16)).view(np.float32)
-
-
-@njit(cache=True, inline="always")
-def f32_to_bf16_bits(f):
-    """float32 -> uint16 bfloat16 bits, round to nearest even (as torch); NaN stays a quiet NaN."""
-    x = np.float32(f).view(np.uint32)
-    if (x & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
-        return np.uint16((x >> np.uint32(16)) | np.uint32(0x40))
-    x = x + np.uint32(0x7FFF) + ((x >> np.uint32(16)) & np.uint32(1))
-    return np.uint16(x >> np.uint32(16))
-
-
-@njit(cache=True, inline="always")
-def f32_to_f16_bits(f):
-    """float32 -> uint16 float16 bits, round to nearest even (as numpy and torch)."""
-    x = np.float32(f).view(np.uint32)
-    sign = np.uint32((x >> np.uint32(16)) & np.uint32(0x8000))
-    ax = x & np.uint32(0x7FFFFFFF)
-    if ax >= np.uint32(0x7F800000):
-        if ax > np.uint32(0x7F800000):
-            return np.uint16(sign | np.uint32(0x7E00))
-        return np.uint16(sign | np.uint32(0x7C00))
-    if ax >= np.uint32(0x477FF000):  # >= 65520: rounds to infinity
-        return np.uint16(sign | np.uint32(0x7C00))
-    if ax < np.uint32(0x38800000):  # below 2**-14: a float16 subnormal (or zero)
-        v = np.float64(np.uint32(ax).view(np.float32)) * 16777216.0  # exact: in units of 2**-24
-        n = np.int64(np.floor(v))
-        frac = v - n
-        if frac > 0.5 or (frac == 0.5 and (n & 1) == 1):
-            n += 1
-        return np.uint16(sign | np.uint32(n))
-    odd = (ax >> np.uint32(13)) & np.uint32(1)
-    # Re-bias the exponent (127 -> 15) and add the rounding bias in one step.
-    ax = ax + np.uint32(0xC8000FFF) + odd
-    return np.uint16(sign | (ax >> np.uint32(13)))
+U = np.uint64  # array indices known to be in range: unsigned, so Numba emits no wraparound test
 
 
 # ---------------------------------------------------------------------------------------------
-# encoding
+# shared arithmetic
+
+
+@njit(cache=True, inline="always")
+def golomb_fields(m):
+    """(b, w, cut, half) of Golomb parameter m >= 1: the in-kernel twin of
+    :func:`compeft.format.header.golomb_fields` (same values, m = 1 gives (0, 0, 1, 0))."""
+    b = 0
+    while (np.int64(1) << b) < m:
+        b += 1
+    if b == 0:
+        return 0, 0, np.int64(1), np.int64(0)
+    cut = (np.int64(1) << b) - m
+    return b, b - 1, cut, (np.int64(1) << (b - 1)) - cut
 
 
 @njit(cache=True, inline="always")
@@ -115,110 +103,8 @@ def splitmix64(x):
     return z ^ (z >> np.uint64(31))
 
 
-@njit(cache=True, inline="always")
-def _is_kept(v, threshold):
-    return v != 0.0 and abs(v) >= threshold
-
-
-@njit(cache=True, inline="always")
-def golomb_fields(m):
-    """(b, cut, half) of Golomb parameter m: b = ceil(log2 m), cut = 2**b - m, half = 2**(b-1) - cut."""
-    b = 0
-    while (np.int64(1) << b) < m:
-        b += 1
-    cut = (np.int64(1) << b) - m
-    half = (np.int64(1) << (b - 1)) - cut if b > 0 else 0
-    return b, cut, half
-
-
-@njit(cache=True)
-def count_gap_costs(values, threshold, candidates, costs):
-    """Count kept entries of ``values`` (float32[n]) and the exact stream sizes of their gaps.
-
-    ``candidates`` (int64[c]) are Golomb parameters m >= 1; ``costs`` (int64[c, 2]) receives per
-    candidate the unary bits (quotients + terminators) and the high bits (remainders in the long
-    form); the low fields add nnz * max(b - 1, 0) bits. Returns nnz.
-    """
-    nc = candidates.shape[0]
-    cuts = np.empty(nc, np.int64)
-    for j in range(nc):
-        b, cut, half = golomb_fields(candidates[j])
-        cuts[j] = cut if b > 0 else np.int64(1) << 62  # m = 1: no remainder, never a high bit
-        costs[j, 0] = 0
-        costs[j, 1] = 0
-    nnz = 0
-    nxt = 0
-    for i in range(values.shape[0]):
-        if _is_kept(values[i], threshold):
-            gap = i - nxt
-            nxt = i + 1
-            nnz += 1
-            for j in range(nc):
-                m = candidates[j]
-                q = gap // m
-                costs[j, 0] += q + 1
-                if gap - q * m >= cuts[j]:
-                    costs[j, 1] += 1
-    return nnz
-
-
-@njit(cache=True)
-def encode_golomb(values, threshold, m, chunk_size, table, qwords, lwords, hwords, swords):
-    """Write the ternary-golomb streams of ``values`` (float32[n]) kept at ``threshold``.
-
-    ``table`` (int64[n_chunks, 3]) receives per chunk (base position, unary bit offset, high bit
-    offset); ``qwords``, ``lwords``, ``hwords``, ``swords`` (uint64, zero-filled, sized from
-    :func:`count_gap_costs`) receive the unary, low, high and sign streams.
-    Returns (nnz, unary bits, high bits).
-    """
-    b, cut, half = golomb_fields(m)
-    width = b - 1 if b > 0 else 0
-    qpos = 0
-    hpos = 0
-    nnz = 0
-    nxt = 0
-    for i in range(values.shape[0]):
-        v = values[i]
-        if not _is_kept(v, threshold):
-            continue
-        if nnz % chunk_size == 0:
-            c = nnz // chunk_size
-            table[c, 0] = nxt
-            table[c, 1] = qpos
-            table[c, 2] = hpos
-        gap = i - nxt
-        nxt = i + 1
-        q = gap // m
-        r = gap - q * m
-        qpos += q
-        qwords[qpos >> 6] |= np.uint64(1) << np.uint64(qpos & 63)
-        qpos += 1
-        if b > 0:
-            if r < cut:
-                low = r
-            else:
-                j = r - cut
-                low = cut + j % half
-                if j >= half:
-                    hwords[hpos >> 6] |= np.uint64(1) << np.uint64(hpos & 63)
-                hpos += 1
-            if width > 0:
-                lpos = nnz * width
-                off = lpos & 63
-                lwords[lpos >> 6] |= np.uint64(low) << np.uint64(off)
-                if off + width > 64:
-                    lwords[(lpos >> 6) + 1] |= np.uint64(low) >> np.uint64(64 - off)
-        if v < 0:
-            swords[nnz >> 6] |= np.uint64(1) << np.uint64(nnz & 63)
-        nnz += 1
-    return nnz, qpos, hpos
-
-
 # ---------------------------------------------------------------------------------------------
-# decoding
-
-
-U = np.uint64  # array indices known to be in range: unsigned, so Numba emits no wraparound test
+# decoding: chunk tables
 
 
 @njit(cache=True)
@@ -252,25 +138,47 @@ def check_table(table, nnz, numel, chunk_size, unary_bits, high_bits):
     return OK
 
 
-# Columns of the per-tensor parameter rows given to the batch kernels.
-P_NNZ, P_NUMEL, P_M, P_CHUNK, P_UNARY_BITS, P_HIGH_BITS, P_POSITIVE, P_NEGATIVE = range(8)
-P_TABLE, P_UNARY, P_LOW, P_HIGH, P_SIGNS, P_END = range(8, 14)  # word offsets into the shared words array
-P_DROP_KEY, P_DROP_CUT = 14, 15  # DARE: entry e is dropped when splitmix64(key + e) >> 1 < cut (cut 0: none)
-N_PARAMS = 16
+# ---------------------------------------------------------------------------------------------
+# decoding: the chunk walker
+
+
+@njit(cache=True, inline="always")
+def tensor_parts(words, row):
+    """The table (int64[n, 3]) and the four streams of one tensor inside the shared words array."""
+    n_chunks = (row[P_UNARY] - row[P_TABLE]) // 3
+    table = words[row[P_TABLE]:row[P_UNARY]].view(np.int64).reshape((n_chunks, 3))
+    return (table, words[row[P_UNARY]:row[P_LOW]], words[row[P_LOW]:row[P_HIGH]], words[row[P_HIGH]:row[P_SIGNS]],
+            words[row[P_SIGNS]:row[P_END]])
 
 
 @njit(cache=True)
-def _decode_chunk(table, qwords, lwords, hwords, swords, out, aux, params, c, mode, delta, f16_lut):
-    """Decode chunk ``c`` of one tensor and write it to ``out`` according to ``mode``.
+def check_tables(words, params, status):
+    """``check_table`` for every tensor (rows of ``params``); ``status`` (int64[t]) gets the codes."""
+    for t in range(params.shape[0]):
+        row = params[t]
+        if not (0 <= row[P_TABLE] <= row[P_UNARY] <= row[P_LOW] <= row[P_HIGH] <= row[P_SIGNS] <= row[P_END]
+                <= words.shape[0] and (row[P_UNARY] - row[P_TABLE]) % 3 == 0):
+            status[t] = ERR_BOUNDS
+            continue
+        table = tensor_parts(words, row)[0]
+        status[t] = check_table(table, row[P_NNZ], row[P_NUMEL], row[P_CHUNK], row[P_UNARY_BITS], row[P_HIGH_BITS])
 
-    ``params`` (int64[N_PARAMS], see ``P_*``). Every read and write is bounds-checked against the
-    arrays given; a positive return is an ``ERR_*`` code (writes made before it are discarded by
-    the caller, or were preceded by a successful MODE_CHECK pass over the same payload).
+
+@njit(inline="always")  # inlined into each driver (its begin and visit then resolve statically)
+def walk_chunk(words, row, c, op, begin, visit):
+    """Decode chunk ``c`` of the tensor whose parameter row (int64[N_PARAMS], see ``P_*``) is
+    ``row``: call ``begin(op, base, end, numel)`` once (False: the output cannot take the chunk's
+    range), then ``visit(op, position, entry, negative)`` for every entry in order.
+
+    Every read is bounds-checked against the arrays given (and every write by ``begin``); a
+    positive return is an ``ERR_*`` code: writes made before it are discarded by the caller, or
+    were preceded by a successful check pass over the same payload.
     """
-    nnz = params[P_NNZ]
-    numel = params[P_NUMEL]
-    m = params[P_M]
-    chunk_size = params[P_CHUNK]
+    table, qwords, lwords, hwords, swords = tensor_parts(words, row)
+    nnz = row[P_NNZ]
+    numel = row[P_NUMEL]
+    m = row[P_M]
+    chunk_size = row[P_CHUNK]
     n_chunks = table.shape[0]
     base = table[c, 0]
     qpos = table[c, 1]
@@ -281,18 +189,17 @@ def _decode_chunk(table, qwords, lwords, hwords, swords, out, aux, params, c, mo
         hend = table[c + 1, 2]
     else:
         end = numel
-        qend = params[P_UNARY_BITS]
-        hend = params[P_HIGH_BITS]
+        qend = row[P_UNARY_BITS]
+        hend = row[P_HIGH_BITS]
     count = min(chunk_size, nnz - c * chunk_size)
     first = c * chunk_size
-    b, cut, half = golomb_fields(m)
-    width = b - 1 if b > 0 else 0
+    b, width, cut, half = golomb_fields(m)
     if (base < 0 or end > numel or base > end or qpos < 0 or qend > qwords.shape[0] * 64 or qpos >= qend
             or hpos < 0 or hend > hwords.shape[0] * 64 or hpos > hend or count < 1
             or ((first + count - 1) >> 6) >= swords.shape[0]
-            or ((first + count) * width + 63) >> 6 > lwords.shape[0]
-            or (mode != MODE_CHECK and end > out.shape[0])
-            or (mode == MODE_TIES and (end > aux.shape[0] or out.shape[0] < 2 * numel))):
+            or ((first + count) * width + 63) >> 6 > lwords.shape[0]):
+        return ERR_BOUNDS
+    if not begin(op, base, end, numel):
         return ERR_BOUNDS
     mask_low = (np.int64(1) << width) - 1
     qmax = numel // m  # q above this cannot land inside the tensor; also keeps q * m from overflowing
@@ -302,12 +209,6 @@ def _decode_chunk(table, qwords, lwords, hwords, swords, out, aux, params, c, mo
     hindex = hpos >> 6
     hbuf = hwords[U(hindex)] >> np.uint64(hpos & 63) if hindex <= hlast else np.uint64(0)
     hleft = 64 - (hpos & 63)
-    positive = params[P_POSITIVE]
-    flip = params[P_NEGATIVE] ^ positive
-    drop_key = np.uint64(params[P_DROP_KEY])
-    drop_cut = np.uint64(params[P_DROP_CUT])
-    if mode == MODE_DENSE:
-        out[base:end] = 0  # a slice store compiles to a vector loop; an indexed loop does not
     # unary stream: walk its one bits word by word (each terminates one quotient)
     wi = qpos >> 6
     word = qwords[U(wi)] & (np.uint64(0xFFFFFFFFFFFFFFFF) << np.uint64(qpos & 63))
@@ -353,26 +254,7 @@ def _decode_chunk(table, qwords, lwords, hwords, swords, out, aux, params, c, mo
             return ERR_POSITION_RANGE
         nxt = pos + 1
         e = first + i
-        negative = np.int64((swords[U(e >> 6)] >> np.uint64(e & 63)) & np.uint64(1))
-        at = U(pos)
-        if drop_cut != 0 and (splitmix64(drop_key + np.uint64(e)) >> np.uint64(1)) < drop_cut:
-            continue
-        if mode == MODE_DENSE or mode == MODE_SCATTER:
-            out[at] = positive ^ (negative * flip)
-        elif mode == MODE_ADD_F32:
-            w = np.uint32(out[at]).view(np.float32) + (-delta if negative else delta)
-            out[at] = np.float32(w).view(np.uint32)
-        elif mode == MODE_ADD_BF16:
-            out[at] = f32_to_bf16_bits(bf16_bits_to_f32(out[at]) + (-delta if negative else delta))
-        elif mode == MODE_ADD_F16:
-            out[at] = f32_to_f16_bits(f16_lut[U(out[at])] + (-delta if negative else delta))
-        elif mode == MODE_TIES:
-            if (aux[at] < 0) == (negative == 1):  # the sign the sum elected (a zero sum elects +)
-                w = np.uint32(out[at]).view(np.float32) + (-delta if negative else delta)
-                out[at] = np.float32(w).view(np.uint32)
-                counted = U(pos + numel)
-                n = np.uint32(out[counted]).view(np.float32) + np.float32(1.0)
-                out[counted] = np.float32(n).view(np.uint32)
+        visit(op, U(pos), e, np.int64((swords[U(e >> 6)] >> np.uint64(e & 63)) & np.uint64(1)))
     if last_one + 1 != qend:
         return ERR_QUOTIENT_END
     if hpos != hend:
@@ -382,140 +264,198 @@ def _decode_chunk(table, qwords, lwords, hwords, swords, out, aux, params, c, mo
     return OK
 
 
+# ---------------------------------------------------------------------------------------------
+# decoding: the operations, as (begin, visit) pairs over an operation tuple ``op``: (out, ...)
+
+
 @njit(cache=True, inline="always")
-def _parts(words, row):
-    """The table (int64[n, 3]) and the four streams of one tensor inside the shared words array."""
-    n_chunks = (row[P_UNARY] - row[P_TABLE]) // 3
-    table = words[row[P_TABLE]:row[P_UNARY]].view(np.int64).reshape((n_chunks, 3))
-    return (table, words[row[P_UNARY]:row[P_LOW]], words[row[P_LOW]:row[P_HIGH]], words[row[P_HIGH]:row[P_SIGNS]],
-            words[row[P_SIGNS]:row[P_END]])
+def begin_nothing(op, base, end, numel):
+    return True
 
 
-@njit(cache=True)
-def check_tables(words, params, status):
-    """``check_table`` for every tensor (rows of ``params``); ``status`` (int64[t]) gets the codes."""
-    for t in range(params.shape[0]):
-        row = params[t]
-        if not (0 <= row[P_TABLE] <= row[P_UNARY] <= row[P_LOW] <= row[P_HIGH] <= row[P_SIGNS] <= row[P_END]
-                <= words.shape[0] and (row[P_UNARY] - row[P_TABLE]) % 3 == 0):
-            status[t] = ERR_BOUNDS
-            continue
-        table = _parts(words, row)[0]
-        status[t] = check_table(table, row[P_NNZ], row[P_NUMEL], row[P_CHUNK], row[P_UNARY_BITS], row[P_HIGH_BITS])
+@njit(cache=True, inline="always")
+def begin_out(op, base, end, numel):
+    return end <= op[0].shape[0]
 
 
-@serialized
-@njit(cache=True, parallel=True)
-def decode_golomb(words, params, outs, auxs, deltas, work, mode, f16_lut, status):
-    """Decode many tensors' chunks in one parallel region.
+@njit(cache=True, inline="always")
+def begin_zeroed(op, base, end, numel):
+    if end > op[0].shape[0]:
+        return False
+    op[0][base:end] = 0  # a slice store compiles to a vector loop; an indexed loop does not
+    return True
 
-    ``words`` (uint64) holds every tensor's payload; row t of ``params`` (int64[t, N_PARAMS]) gives
-    its header fields, value patterns and word offsets (``P_*``); ``outs[t]`` is its flat output
-    bits (uint16 or uint32; unused by MODE_CHECK); ``auxs[t]`` the float32 sign-election sums of
-    MODE_TIES (empty otherwise); ``deltas[t]`` the float32 step of MODE_ADD_* and MODE_TIES.
-    ``work`` (int64[w, 2]) lists (tensor, chunk) pairs; ``status`` (int64[w]) gets a code per pair.
-    The caller has run :func:`check_tables` on the same rows.
-    """
-    for j in prange(work.shape[0]):
-        t = work[j, 0]
-        row = params[t]
-        table, unary, low, high, signs = _parts(words, row)
-        status[j] = _decode_chunk(table, unary, low, high, signs, outs[t], auxs[t], row, work[j, 1], mode,
-                                  deltas[t], f16_lut)
+
+@njit(cache=True, inline="always")
+def begin_ties(op, base, end, numel):  # op: (out, aux, ...)
+    return end <= op[1].shape[0] and op[0].shape[0] >= 2 * numel
+
+
+@njit(cache=True, inline="always")
+def visit_nothing(op, at, e, negative):
+    pass
+
+
+@njit(cache=True, inline="always")
+def visit_pattern(op, at, e, negative):  # op: (out, positive, positive ^ negative)
+    op[0][at] = op[1] ^ (negative * op[2])
+
+
+@njit(cache=True, inline="always")
+def add_f32(out, at, step):
+    out[at] = np.float32(np.uint32(out[at]).view(np.float32) + step).view(np.uint32)
+
+
+@njit(cache=True, inline="always")
+def visit_add_f32(op, at, e, negative):  # op: (out, step)
+    add_f32(op[0], at, -op[1] if negative else op[1])
+
+
+@njit(cache=True, inline="always")
+def visit_add_bf16(op, at, e, negative):  # op: (out, step)
+    out = op[0]
+    out[at] = f32_to_bf16_bits(bf16_bits_to_f32(out[at]) + (-op[1] if negative else op[1]))
+
+
+@njit(cache=True, inline="always")
+def visit_add_f16(op, at, e, negative):  # op: (out, step, F16_TO_F32)
+    out = op[0]
+    out[at] = f32_to_f16_bits(op[2][U(out[at])] + (-op[1] if negative else op[1]))
+
+
+@njit(cache=True, inline="always")
+def visit_ties(op, at, e, negative):  # op: (out, aux, step, numel)
+    if (op[1][at] < 0) == (negative == 1):  # the sign the sum elected (a zero sum elects +)
+        add_f32(op[0], at, -op[2] if negative else op[2])
+        add_f32(op[0], at + U(op[3]), np.float32(1.0))  # the count, in the second half
+
+
+@njit(cache=True, inline="always")
+def dropped(key, cut, e):
+    """DARE: whether entry ``e`` is dropped (uint64 ``key`` and ``cut``, see ``P_DROP_*``)."""
+    return cut != 0 and (splitmix64(key + np.uint64(e)) >> np.uint64(1)) < cut
+
+
+@njit(cache=True, inline="always")
+def visit_add_f32_dare(op, at, e, negative):  # op: (out, step, drop key, drop cut)
+    if not dropped(op[2], op[3], e):
+        add_f32(op[0], at, -op[1] if negative else op[1])
+
+
+@njit(cache=True, inline="always")
+def visit_ties_dare(op, at, e, negative):  # op: (out, aux, step, numel, drop key, drop cut)
+    if not dropped(op[4], op[5], e):
+        visit_ties(op, at, e, negative)
 
 
 # ---------------------------------------------------------------------------------------------
-# selection: exact k-th smallest |value| by two 16-bit histogram passes over float32 bit patterns
+# decoding: one parallel driver per operation
+#
+# Every driver takes (words, params, outs, auxs, steps, work, f16_lut, status): ``words`` (uint64)
+# holds every tensor's payload; row t of ``params`` (int64[t, N_PARAMS]) gives its header fields,
+# value patterns, word offsets and DARE drops (``P_*``); ``outs[t]`` is its flat output bits
+# (uint16 or uint32; unused by check); ``auxs[t]`` the float32 sign-election sums of TIES;
+# ``steps[t]`` the float32 step (scale × magnitude) of the adds and TIES; ``f16_lut`` is
+# F16_TO_F32. ``work`` (int64[w, 2]) lists (tensor, chunk) pairs; ``status`` (int64[w]) gets a
+# code per pair. The caller has run :func:`check_tables` on the same rows and checked the dtypes.
 
 
 @serialized
 @njit(cache=True, parallel=True)
-def histogram_high(values, hist, blocks):
-    """Add the histogram of the top 16 bits of |values| (float32[n]) into ``hist`` (int64[65536]).
-
-    Returns (sum, count) of the values in float64 for the mean. ``blocks`` (int64[t, 65536]) is
-    per-thread scratch.
-    """
-    n = values.shape[0]
-    t = blocks.shape[0]
-    sums = np.zeros(t, np.float64)
-    step = (n + t - 1) // t
-    for j in prange(t):
-        blocks[j, :] = 0
-        s = 0.0
-        for i in range(j * step, min(n, (j + 1) * step)):
-            v = values[i]
-            s += v
-            blocks[j, (np.float32(abs(v)).view(np.uint32) >> np.uint32(16))] += 1
-        sums[j] = s
-    total = 0.0
-    for j in range(t):  # sequential on purpose: the same float sum for every thread count
-        total += sums[j]
-        for k in range(65536):
-            hist[k] += blocks[j, k]
-    return total
+def check_chunks(words, params, outs, auxs, steps, work, f16_lut, status):
+    for j in prange(work.shape[0]):
+        status[j] = walk_chunk(words, params[work[j, 0]], work[j, 1], (0,), begin_nothing, visit_nothing)
 
 
 @serialized
 @njit(cache=True, parallel=True)
-def histogram_low(values, high, mean, hist, blocks):
-    """Histogram the low 16 bits of |values| whose top 16 bits equal ``high`` into ``hist``.
-
-    Returns the sum of squared deviations from ``mean`` in float64 (for the unbiased std).
-    """
-    n = values.shape[0]
-    t = blocks.shape[0]
-    sq = np.zeros(t, np.float64)
-    step = (n + t - 1) // t
-    for j in prange(t):
-        blocks[j, :] = 0
-        s = 0.0
-        for i in range(j * step, min(n, (j + 1) * step)):
-            v = values[i]
-            dv = np.float64(v) - mean
-            s += dv * dv
-            bits = np.float32(abs(v)).view(np.uint32)
-            if (bits >> np.uint32(16)) == high:
-                blocks[j, bits & np.uint32(0xFFFF)] += 1
-        sq[j] = s
-    total = 0.0
-    for j in range(t):  # sequential on purpose, as in histogram_high
-        total += sq[j]
-        for k in range(65536):
-            hist[k] += blocks[j, k]
-    return total
+def dense_chunks(words, params, outs, auxs, steps, work, f16_lut, status):
+    for j in prange(work.shape[0]):
+        t = work[j, 0]
+        row = params[t]
+        op = (outs[t], row[P_POSITIVE], row[P_POSITIVE] ^ row[P_NEGATIVE])
+        status[j] = walk_chunk(words, row, work[j, 1], op, begin_zeroed, visit_pattern)
 
 
 @serialized
 @njit(cache=True, parallel=True)
-def kept_stats(values, threshold, blocks):
-    """(Σ v², Σ |v| over kept v, number kept) of float32[n] ``values`` in float64, kept meaning
-    ``v != 0 and |v| >= threshold``. ``blocks`` fixes the split (its length), not the thread
-    count, so the sums are the same on every machine."""
-    n = values.shape[0]
-    t = blocks
-    squares = np.zeros(t, np.float64)
-    kept_abs = np.zeros(t, np.float64)
-    kept = np.zeros(t, np.int64)
-    step = (n + t - 1) // t
-    for j in prange(t):
-        s = 0.0
-        a = 0.0
-        c = 0
-        for i in range(j * step, min(n, (j + 1) * step)):
-            v = values[i]
-            s += np.float64(v) * np.float64(v)
-            if _is_kept(v, threshold):
-                a += abs(np.float64(v))
-                c += 1
-        squares[j] = s
-        kept_abs[j] = a
-        kept[j] = c
-    total_s = 0.0
-    total_a = 0.0
-    total_c = 0
-    for j in range(t):  # sequential on purpose: the same float sums for every thread count
-        total_s += squares[j]
-        total_a += kept_abs[j]
-        total_c += kept[j]
-    return total_s, total_a, total_c
+def scatter_chunks(words, params, outs, auxs, steps, work, f16_lut, status):
+    for j in prange(work.shape[0]):
+        t = work[j, 0]
+        row = params[t]
+        op = (outs[t], row[P_POSITIVE], row[P_POSITIVE] ^ row[P_NEGATIVE])
+        status[j] = walk_chunk(words, row, work[j, 1], op, begin_out, visit_pattern)
+
+
+@serialized
+@njit(cache=True, parallel=True)
+def add_f32_chunks(words, params, outs, auxs, steps, work, f16_lut, status):
+    for j in prange(work.shape[0]):
+        t = work[j, 0]
+        status[j] = walk_chunk(words, params[t], work[j, 1], (outs[t], steps[t]), begin_out, visit_add_f32)
+
+
+@serialized
+@njit(cache=True, parallel=True)
+def add_bf16_chunks(words, params, outs, auxs, steps, work, f16_lut, status):
+    for j in prange(work.shape[0]):
+        t = work[j, 0]
+        status[j] = walk_chunk(words, params[t], work[j, 1], (outs[t], steps[t]), begin_out, visit_add_bf16)
+
+
+@serialized
+@njit(cache=True, parallel=True)
+def add_f16_chunks(words, params, outs, auxs, steps, work, f16_lut, status):
+    for j in prange(work.shape[0]):
+        t = work[j, 0]
+        status[j] = walk_chunk(words, params[t], work[j, 1], (outs[t], steps[t], f16_lut), begin_out,
+                               visit_add_f16)
+
+
+@serialized
+@njit(cache=True, parallel=True)
+def ties_chunks(words, params, outs, auxs, steps, work, f16_lut, status):
+    for j in prange(work.shape[0]):
+        t = work[j, 0]
+        row = params[t]
+        op = (outs[t], auxs[t], steps[t], row[P_NUMEL])
+        status[j] = walk_chunk(words, row, work[j, 1], op, begin_ties, visit_ties)
+
+
+@serialized
+@njit(cache=True, parallel=True)
+def add_f32_dare_chunks(words, params, outs, auxs, steps, work, f16_lut, status):
+    for j in prange(work.shape[0]):
+        t = work[j, 0]
+        row = params[t]
+        op = (outs[t], steps[t], np.uint64(row[P_DROP_KEY]), np.uint64(row[P_DROP_CUT]))
+        status[j] = walk_chunk(words, row, work[j, 1], op, begin_out, visit_add_f32_dare)
+
+
+@serialized
+@njit(cache=True, parallel=True)
+def ties_dare_chunks(words, params, outs, auxs, steps, work, f16_lut, status):
+    for j in prange(work.shape[0]):
+        t = work[j, 0]
+        row = params[t]
+        op = (outs[t], auxs[t], steps[t], row[P_NUMEL], np.uint64(row[P_DROP_KEY]), np.uint64(row[P_DROP_CUT]))
+        status[j] = walk_chunk(words, row, work[j, 1], op, begin_ties, visit_ties_dare)
+
+
+DRIVERS = {MODE_CHECK: check_chunks, MODE_DENSE: dense_chunks, MODE_SCATTER: scatter_chunks,
+           MODE_ADD_F32: add_f32_chunks, MODE_ADD_BF16: add_bf16_chunks, MODE_ADD_F16: add_f16_chunks,
+           MODE_TIES: ties_chunks}
+DARE_DRIVERS = {MODE_ADD_F32: add_f32_dare_chunks, MODE_TIES: ties_dare_chunks}
+
+
+def decode_golomb(words, params, outs, auxs, steps, work, mode, f16_lut, status):
+    """Decode the (tensor, chunk) pairs of ``work`` with the driver of ``mode`` (arguments as the
+    drivers'); rows with DARE drops (``P_DROP_CUT`` not 0) need a mode of ``DARE_MODES``."""
+    if mode not in DRIVERS:
+        raise InvalidArgumentError(f"unknown decode mode {mode!r}")
+    drivers = DRIVERS
+    if params.shape[0] and params[:, P_DROP_CUT].any():
+        if mode not in DARE_DRIVERS:
+            raise InvalidArgumentError(f"decode mode {mode} does not drop entries (DARE is for merges)")
+        drivers = DARE_DRIVERS
+    drivers[mode](words, params, outs, auxs, steps, work, f16_lut, status)

@@ -31,15 +31,31 @@ G_WIDTH, G_CUT, G_HALF, G_OUT, G_AUX, G_DELTA, G_CHUNKS = range(kernels.N_PARAMS
 N_GPU_PARAMS = kernels.N_PARAMS + 7
 N_GPU_PARAMS_C = tl.constexpr(N_GPU_PARAMS)
 
-# Modes: the CPU kernel's, plus the two of a reversible apply.
-MODE_CHECK = kernels.MODE_CHECK
+# Modes (the MODE argument of decode_chunks): the CPU kernel's, plus the two of a reversible apply.
+MODE_CHECK = kernels.MODE_CHECK  # decode and validate only
 MODE_SCATTER = kernels.MODE_SCATTER  # out (zeroed, 16- or 32-bit patterns) [pos] = the entry's pattern
-MODE_ADD_F32 = kernels.MODE_ADD_F32
-MODE_ADD_BF16 = kernels.MODE_ADD_BF16
-MODE_ADD_F16 = kernels.MODE_ADD_F16
-MODE_TIES = kernels.MODE_TIES
+MODE_ADD_F32 = kernels.MODE_ADD_F32  # out (float32) [pos] += ±delta
+MODE_ADD_BF16 = kernels.MODE_ADD_BF16  # out (bfloat16 bits) [pos] = bf16(f32(out) ± delta)
+MODE_ADD_F16 = kernels.MODE_ADD_F16  # out (float16 bits) [pos] = f16(f32(out) ± delta)
+MODE_TIES = kernels.MODE_TIES  # agreeing sum and count, as the CPU kernel's MODE_TIES
 MODE_SAVE = 7  # aux (16- or 32-bit, one slot per entry) [e] = out[pos]: what an add will overwrite
 MODE_RESTORE = 8  # out[pos] = aux[e]: put the saved values back
+# The same values as constexprs, for the kernel's compile-time tests (a jitted function may read
+# only constexpr globals).
+_OP_CHECK = tl.constexpr(MODE_CHECK)
+_OP_SCATTER = tl.constexpr(MODE_SCATTER)
+_OP_ADD_F32 = tl.constexpr(MODE_ADD_F32)
+_OP_ADD_BF16 = tl.constexpr(MODE_ADD_BF16)
+_OP_ADD_F16 = tl.constexpr(MODE_ADD_F16)
+_OP_TIES = tl.constexpr(MODE_TIES)
+_OP_SAVE = tl.constexpr(MODE_SAVE)
+_OP_RESTORE = tl.constexpr(MODE_RESTORE)
+# Status codes (compeft.codec.kernels.ERR_*) the kernel reports.
+_ERR_QUOTIENT_OVERRUN = tl.constexpr(kernels.ERR_QUOTIENT_OVERRUN)
+_ERR_POSITION_RANGE = tl.constexpr(kernels.ERR_POSITION_RANGE)
+_ERR_QUOTIENT_END = tl.constexpr(kernels.ERR_QUOTIENT_END)
+_ERR_HIGH_END = tl.constexpr(kernels.ERR_HIGH_END)
+_ERR_NEXT_BASE = tl.constexpr(kernels.ERR_NEXT_BASE)
 
 _P_NNZ = tl.constexpr(kernels.P_NNZ)
 _P_NUMEL = tl.constexpr(kernels.P_NUMEL)
@@ -166,17 +182,17 @@ def decode_chunks(words_ptr, params_ptr, work_ptr, status_ptr, MODE: tl.constexp
     signs0 = words_ptr + signs_at + (first >> 6)
     sign_bit = (first & 63).to(IDX)
 
-    if MODE != 0:
+    if MODE != _OP_CHECK:
         if WIDE:
             out32 = tl.load(row + _G_OUT).to(tl.pointer_type(tl.int32)) + base
         else:
             out16 = tl.load(row + _G_OUT).to(tl.pointer_type(tl.int16)) + base
-    if MODE == 7 or MODE == 8:
+    if MODE == _OP_SAVE or MODE == _OP_RESTORE:
         if WIDE:
             aux32 = tl.load(row + _G_AUX).to(tl.pointer_type(tl.int32)) + first
         else:
             aux16 = tl.load(row + _G_AUX).to(tl.pointer_type(tl.int16)) + first
-    if MODE == 6:
+    if MODE == _OP_TIES:
         aux_f = tl.load(row + _G_AUX).to(tl.pointer_type(tl.float32)) + base
         counted = tl.load(row + _G_OUT).to(tl.pointer_type(tl.int32)) + numel + base
     positive = tl.load(row + _P_POSITIVE)
@@ -219,31 +235,31 @@ def decode_chunks(words_ptr, params_ptr, work_ptr, status_ptr, MODE: tl.constexp
         longs += ((counts >> 16) & 0xFFFF).to(IDX)
         bad += counts >> 32
         rsum += tl.sum(r, 0)
-        if MODE != 0:
+        if MODE != _OP_CHECK:
             sbit = sign_bit + i
             sword = tl.load(signs0 + (sbit >> 6), mask=ok, other=0).to(tl.uint64, bitcast=True)
             neg = ((sword >> (sbit & 63).to(tl.uint64)) & 1) != 0
             if DROPS:
                 ok = ok & ((_splitmix64(drop_key + i.to(tl.uint64)) >> 1) >= drop_cut)
-            if MODE == 5:
+            if MODE == _OP_SCATTER:
                 pattern = tl.where(neg, negative, positive)
                 if WIDE:
                     tl.store(out32 + pos, pattern.to(tl.int32), mask=ok)
                 else:
                     tl.store(out16 + pos, pattern.to(tl.int16), mask=ok)
-            elif MODE == 2:
+            elif MODE == _OP_ADD_F32:
                 w32 = tl.load(out32 + pos, mask=ok, other=0).to(tl.float32, bitcast=True)
                 w32 = _add_as_cpu(w32, tl.where(neg, -delta, delta))
                 tl.store(out32 + pos, w32.to(tl.int32, bitcast=True), mask=ok)
-            elif MODE == 3:
+            elif MODE == _OP_ADD_BF16:
                 w16 = tl.load(out16 + pos, mask=ok, other=0).to(tl.uint16, bitcast=True).to(tl.uint32)
                 wf = _add_as_cpu((w16 << 16).to(tl.float32, bitcast=True), tl.where(neg, -delta, delta))
                 tl.store(out16 + pos, _f32_to_bf16_bits(wf).to(tl.int16), mask=ok)
-            elif MODE == 4:
+            elif MODE == _OP_ADD_F16:
                 w16 = tl.load(out16 + pos, mask=ok, other=0).to(tl.float16, bitcast=True)
                 wf = _add_as_cpu(w16.to(tl.float32), tl.where(neg, -delta, delta))
                 tl.store(out16 + pos, _f32_to_f16_bits(wf).to(tl.int16), mask=ok)
-            elif MODE == 6:
+            elif MODE == _OP_TIES:
                 elected_negative = tl.load(aux_f + pos, mask=ok, other=0.0) < 0
                 agree = ok & (elected_negative == neg)
                 w32 = tl.load(out32 + pos, mask=agree, other=0).to(tl.float32, bitcast=True)
@@ -251,12 +267,12 @@ def decode_chunks(words_ptr, params_ptr, work_ptr, status_ptr, MODE: tl.constexp
                 tl.store(out32 + pos, w32.to(tl.int32, bitcast=True), mask=agree)
                 n32 = tl.load(counted + pos, mask=agree, other=0).to(tl.float32, bitcast=True) + 1.0
                 tl.store(counted + pos, n32.to(tl.int32, bitcast=True), mask=agree)
-            elif MODE == 7:
+            elif MODE == _OP_SAVE:
                 if WIDE:
                     tl.store(aux32 + i, tl.load(out32 + pos, mask=ok, other=0), mask=ok)
                 else:
                     tl.store(aux16 + i, tl.load(out16 + pos, mask=ok, other=0), mask=ok)
-            elif MODE == 8:
+            elif MODE == _OP_RESTORE:
                 if WIDE:
                     tl.store(out32 + pos, tl.load(aux32 + i, mask=ok, other=0), mask=ok)
                 else:
@@ -269,10 +285,10 @@ def decode_chunks(words_ptr, params_ptr, work_ptr, status_ptr, MODE: tl.constexp
     ends_on_one = (nbits > 0) & (((last_word >> (last & 63).to(tl.uint64)) & 1) != 0)
     last_pos = m_i * tl.minimum(nbits - count_i, qcap) + rsum + count_i - 1
     code = tl.zeros((), tl.int64)
-    code = tl.where((c + 1 < n_chunks) & (last_pos + 1 != span_i), 6, code)
-    code = tl.where(bad != 0, 3, code)
-    code = tl.where(longs != high_count, 5, code)
-    code = tl.where((seen > count_i) | ~ends_on_one, 4, code)
-    code = tl.where(seen < count_i, 1, code)
+    code = tl.where((c + 1 < n_chunks) & (last_pos + 1 != span_i), _ERR_NEXT_BASE, code)
+    code = tl.where(bad != 0, _ERR_POSITION_RANGE, code)
+    code = tl.where(longs != high_count, _ERR_HIGH_END, code)
+    code = tl.where((seen > count_i) | ~ends_on_one, _ERR_QUOTIENT_END, code)
+    code = tl.where(seen < count_i, _ERR_QUOTIENT_OVERRUN, code)
     tl.store(status_ptr + j, code)
 

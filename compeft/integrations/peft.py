@@ -8,21 +8,27 @@ Everything goes through PEFT's public API (``PeftConfig.from_peft_type``, ``Peft
 ``set_peft_model_state_dict``, ``merge_and_unload``), so every adapter type PEFT can load and merge
 works here too; compeft only supplies the decoded tensors and turns PEFT's complaints about keys
 and shapes into :mod:`compeft.errors` exceptions that name the expert.
+
+The stored ``adapter_config`` comes from a file: :func:`compeft.integrations.peft_config.checked_config`
+checks it (types, regular expressions evaluated in bounded time, sizes) before PEFT sees it, and the
+adapter is built on the ``meta`` device, so PEFT allocates nothing from the config's sizes: the
+decoded tensors (allocated within compeft's memory budget) become its parameters.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 import warnings
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
 from ..applying import apply
-from ..expert import as_expert
-from ..export import restored
 from ..errors import BaseMismatchError, InvalidArgumentError, SourceError
-from ..expert import CompressedExpert
+from ..expert import CompressedExpert, as_expert
+from ..export import restored
+from .peft_config import checked_config, module_names_of
 
 ExpertLike = CompressedExpert | str | os.PathLike[str]
 
@@ -42,20 +48,44 @@ def adapter_state_dict(expert: ExpertLike) -> dict[str, torch.Tensor]:
     return {name: restored(opened, name) for name in opened.names}
 
 
+# What PEFT raises on a config or a model it cannot use (a ValueError is also how it says that
+# target modules are missing; load_adapter reports those as a base mismatch).
+PEFT_FAILURES = (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError)
+
+
 def adapter_config(expert: ExpertLike, *, inference_mode: bool = True) -> Any:
-    """The expert's ``adapter_config.json`` (stored verbatim in its header) as a ``peft.PeftConfig``."""
+    """The expert's ``adapter_config.json`` (stored in its header) as a ``peft.PeftConfig``, checked
+    first (:func:`~compeft.integrations.peft_config.checked_config`): a regular expression in it is
+    replaced by one that matches exactly the modules it matched among the expert's own tensors."""
+    opened = _peft_expert(expert)
+    return _config(opened, inference_mode, module_names_of(opened.names))
+
+
+def _config(opened: CompressedExpert, inference_mode: bool, module_names: Sequence[str]) -> Any:
     from peft import PeftConfig
 
-    opened = _peft_expert(expert)
-    fields = dict(opened.metadata["adapter_config"])
+    largest = max((max(e.shape, default=0) for e in opened.header.tensors), default=0)
+    fields = checked_config(opened.metadata["adapter_config"], module_names, largest, opened.path)
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # keys from a newer PEFT are dropped by PEFT itself
+            warnings.simplefilter("ignore")
             config = PeftConfig.from_peft_type(**fields)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise SourceError(f"the stored adapter_config is not one this PEFT can build ({exc!r})", opened.path) from None
+    except PEFT_FAILURES as exc:
+        raise SourceError(f"the stored adapter_config is not one this PEFT can build ({_message(exc)})",
+                          opened.path) from None
     config.inference_mode = inference_mode
     return config
+
+
+def _message(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
+
+
+def _meta_keyword(function: Any) -> dict[str, bool]:
+    """``low_cpu_mem_usage=True`` where this PEFT takes it: adapter weights are made on the meta
+    device, so nothing is allocated from the config's ranks before the expert's tensors arrive."""
+    return {"low_cpu_mem_usage": True} if "low_cpu_mem_usage" in inspect.signature(function).parameters else {}
 
 
 def load_adapter(model: torch.nn.Module, expert: ExpertLike, adapter_name: str = "default", *,
@@ -104,25 +134,34 @@ def load_adapter(model: torch.nn.Module, expert: ExpertLike, adapter_name: str =
     from peft.auto import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
 
     opened = _peft_expert(expert)
-    config = adapter_config(opened, inference_mode=not is_trainable)
-    state = adapter_state_dict(opened)
     if isinstance(model, PeftModel) and adapter_name in model.peft_config:
         raise InvalidArgumentError(f"the model already has an adapter named {adapter_name!r}", opened.path)
+    inner = model.base_model.model if isinstance(model, PeftModel) else model
+    config = _config(opened, not is_trainable, [name for name, _ in inner.named_modules()])
+    state = adapter_state_dict(opened)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if isinstance(model, PeftModel):
-                model.add_adapter(adapter_name, config)
-                if is_trainable:
-                    model.set_requires_grad(adapter_name)
+                model.add_adapter(adapter_name, config, **_meta_keyword(model.add_adapter))
                 peft_model = model
             else:
                 cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type, PeftModel) if config.task_type else PeftModel
-                peft_model = cls(model, config, adapter_name)
+                # (the task classes pass keywords on to PeftModel)
+                peft_model = cls(model, config, adapter_name, **_meta_keyword(PeftModel.__init__))
     except ValueError as exc:  # e.g. "Target modules {...} not found in the base model"
-        raise BaseMismatchError(f"the adapter does not fit the model: {exc}", opened.path) from None
+        raise BaseMismatchError(f"the adapter does not fit the model: {_message(exc)}", opened.path) from None
+    except PEFT_FAILURES as exc:
+        raise SourceError(f"PEFT cannot build this adapter_config on the model ({_message(exc)})",
+                          opened.path) from None
     _check_shapes(peft_model, state, adapter_name, opened)
-    result = set_peft_model_state_dict(peft_model, state, adapter_name=adapter_name)
+    try:
+        result = set_peft_model_state_dict(peft_model, state, adapter_name=adapter_name,
+                                           **_meta_keyword(set_peft_model_state_dict))
+    except PEFT_FAILURES as exc:
+        raise SourceError(f"PEFT cannot load the expert's tensors ({_message(exc)})", opened.path) from None
+    if is_trainable and isinstance(model, PeftModel):
+        model.set_requires_grad(adapter_name)
     if result.unexpected_keys:
         raise SourceError(f"{len(result.unexpected_keys)} tensors of the expert are not parameters of the adapter "
                           f"(e.g. {sorted(result.unexpected_keys)[:3]})", opened.path)

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import CatalogError, InvalidArgumentError
 from ..progress import progress_bar
-from ..remote import redact, resolve
+from ..remote import local_path, redact, regular_file, resolve
+from ..report import human_size, number, shown
 from .catalog import CATALOG_NAME, CatalogEntry, fetch_object, join, locate_catalog, read_catalog
 
 if TYPE_CHECKING:  # pragma: no cover - torch is imported only when an expert is opened
@@ -80,6 +81,7 @@ class Library(Mapping[str, "CompressedExpert"]):
             entry = self._entry(name)
             where = redact(self.url(name))
             fs, path = resolve(self.url(name), self._storage_options)
+            _not_blocking(fs, path)
             data = fetch_object(fs, path, "reading the expert", where)
             if data is None:
                 raise CatalogError(f"expert {name!r} is listed in the catalog but its file is missing", where)
@@ -89,6 +91,33 @@ class Library(Mapping[str, "CompressedExpert"]):
             expert = CompressedExpert(BytesReader(data, name=where))
             _check_matches(entry, expert, where)
             expert.verify()
+
+
+def listing(entries: Sequence[CatalogEntry]) -> list[str]:
+    """The lines ``compeft library ls`` prints for ``entries``: a header, one row per expert, a
+    total. A catalog is untrusted: every field goes through :func:`compeft.report.shown` or
+    :func:`compeft.report.number` (escape sequences escaped, huge integers described, never a
+    traceback)."""
+    names = [shown(e.name, 120) for e in entries]
+    width = max([len("name"), *map(len, names)])
+    lines = [f"{'name':<{width}}  {'source':<6} {'base':<24} {'size':>10} {'params':>13} {'density':>7} "
+             f"{'alpha':>6} scope"]
+    for name, e in zip(names, entries):
+        base = shown(e.base_model or e.base_fingerprint or "-", 24)
+        alpha = shown(e.alpha_rule, 16) if e.alpha is None else number(e.alpha, "g")
+        lines.append(f"{name:<{width}}  {shown(e.source, 16):<6} {base:<24} {human_size(e.size):>10} "
+                     f"{number(e.parameters, ','):>13} {number(e.density, 'g'):>7} {alpha:>6} {shown(e.scope, 16)}")
+    total = sum(e.size for e in entries if type(e.size) is int)
+    lines.append(f"{len(entries)} experts, {human_size(total)}")
+    return lines
+
+
+def _not_blocking(fs: Any, path: str) -> None:
+    """A local catalog or expert that exists must be a regular file: reading a FIFO would block
+    forever (:func:`compeft.remote.regular_file`)."""
+    local = local_path(fs, path)
+    if local is not None and os.path.lexists(local):
+        regular_file(local)
 
 
 def _check_matches(entry: CatalogEntry, expert: CompressedExpert, where: str) -> None:
@@ -123,6 +152,7 @@ def open_library(url: str | os.PathLike[str], *, storage_options: Mapping[str, A
     ['code', 'math']
     """
     root, catalog = locate_catalog(os.fspath(url))
+    _not_blocking(*resolve(catalog, storage_options))
     entries = read_catalog(catalog, storage_options)
     assert entries is not None
     return Library(root, entries, storage_options=storage_options, cache=cache, catalog=catalog)
