@@ -186,6 +186,7 @@ def staged_directory(out: Path) -> Iterator[Path]:
     for old in parent.glob(f".{glob.escape(out.name)}.*.partial"):
         _remove_abandoned(old)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=parent))
+    os.chmod(stage, _directory_mode())  # mkdtemp's 0o700 would become the output's mode
     lock = _lock(stage)
     try:
         yield stage
@@ -203,6 +204,19 @@ def staged_directory(out: Path) -> Iterator[Path]:
     finally:
         if lock >= 0:
             os.close(lock)
+
+
+def _directory_mode() -> int:
+    """The mode ``mkdir`` would give a new directory: 0o777 less the umask (read from /proc, since
+    setting the umask to read it races with other threads)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return 0o777 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o755
 
 
 def _lock(directory: Path) -> int:

@@ -147,6 +147,9 @@ def test_a_directory_output_appears_whole_or_not_at_all(tmp_path):
             (stage / "a.json").write_text("{}")
         assert sorted(p.name for p in tmp_path.iterdir()) == [".model.alive.partial", "model"]
         assert [p.name for p in out.iterdir()] == ["a.json"]
+        (tmp_path / "plain").mkdir()  # the output has the mode mkdir gives, not mkdtemp's 0o700
+        assert out.stat().st_mode == (tmp_path / "plain").stat().st_mode
+        (tmp_path / "plain").rmdir()
         with staged_directory(out) as stage:  # over an existing, non-empty output: file by file
             (stage / "b.json").write_text("{}")
         assert sorted(p.name for p in out.iterdir()) == ["a.json", "b.json"]

@@ -7,12 +7,13 @@ validated every offset and length (see :mod:`compeft.codec.golomb`). Each kernel
 the end of its inputs and outputs on its own and reports a status code instead of raising, because
 Numba does not bounds-check and no Python object may cross the kernel boundary.
 
-Decoding is one chunk walker (:func:`walk_chunk`: the unary word scan, the low and high fields,
-positions, signs and every validity check, written once) and one small parallel driver per
-operation (``*_chunks``, see :data:`DRIVERS`). An operation is a pair of plain ``@njit`` functions
-given to the walker as arguments, so Numba compiles a walker specialised for each operation: its
-``begin`` checks (and for dense, zero-fills) the chunk's output range, its ``visit`` writes one
-kept entry. No per-entry branch on the operation is left in any hot loop.
+Decoding has three layers. :func:`walk_chunk` walks one chunk (the unary word scan, the low and
+high fields, positions, signs and every validity check, written once); an operation is a pair of
+functions it is given, ``begin`` (check, and for dense zero-fill, the chunk's output range) and
+``visit`` (write one kept entry), from :mod:`compeft.codec.decode_ops`. One cached kernel per
+operation (``*_chunk``) inlines the walker with its pair, so every hot loop is specialised to its
+operation: no per-entry branch on it is left. One parallel driver per operation (``*_chunks``,
+see :data:`DRIVERS`) runs that kernel over (tensor, chunk) pairs.
 
 Bit streams are arrays of little-endian uint64 words; bit ``i`` of a stream is bit ``i % 64`` of
 word ``i // 64``. No ``fastmath`` anywhere: decode is bit-exact by specification.
@@ -25,8 +26,10 @@ from numba import njit, prange
 from numba.cpython.unsafe.numbers import trailing_zeros
 
 from ..errors import InvalidArgumentError
-# F16_TO_F32: the table the add_f16 drivers take, also importable from here as before
-from .floats import F16_TO_F32, bf16_bits_to_f32, f32_to_bf16_bits, f32_to_f16_bits  # noqa: F401
+from .decode_ops import (U, begin_nothing, begin_out, begin_ties, begin_zeroed, splitmix64,  # noqa: F401
+                         visit_add_bf16, visit_add_f16, visit_add_f32, visit_add_f32_dare, visit_nothing,
+                         visit_pattern, visit_ties, visit_ties_dare)
+from .floats import F16_TO_F32  # noqa: F401 (the table the add_f16 drivers take, importable here as before)
 from .threads import serialized  # importing it pins a thread-safe threading layer (see threads.py)
 
 # Status codes a decode kernel returns per chunk (0 = the chunk decoded and matched the table).
@@ -74,8 +77,6 @@ P_TABLE, P_UNARY, P_LOW, P_HIGH, P_SIGNS, P_END = range(8, 14)  # word offsets i
 P_DROP_KEY, P_DROP_CUT = 14, 15  # DARE: entry e is dropped when splitmix64(key + e) >> 1 < cut (cut 0: none)
 N_PARAMS = 16
 
-U = np.uint64  # array indices known to be in range: unsigned, so Numba emits no wraparound test
-
 
 # ---------------------------------------------------------------------------------------------
 # shared arithmetic
@@ -92,15 +93,6 @@ def golomb_fields(m):
         return 0, 0, np.int64(1), np.int64(0)
     cut = (np.int64(1) << b) - m
     return b, b - 1, cut, (np.int64(1) << (b - 1)) - cut
-
-
-@njit(cache=True, inline="always")
-def splitmix64(x):
-    """The splitmix64 output function (Steele et al. 2014): a well-mixed uint64 of a uint64."""
-    z = np.uint64(x) + np.uint64(0x9E3779B97F4A7C15)
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,7 +156,7 @@ def check_tables(words, params, status):
         status[t] = check_table(table, row[P_NNZ], row[P_NUMEL], row[P_CHUNK], row[P_UNARY_BITS], row[P_HIGH_BITS])
 
 
-@njit(inline="always")  # inlined into each driver (its begin and visit then resolve statically)
+@njit(inline="always")  # inlined into each *_chunk kernel, where begin and visit resolve statically
 def walk_chunk(words, row, c, op, begin, visit):
     """Decode chunk ``c`` of the tensor whose parameter row (int64[N_PARAMS], see ``P_*``) is
     ``row``: call ``begin(op, base, end, numel)`` once (False: the output cannot take the chunk's
@@ -265,91 +257,59 @@ def walk_chunk(words, row, c, op, begin, visit):
 
 
 # ---------------------------------------------------------------------------------------------
-# decoding: the operations, as (begin, visit) pairs over an operation tuple ``op``: (out, ...)
+# decoding: one cached kernel per operation (the walker with its begin and visit inlined) ...
 
 
-@njit(cache=True, inline="always")
-def begin_nothing(op, base, end, numel):
-    return True
+@njit(cache=True)
+def check_chunk(words, row, c):
+    return walk_chunk(words, row, c, (0,), begin_nothing, visit_nothing)
 
 
-@njit(cache=True, inline="always")
-def begin_out(op, base, end, numel):
-    return end <= op[0].shape[0]
+@njit(cache=True)
+def dense_chunk(words, row, c, out):
+    return walk_chunk(words, row, c, (out, row[P_POSITIVE], row[P_POSITIVE] ^ row[P_NEGATIVE]), begin_zeroed,
+                      visit_pattern)
 
 
-@njit(cache=True, inline="always")
-def begin_zeroed(op, base, end, numel):
-    if end > op[0].shape[0]:
-        return False
-    op[0][base:end] = 0  # a slice store compiles to a vector loop; an indexed loop does not
-    return True
+@njit(cache=True)
+def scatter_chunk(words, row, c, out):
+    return walk_chunk(words, row, c, (out, row[P_POSITIVE], row[P_POSITIVE] ^ row[P_NEGATIVE]), begin_out,
+                      visit_pattern)
 
 
-@njit(cache=True, inline="always")
-def begin_ties(op, base, end, numel):  # op: (out, aux, ...)
-    return end <= op[1].shape[0] and op[0].shape[0] >= 2 * numel
+@njit(cache=True)
+def add_f32_chunk(words, row, c, out, step):
+    return walk_chunk(words, row, c, (out, step), begin_out, visit_add_f32)
 
 
-@njit(cache=True, inline="always")
-def visit_nothing(op, at, e, negative):
-    pass
+@njit(cache=True)
+def add_bf16_chunk(words, row, c, out, step):
+    return walk_chunk(words, row, c, (out, step), begin_out, visit_add_bf16)
 
 
-@njit(cache=True, inline="always")
-def visit_pattern(op, at, e, negative):  # op: (out, positive, positive ^ negative)
-    op[0][at] = op[1] ^ (negative * op[2])
+@njit(cache=True)
+def add_f16_chunk(words, row, c, out, step, f16_lut):
+    return walk_chunk(words, row, c, (out, step, f16_lut), begin_out, visit_add_f16)
 
 
-@njit(cache=True, inline="always")
-def add_f32(out, at, step):
-    out[at] = np.float32(np.uint32(out[at]).view(np.float32) + step).view(np.uint32)
+@njit(cache=True)
+def ties_chunk(words, row, c, out, aux, step):
+    return walk_chunk(words, row, c, (out, aux, step, row[P_NUMEL]), begin_ties, visit_ties)
 
 
-@njit(cache=True, inline="always")
-def visit_add_f32(op, at, e, negative):  # op: (out, step)
-    add_f32(op[0], at, -op[1] if negative else op[1])
+@njit(cache=True)
+def add_f32_dare_chunk(words, row, c, out, step):
+    op = (out, step, U(row[P_DROP_KEY]), U(row[P_DROP_CUT]))
+    return walk_chunk(words, row, c, op, begin_out, visit_add_f32_dare)
 
 
-@njit(cache=True, inline="always")
-def visit_add_bf16(op, at, e, negative):  # op: (out, step)
-    out = op[0]
-    out[at] = f32_to_bf16_bits(bf16_bits_to_f32(out[at]) + (-op[1] if negative else op[1]))
+@njit(cache=True)
+def ties_dare_chunk(words, row, c, out, aux, step):
+    op = (out, aux, step, row[P_NUMEL], U(row[P_DROP_KEY]), U(row[P_DROP_CUT]))
+    return walk_chunk(words, row, c, op, begin_ties, visit_ties_dare)
 
 
-@njit(cache=True, inline="always")
-def visit_add_f16(op, at, e, negative):  # op: (out, step, F16_TO_F32)
-    out = op[0]
-    out[at] = f32_to_f16_bits(op[2][U(out[at])] + (-op[1] if negative else op[1]))
-
-
-@njit(cache=True, inline="always")
-def visit_ties(op, at, e, negative):  # op: (out, aux, step, numel)
-    if (op[1][at] < 0) == (negative == 1):  # the sign the sum elected (a zero sum elects +)
-        add_f32(op[0], at, -op[2] if negative else op[2])
-        add_f32(op[0], at + U(op[3]), np.float32(1.0))  # the count, in the second half
-
-
-@njit(cache=True, inline="always")
-def dropped(key, cut, e):
-    """DARE: whether entry ``e`` is dropped (uint64 ``key`` and ``cut``, see ``P_DROP_*``)."""
-    return cut != 0 and (splitmix64(key + np.uint64(e)) >> np.uint64(1)) < cut
-
-
-@njit(cache=True, inline="always")
-def visit_add_f32_dare(op, at, e, negative):  # op: (out, step, drop key, drop cut)
-    if not dropped(op[2], op[3], e):
-        add_f32(op[0], at, -op[1] if negative else op[1])
-
-
-@njit(cache=True, inline="always")
-def visit_ties_dare(op, at, e, negative):  # op: (out, aux, step, numel, drop key, drop cut)
-    if not dropped(op[4], op[5], e):
-        visit_ties(op, at, e, negative)
-
-
-# ---------------------------------------------------------------------------------------------
-# decoding: one parallel driver per operation
+# ... and one parallel driver per operation over (tensor, chunk) pairs.
 #
 # Every driver takes (words, params, outs, auxs, steps, work, f16_lut, status): ``words`` (uint64)
 # holds every tensor's payload; row t of ``params`` (int64[t, N_PARAMS]) gives its header fields,
@@ -364,27 +324,21 @@ def visit_ties_dare(op, at, e, negative):  # op: (out, aux, step, numel, drop ke
 @njit(cache=True, parallel=True)
 def check_chunks(words, params, outs, auxs, steps, work, f16_lut, status):
     for j in prange(work.shape[0]):
-        status[j] = walk_chunk(words, params[work[j, 0]], work[j, 1], (0,), begin_nothing, visit_nothing)
+        status[j] = check_chunk(words, params[work[j, 0]], work[j, 1])
 
 
 @serialized
 @njit(cache=True, parallel=True)
 def dense_chunks(words, params, outs, auxs, steps, work, f16_lut, status):
     for j in prange(work.shape[0]):
-        t = work[j, 0]
-        row = params[t]
-        op = (outs[t], row[P_POSITIVE], row[P_POSITIVE] ^ row[P_NEGATIVE])
-        status[j] = walk_chunk(words, row, work[j, 1], op, begin_zeroed, visit_pattern)
+        status[j] = dense_chunk(words, params[work[j, 0]], work[j, 1], outs[work[j, 0]])
 
 
 @serialized
 @njit(cache=True, parallel=True)
 def scatter_chunks(words, params, outs, auxs, steps, work, f16_lut, status):
     for j in prange(work.shape[0]):
-        t = work[j, 0]
-        row = params[t]
-        op = (outs[t], row[P_POSITIVE], row[P_POSITIVE] ^ row[P_NEGATIVE])
-        status[j] = walk_chunk(words, row, work[j, 1], op, begin_out, visit_pattern)
+        status[j] = scatter_chunk(words, params[work[j, 0]], work[j, 1], outs[work[j, 0]])
 
 
 @serialized
@@ -392,7 +346,7 @@ def scatter_chunks(words, params, outs, auxs, steps, work, f16_lut, status):
 def add_f32_chunks(words, params, outs, auxs, steps, work, f16_lut, status):
     for j in prange(work.shape[0]):
         t = work[j, 0]
-        status[j] = walk_chunk(words, params[t], work[j, 1], (outs[t], steps[t]), begin_out, visit_add_f32)
+        status[j] = add_f32_chunk(words, params[t], work[j, 1], outs[t], steps[t])
 
 
 @serialized
@@ -400,7 +354,7 @@ def add_f32_chunks(words, params, outs, auxs, steps, work, f16_lut, status):
 def add_bf16_chunks(words, params, outs, auxs, steps, work, f16_lut, status):
     for j in prange(work.shape[0]):
         t = work[j, 0]
-        status[j] = walk_chunk(words, params[t], work[j, 1], (outs[t], steps[t]), begin_out, visit_add_bf16)
+        status[j] = add_bf16_chunk(words, params[t], work[j, 1], outs[t], steps[t])
 
 
 @serialized
@@ -408,8 +362,7 @@ def add_bf16_chunks(words, params, outs, auxs, steps, work, f16_lut, status):
 def add_f16_chunks(words, params, outs, auxs, steps, work, f16_lut, status):
     for j in prange(work.shape[0]):
         t = work[j, 0]
-        status[j] = walk_chunk(words, params[t], work[j, 1], (outs[t], steps[t], f16_lut), begin_out,
-                               visit_add_f16)
+        status[j] = add_f16_chunk(words, params[t], work[j, 1], outs[t], steps[t], f16_lut)
 
 
 @serialized
@@ -417,9 +370,7 @@ def add_f16_chunks(words, params, outs, auxs, steps, work, f16_lut, status):
 def ties_chunks(words, params, outs, auxs, steps, work, f16_lut, status):
     for j in prange(work.shape[0]):
         t = work[j, 0]
-        row = params[t]
-        op = (outs[t], auxs[t], steps[t], row[P_NUMEL])
-        status[j] = walk_chunk(words, row, work[j, 1], op, begin_ties, visit_ties)
+        status[j] = ties_chunk(words, params[t], work[j, 1], outs[t], auxs[t], steps[t])
 
 
 @serialized
@@ -427,9 +378,7 @@ def ties_chunks(words, params, outs, auxs, steps, work, f16_lut, status):
 def add_f32_dare_chunks(words, params, outs, auxs, steps, work, f16_lut, status):
     for j in prange(work.shape[0]):
         t = work[j, 0]
-        row = params[t]
-        op = (outs[t], steps[t], np.uint64(row[P_DROP_KEY]), np.uint64(row[P_DROP_CUT]))
-        status[j] = walk_chunk(words, row, work[j, 1], op, begin_out, visit_add_f32_dare)
+        status[j] = add_f32_dare_chunk(words, params[t], work[j, 1], outs[t], steps[t])
 
 
 @serialized
@@ -437,9 +386,7 @@ def add_f32_dare_chunks(words, params, outs, auxs, steps, work, f16_lut, status)
 def ties_dare_chunks(words, params, outs, auxs, steps, work, f16_lut, status):
     for j in prange(work.shape[0]):
         t = work[j, 0]
-        row = params[t]
-        op = (outs[t], auxs[t], steps[t], row[P_NUMEL], np.uint64(row[P_DROP_KEY]), np.uint64(row[P_DROP_CUT]))
-        status[j] = walk_chunk(words, row, work[j, 1], op, begin_ties, visit_ties_dare)
+        status[j] = ties_dare_chunk(words, params[t], work[j, 1], outs[t], auxs[t], steps[t])
 
 
 DRIVERS = {MODE_CHECK: check_chunks, MODE_DENSE: dense_chunks, MODE_SCATTER: scatter_chunks,

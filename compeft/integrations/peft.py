@@ -28,6 +28,7 @@ from ..applying import apply
 from ..errors import BaseMismatchError, InvalidArgumentError, SourceError
 from ..expert import CompressedExpert, as_expert
 from ..export import restored
+from ..memory import check_outputs, output_bytes
 from .peft_config import checked_config, module_names_of
 
 ExpertLike = CompressedExpert | str | os.PathLike[str]
@@ -45,6 +46,7 @@ def adapter_state_dict(expert: ExpertLike) -> dict[str, torch.Tensor]:
     """The adapter's tensors as PEFT saves them (``init`` + τ̃, e.g. 1 + τ̃ for (IA)³ vectors), under
     their saved names: what ``compeft decompress`` writes to ``adapter_model.safetensors``."""
     opened = _peft_expert(expert)
+    check_outputs([(e.name, output_bytes(e)) for e in opened.header.tensors], opened.path)  # held together
     return {name: restored(opened, name) for name in opened.names}
 
 

@@ -38,6 +38,7 @@ from .patterns import Budget, Pattern, PatternError, literal_union
 MAX_ITEMS = 1024  # entries of a list or mapping in the config
 MAX_INT = 2 ** 53
 MAX_TEXT = 65536  # characters of one string in the config
+MAX_DEPTH = 64  # nesting of lists and objects (the header's own limit, FORMAT.md 8)
 # A pattern with only these characters is linear under every regular expression PEFT builds around it.
 PLAIN = re.compile(r"[A-Za-z0-9_.\-]{1,256}")
 # str: re.fullmatch(pattern, module name); list: names, matched exactly or as a dotted suffix.
@@ -193,28 +194,32 @@ def _text(value: object) -> bool:
     return True
 
 
-def _json(value: object) -> bool:
+def _json(value: object, depth: int = 0) -> bool:
     """A JSON value PEFT may be handed where it expects anything."""
     if value is None or type(value) in (bool, float):
         return True
     if type(value) is int:
         return abs(value) <= MAX_INT
+    if type(value) in (list, dict) and (depth >= MAX_DEPTH or len(value) > MAX_ITEMS):  # type: ignore[arg-type]
+        return False
     if type(value) is list:
-        return len(value) <= MAX_ITEMS and all(_json(v) for v in value)
+        return all(_json(v, depth + 1) for v in value)
     if type(value) is dict:
-        return len(value) <= MAX_ITEMS and all(_text(k) and _json(v) for k, v in value.items())
+        return all(_text(k) and _json(v, depth + 1) for k, v in value.items())
     return _text(value)
 
 
-def _conforms(value: object, hint: Any) -> bool:
+def _conforms(value: object, hint: Any, depth: int = 0) -> bool:
     """Whether the JSON ``value`` has the type ``hint`` (a dataclass field's annotation)."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if depth >= MAX_DEPTH:
+        return False
     if hint is Any or hint is object:
-        return _json(value)
+        return _json(value, depth)
     if hint is type(None):
         return value is None
     if origin is Union or (hasattr(types, "UnionType") and isinstance(hint, types.UnionType)):
-        return any(_conforms(value, a) for a in args)
+        return any(_conforms(value, a, depth + 1) for a in args)
     if origin is Literal:  # (a literal "name_[...]" stands for every "name_..." , e.g. pissa_niter_[number of iters])
         return any(type(value) is type(a) and (value == a or isinstance(a, str) and "[" in a
                                                and value.startswith(a[:a.index("[")])) for a in args)
@@ -230,18 +235,19 @@ def _conforms(value: object, hint: Any) -> bool:
         if type(value) is not list or len(value) > MAX_ITEMS:
             return False
         if origin is tuple and args and args[-1] is not Ellipsis:
-            return len(value) == len(args) and all(_conforms(v, a) for v, a in zip(value, args))
-        return all(_conforms(v, args[0] if args else Any) for v in value)
+            return len(value) == len(args) and all(_conforms(v, a, depth + 1) for v, a in zip(value, args))
+        return all(_conforms(v, args[0] if args else Any, depth + 1) for v in value)
     if hint is dict or origin in (dict, collections.abc.Mapping):
         key_hint, value_hint = args if len(args) == 2 else (str, Any)
         return (type(value) is dict and len(value) <= MAX_ITEMS
-                and all(_conforms(k, key_hint) and _conforms(v, value_hint) for k, v in value.items()))
+                and all(_conforms(k, key_hint, depth + 1) and _conforms(v, value_hint, depth + 1)
+                        for k, v in value.items()))
     if isinstance(hint, type) and issubclass(hint, enum.Enum):
         return type(value) is str and value in {m.value for m in hint}
     if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         fields = _fields(hint)
         return type(value) is dict and all(k in fields and (_equal(v, fields[k][1]) or (
-            fields[k][0] is not None and _conforms(v, fields[k][0]))) for k, v in value.items())
+            fields[k][0] is not None and _conforms(v, fields[k][0], depth + 1))) for k, v in value.items())
     return False  # an annotation PEFT's dataclass cannot take from JSON: only the default
 
 

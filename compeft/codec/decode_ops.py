@@ -1,0 +1,106 @@
+"""The decode operations of :mod:`compeft.codec.kernels`, as (begin, visit) pairs of Numba functions.
+
+The chunk walker (``kernels.walk_chunk``) calls ``begin(op, base, end, numel)`` once per chunk,
+after checking its streams (False: the output cannot take the chunk's range ``[base, end)``), then
+``visit(op, at, e, negative)`` for every entry ``e`` of the chunk, in order, at position ``at``
+(uint64). ``op`` is the operation's tuple, ``(out, ...)`` as each function notes. All are inlined
+into the walker, which is inlined into one cached kernel per operation.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from .floats import bf16_bits_to_f32, f32_to_bf16_bits, f32_to_f16_bits
+
+U = np.uint64  # array indices known to be in range: unsigned, so Numba emits no wraparound test
+
+
+@njit(cache=True, inline="always")
+def splitmix64(x):
+    """The splitmix64 output function (Steele et al. 2014): a well-mixed uint64 of a uint64."""
+    z = np.uint64(x) + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+@njit(cache=True, inline="always")
+def begin_nothing(op, base, end, numel):
+    return True
+
+
+@njit(cache=True, inline="always")
+def begin_out(op, base, end, numel):
+    return end <= op[0].shape[0]
+
+
+@njit(cache=True, inline="always")
+def begin_zeroed(op, base, end, numel):
+    if end > op[0].shape[0]:
+        return False
+    op[0][base:end] = 0  # a slice store compiles to a vector loop; an indexed loop does not
+    return True
+
+
+@njit(cache=True, inline="always")
+def begin_ties(op, base, end, numel):  # op: (out, aux, ...)
+    return end <= op[1].shape[0] and op[0].shape[0] >= 2 * numel
+
+
+@njit(cache=True, inline="always")
+def visit_nothing(op, at, e, negative):
+    pass
+
+
+@njit(cache=True, inline="always")
+def visit_pattern(op, at, e, negative):  # op: (out, positive, positive ^ negative)
+    op[0][at] = op[1] ^ (negative * op[2])
+
+
+@njit(cache=True, inline="always")
+def add_f32(out, at, step):
+    out[at] = np.float32(np.uint32(out[at]).view(np.float32) + step).view(np.uint32)
+
+
+@njit(cache=True, inline="always")
+def visit_add_f32(op, at, e, negative):  # op: (out, step)
+    add_f32(op[0], at, -op[1] if negative else op[1])
+
+
+@njit(cache=True, inline="always")
+def visit_add_bf16(op, at, e, negative):  # op: (out, step)
+    out = op[0]
+    out[at] = f32_to_bf16_bits(bf16_bits_to_f32(out[at]) + (-op[1] if negative else op[1]))
+
+
+@njit(cache=True, inline="always")
+def visit_add_f16(op, at, e, negative):  # op: (out, step, F16_TO_F32)
+    out = op[0]
+    out[at] = f32_to_f16_bits(op[2][U(out[at])] + (-op[1] if negative else op[1]))
+
+
+@njit(cache=True, inline="always")
+def visit_ties(op, at, e, negative):  # op: (out, aux, step, numel)
+    if (op[1][at] < 0) == (negative == 1):  # the sign the sum elected (a zero sum elects +)
+        add_f32(op[0], at, -op[2] if negative else op[2])
+        add_f32(op[0], at + U(op[3]), np.float32(1.0))  # the count, in the second half
+
+
+@njit(cache=True, inline="always")
+def dropped(key, cut, e):
+    """DARE: whether entry ``e`` is dropped (uint64 ``key`` and ``cut``, see ``P_DROP_*``)."""
+    return cut != 0 and (splitmix64(key + np.uint64(e)) >> np.uint64(1)) < cut
+
+
+@njit(cache=True, inline="always")
+def visit_add_f32_dare(op, at, e, negative):  # op: (out, step, drop key, drop cut)
+    if not dropped(op[2], op[3], e):
+        add_f32(op[0], at, -op[1] if negative else op[1])
+
+
+@njit(cache=True, inline="always")
+def visit_ties_dare(op, at, e, negative):  # op: (out, aux, step, numel, drop key, drop cut)
+    if not dropped(op[4], op[5], e):
+        visit_ties(op, at, e, negative)
