@@ -19,6 +19,7 @@ from .dtypes import DTYPE_TO_TORCH
 from .errors import OutputTooLargeError
 from .format import TensorEntry
 
+SMALL_OUTPUT = 64 << 20  # bytes: outputs up to this are allocated without asking how much memory is free
 try:
     _PHYSICAL_MEMORY = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 except (AttributeError, ValueError, OSError):  # not POSIX: rely on the allocator's own refusal
@@ -108,7 +109,9 @@ def allocate(e: TensorEntry, shape: tuple[int, ...], dtype: torch.dtype, path: o
     the memory available now (:func:`available_memory`) is a clear error, not a MemoryError or
     RuntimeError from deep inside torch. A call's outputs together are checked by :func:`check_outputs`."""
     size = math.prod(shape) * dtype.itemsize
-    room = available_memory(device)
+    # asking the kernel costs a few file reads: small outputs skip it (the allocator's own refusal
+    # is still caught below, and a call's outputs together went through check_outputs)
+    room = available_memory(device) if size > SMALL_OUTPUT else size
     reason = f"more than the {room:,} bytes of memory available" if size > room else ""
     if not reason:  # (checked first: with overcommit, an allocation can succeed and the zero-fill kill us)
         device = device or "cpu"
