@@ -160,7 +160,9 @@ def test_every_mode_has_a_driver_and_every_driver_is_cacheable():
     assert len(compiled) == 2 * len(kernels.DRIVERS) + 2 * len(kernels.DARE_DRIVERS)
     for driver in compiled:
         dispatcher = driver if hasattr(driver, "overloads") else driver.__wrapped__  # threads.serialized
-        assert dispatcher.overloads, dispatcher
+        # the parallel drivers (*_chunks) were just called; a per-chunk callee (*_chunk) has no
+        # overload of its own when its caller came from Numba's on-disk cache
+        assert dispatcher.overloads or dispatcher.py_func.__name__.endswith("_chunk"), dispatcher
         for cres in dispatcher.overloads.values():
             assert not cres.library.has_dynamic_globals, dispatcher
 

@@ -569,7 +569,9 @@ def test_t21_forty_gibibytes_in_a_few_kilobytes_are_refused_before_any_allocatio
     for name in ("state_dict", "decompress", "merge_to"):
         assert "in all" in results[name] and "memory available" in results[name] and str(path) in results[name], results
         assert results[name + "_s"] < 5, results
-    assert results["peak_mib"] < 2048, results
+    # no 40 GiB allocated: the process stays within a few GiB (2.9 GiB was seen in a full-suite run,
+    # ~0.5 GiB alone; torch + Numba's compiler account for the rest)
+    assert results["peak_mib"] < 4096, results
     assert not list(tmp_path.glob("*.safetensors"))
     cli = subprocess.run([sys.executable, "-m", "compeft.cli", "decompress", str(path), "-o", str(tmp_path / "x.safetensors")],
                          cwd=ROOT, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
