@@ -43,7 +43,7 @@ import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from safetensors.torch import load as st_load
@@ -638,18 +638,24 @@ INVALID: tuple[Invalid, ...] = (
 )
 
 
-def build_invalid(directory: Path) -> list[tuple[Invalid, str]]:
-    """Write invalid/*.cpeft from the valid containers in ``directory``; return (spec, description)."""
-    out = directory / "invalid"
+def build_edited(directory: Path, folder: str, specs: Sequence[Any]) -> list[tuple[Any, str]]:
+    """Write ``folder``/*.cpeft, each an edit of a valid container in ``directory``; return
+    (spec, description) per file."""
+    out = directory / folder
     out.mkdir(parents=True, exist_ok=True)
     done = []
-    for spec in INVALID:
+    for spec in specs:
         blob = (directory / f"{spec.source}.cpeft").read_bytes()
         edited, description = spec.edit(blob)
         assert edited != blob
         (out / f"{spec.name}.cpeft").write_bytes(edited)
         done.append((spec, description))
     return done
+
+
+def build_invalid(directory: Path) -> list[tuple[Invalid, str]]:
+    """Write invalid/*.cpeft from the valid containers in ``directory``; return (spec, description)."""
+    return build_edited(directory, "invalid", INVALID)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -715,16 +721,7 @@ ACCEPTED: tuple[Accepted, ...] = (
 
 def build_accepted(directory: Path) -> list[tuple[Accepted, str]]:
     """Write accepted/*.cpeft from the valid containers in ``directory``; return (spec, description)."""
-    out = directory / "accepted"
-    out.mkdir(parents=True, exist_ok=True)
-    done = []
-    for spec in ACCEPTED:
-        blob = (directory / f"{spec.source}.cpeft").read_bytes()
-        edited, description = spec.edit(blob)
-        assert edited != blob
-        (out / f"{spec.name}.cpeft").write_bytes(edited)
-        done.append((spec, description))
-    return done
+    return build_edited(directory, "accepted", ACCEPTED)
 
 
 # ---------------------------------------------------------------------------------------------
