@@ -128,14 +128,70 @@ def test_drops_pick_the_dare_driver_only_for_merge_modes():
     words, params = golomb.pack([(s, values.size)])
     params[0, kernels.P_DROP_CUT] = 1 << 62
     work = golomb.chunk_work(np.array([s.table.shape[0]]))
-    from numba.typed import List
     with pytest.raises(InvalidArgumentError):
-        kernels.decode_golomb(words, params, List([np.zeros(values.size, np.uint32)]), List([np.empty(0, np.float32)]),
+        kernels.decode_golomb(words, params, ([np.zeros(values.size, np.uint32)]), ([np.empty(0, np.float32)]),
                               np.ones(1, np.float32), work, kernels.MODE_DENSE, kernels.F16_TO_F32,
                               np.zeros(work.shape[0], np.int64))
     with pytest.raises(InvalidArgumentError):
-        kernels.decode_golomb(words, params, List([np.zeros(1, np.uint32)]), List([np.empty(0, np.float32)]),
+        kernels.decode_golomb(words, params, ([np.zeros(1, np.uint32)]), ([np.empty(0, np.float32)]),
                               np.ones(1, np.float32), work, 99, kernels.F16_TO_F32, np.zeros(work.shape[0], np.int64))
+
+
+@pytest.mark.parametrize("bad", ["dtype", "strided", "readonly", "2d", "not an array"])
+def test_outputs_must_be_contiguous_writeable_arrays_of_one_dtype(bad):
+    """The drivers write through each output's address: decode_golomb refuses any array the
+    address table could not describe exactly, before a kernel runs."""
+    values, s = sparse(4, 3000, 0.2)
+    words, params = golomb.pack([(s, values.size)])
+    work = golomb.chunk_work(np.array([s.table.shape[0]]))
+    out = np.zeros(values.size, np.uint32)
+    first = np.zeros(values.size, np.uint32)
+    if bad == "dtype":
+        outs = [first, np.zeros(values.size, np.uint16)]
+        words, params = golomb.pack([(s, values.size), (s, values.size)])
+        work = golomb.chunk_work(np.array([s.table.shape[0]] * 2))
+    elif bad == "strided":
+        outs = [np.zeros(2 * values.size, np.uint32)[::2]]
+    elif bad == "readonly":
+        out.flags.writeable = False
+        outs = [out]
+    elif bad == "2d":
+        outs = [out.reshape(1, -1)]
+    else:
+        outs = [out.tolist()]
+    auxs = [np.empty(0, np.float32)] * len(outs)
+    with pytest.raises(InvalidArgumentError):
+        kernels.decode_golomb(words, params, outs, auxs, np.ones(len(outs), np.float32), work, kernels.MODE_DENSE,
+                              kernels.F16_TO_F32, np.zeros(work.shape[0], np.int64))
+    assert not first.any()
+
+
+def test_a_fresh_process_decodes_without_compiling(tmp_path):
+    """Everything a decode runs is in Numba's on-disk cache (no typed list, whose methods Numba
+    compiles in every process): once the cache is warm, a new process compiles nothing."""
+    import subprocess
+    import sys
+
+    import torch
+
+    import compeft
+
+    compeft.compress({"a": torch.randn(300, 40), "b": torch.randn(5000).to(torch.bfloat16)}, density=0.2).save(
+        tmp_path / "x.cpeft")
+    code = """if True:
+        from numba.core import event
+        compiled = []
+        class Listener(event.Listener):
+            def on_start(self, ev): compiled.append(ev)
+            def on_end(self, ev): pass
+        event.register("numba:compile", Listener())
+        import sys, compeft
+        e = compeft.open(sys.argv[1])
+        e.verify(); e.state_dict(); print(len(compiled))
+    """
+    counts = [subprocess.run([sys.executable, "-c", code, str(tmp_path / "x.cpeft")], capture_output=True, text=True,
+                             check=True).stdout.split()[-1] for _ in range(2)]
+    assert counts[1] == "0", counts
 
 
 def test_every_mode_has_a_driver_and_every_driver_is_cacheable():

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
-from numba.typed import List
 
 from ..errors import CorruptPayloadError, InvalidArgumentError
 from ..format.header import MAX_GOLOMB_M, golomb_fields, golomb_payload_length
@@ -229,8 +228,8 @@ def chunk_work(chunks: np.ndarray) -> np.ndarray:
 
 def _decode_group(group: list[DecodeJob], mode: int, empty: np.ndarray, path: object) -> None:
     words, params = pack([(job.streams, job.numel) for job in group])
-    outs = List()
-    auxs = List()
+    outs: list[np.ndarray] = []
+    auxs: list[np.ndarray] = []
     for t, job in enumerate(group):
         params[t, [kernels.P_POSITIVE, kernels.P_NEGATIVE, kernels.P_DROP_KEY, kernels.P_DROP_CUT]] = (
             job.positive, job.negative, job.drop_key, job.drop_cut)

@@ -26,6 +26,7 @@ from numba import njit, prange
 from numba.cpython.unsafe.numbers import trailing_zeros
 
 from ..errors import InvalidArgumentError
+from .arrays import address_table, array_at
 from .decode_ops import (U, begin_nothing, begin_out, begin_ties, begin_zeroed, splitmix64,  # noqa: F401
                          visit_add_bf16, visit_add_f16, visit_add_f32, visit_add_f32_dare, visit_nothing,
                          visit_pattern, visit_ties, visit_ties_dare)
@@ -311,82 +312,88 @@ def ties_dare_chunk(words, row, c, out, aux, step):
 
 # ... and one parallel driver per operation over (tensor, chunk) pairs.
 #
-# Every driver takes (words, params, outs, auxs, steps, work, f16_lut, status): ``words`` (uint64)
-# holds every tensor's payload; row t of ``params`` (int64[t, N_PARAMS]) gives its header fields,
-# value patterns, word offsets and DARE drops (``P_*``); ``outs[t]`` is its flat output bits
-# (uint16 or uint32; unused by check); ``auxs[t]`` the float32 sign-election sums of TIES;
-# ``steps[t]`` the float32 step (scale × magnitude) of the adds and TIES; ``f16_lut`` is
+# Every driver takes (words, params, outs, like, auxs, steps, work, f16_lut, status): ``words``
+# (uint64) holds every tensor's payload; row t of ``params`` (int64[t, N_PARAMS]) gives its header
+# fields, value patterns, word offsets and DARE drops (``P_*``); row t of ``outs`` (an address
+# table, :mod:`compeft.codec.arrays`) is its flat output bits, of ``like``'s dtype (uint16 or
+# uint32; unused by check); row t of ``auxs`` (an address table too) the float32 sign-election sums
+# of TIES; ``steps[t]`` the float32 step (scale × magnitude) of the adds and TIES; ``f16_lut`` is
 # F16_TO_F32. ``work`` (int64[w, 2]) lists (tensor, chunk) pairs; ``status`` (int64[w]) gets a
-# code per pair. The caller has run :func:`check_tables` on the same rows and checked the dtypes.
+# code per pair. The caller has run :func:`check_tables` on the same rows and checked the dtypes;
+# :func:`decode_golomb` builds the address tables from arrays it checks.
 
 
 @serialized
 @njit(cache=True, parallel=True)
-def check_chunks(words, params, outs, auxs, steps, work, f16_lut, status):
+def check_chunks(words, params, outs, like, auxs, steps, work, f16_lut, status):
     for j in prange(work.shape[0]):
         status[j] = check_chunk(words, params[work[j, 0]], work[j, 1])
 
 
 @serialized
 @njit(cache=True, parallel=True)
-def dense_chunks(words, params, outs, auxs, steps, work, f16_lut, status):
-    for j in prange(work.shape[0]):
-        status[j] = dense_chunk(words, params[work[j, 0]], work[j, 1], outs[work[j, 0]])
-
-
-@serialized
-@njit(cache=True, parallel=True)
-def scatter_chunks(words, params, outs, auxs, steps, work, f16_lut, status):
-    for j in prange(work.shape[0]):
-        status[j] = scatter_chunk(words, params[work[j, 0]], work[j, 1], outs[work[j, 0]])
-
-
-@serialized
-@njit(cache=True, parallel=True)
-def add_f32_chunks(words, params, outs, auxs, steps, work, f16_lut, status):
+def dense_chunks(words, params, outs, like, auxs, steps, work, f16_lut, status):
     for j in prange(work.shape[0]):
         t = work[j, 0]
-        status[j] = add_f32_chunk(words, params[t], work[j, 1], outs[t], steps[t])
+        status[j] = dense_chunk(words, params[t], work[j, 1], array_at(outs, t, like))
 
 
 @serialized
 @njit(cache=True, parallel=True)
-def add_bf16_chunks(words, params, outs, auxs, steps, work, f16_lut, status):
+def scatter_chunks(words, params, outs, like, auxs, steps, work, f16_lut, status):
     for j in prange(work.shape[0]):
         t = work[j, 0]
-        status[j] = add_bf16_chunk(words, params[t], work[j, 1], outs[t], steps[t])
+        status[j] = scatter_chunk(words, params[t], work[j, 1], array_at(outs, t, like))
 
 
 @serialized
 @njit(cache=True, parallel=True)
-def add_f16_chunks(words, params, outs, auxs, steps, work, f16_lut, status):
+def add_f32_chunks(words, params, outs, like, auxs, steps, work, f16_lut, status):
     for j in prange(work.shape[0]):
         t = work[j, 0]
-        status[j] = add_f16_chunk(words, params[t], work[j, 1], outs[t], steps[t], f16_lut)
+        status[j] = add_f32_chunk(words, params[t], work[j, 1], array_at(outs, t, like), steps[t])
 
 
 @serialized
 @njit(cache=True, parallel=True)
-def ties_chunks(words, params, outs, auxs, steps, work, f16_lut, status):
+def add_bf16_chunks(words, params, outs, like, auxs, steps, work, f16_lut, status):
     for j in prange(work.shape[0]):
         t = work[j, 0]
-        status[j] = ties_chunk(words, params[t], work[j, 1], outs[t], auxs[t], steps[t])
+        status[j] = add_bf16_chunk(words, params[t], work[j, 1], array_at(outs, t, like), steps[t])
 
 
 @serialized
 @njit(cache=True, parallel=True)
-def add_f32_dare_chunks(words, params, outs, auxs, steps, work, f16_lut, status):
+def add_f16_chunks(words, params, outs, like, auxs, steps, work, f16_lut, status):
     for j in prange(work.shape[0]):
         t = work[j, 0]
-        status[j] = add_f32_dare_chunk(words, params[t], work[j, 1], outs[t], steps[t])
+        status[j] = add_f16_chunk(words, params[t], work[j, 1], array_at(outs, t, like), steps[t], f16_lut)
 
 
 @serialized
 @njit(cache=True, parallel=True)
-def ties_dare_chunks(words, params, outs, auxs, steps, work, f16_lut, status):
+def ties_chunks(words, params, outs, like, auxs, steps, work, f16_lut, status):
     for j in prange(work.shape[0]):
         t = work[j, 0]
-        status[j] = ties_dare_chunk(words, params[t], work[j, 1], outs[t], auxs[t], steps[t])
+        out, aux = array_at(outs, t, like), array_at(auxs, t, steps)
+        status[j] = ties_chunk(words, params[t], work[j, 1], out, aux, steps[t])
+
+
+@serialized
+@njit(cache=True, parallel=True)
+def add_f32_dare_chunks(words, params, outs, like, auxs, steps, work, f16_lut, status):
+    for j in prange(work.shape[0]):
+        t = work[j, 0]
+        status[j] = add_f32_dare_chunk(words, params[t], work[j, 1], array_at(outs, t, like), steps[t])
+
+
+@serialized
+@njit(cache=True, parallel=True)
+def ties_dare_chunks(words, params, outs, like, auxs, steps, work, f16_lut, status):
+    for j in prange(work.shape[0]):
+        t = work[j, 0]
+        out, aux = array_at(outs, t, like), array_at(auxs, t, steps)
+        status[j] = ties_dare_chunk(words, params[t], work[j, 1], out, aux, steps[t])
 
 
 DRIVERS = {MODE_CHECK: check_chunks, MODE_DENSE: dense_chunks, MODE_SCATTER: scatter_chunks,
@@ -396,8 +403,11 @@ DARE_DRIVERS = {MODE_ADD_F32: add_f32_dare_chunks, MODE_TIES: ties_dare_chunks}
 
 
 def decode_golomb(words, params, outs, auxs, steps, work, mode, f16_lut, status):
-    """Decode the (tensor, chunk) pairs of ``work`` with the driver of ``mode`` (arguments as the
-    drivers'); rows with DARE drops (``P_DROP_CUT`` not 0) need a mode of ``DARE_MODES``."""
+    """Decode the (tensor, chunk) pairs of ``work`` with the driver of ``mode``: ``outs[t]`` and
+    ``auxs[t]`` are tensor t's output bits and TIES sums, sequences of numpy arrays (each 1-D,
+    contiguous, writeable; the outputs of one dtype, uint16 or uint32; the sums float32, empty for
+    other modes); the other arguments are the drivers'. Rows with DARE drops (``P_DROP_CUT`` not 0)
+    need a mode of ``DARE_MODES``."""
     if mode not in DRIVERS:
         raise InvalidArgumentError(f"unknown decode mode {mode!r}")
     drivers = DRIVERS
@@ -405,4 +415,12 @@ def decode_golomb(words, params, outs, auxs, steps, work, mode, f16_lut, status)
         if mode not in DARE_DRIVERS:
             raise InvalidArgumentError(f"decode mode {mode} does not drop entries (DARE is for merges)")
         drivers = DARE_DRIVERS
-    drivers[mode](words, params, outs, auxs, steps, work, f16_lut, status)
+    if len(outs) != params.shape[0] or len(auxs) != params.shape[0]:
+        raise InvalidArgumentError("decode needs one output and one aux array per parameter row")
+    like = np.empty(0, dtype=outs[0].dtype if len(outs) and isinstance(outs[0], np.ndarray) else np.uint32)
+    if like.dtype not in (np.uint16, np.uint32):
+        raise InvalidArgumentError(f"decode outputs are uint16 or uint32 bits, not {like.dtype}")
+    steps = np.ascontiguousarray(steps, dtype=np.float32)
+    out_table = address_table(outs, like.dtype, "output")
+    aux_table = address_table(auxs, steps.dtype, "aux array")
+    drivers[mode](words, params, out_table, like, aux_table, steps, work, f16_lut, status)
