@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -25,7 +26,7 @@ from .merging import merge
 from .progress import progress_bar
 from .sources import (ADAPTER_CONFIG, SAFETENSORS_INDEX, base_dtype_shape, fingerprint, open_safetensors,
                       safetensors_files, safetensors_tensors)
-from .weights import write_safetensors
+from .weights import safetensors_header, safetensors_order, tensor_bytes, write_safetensors
 
 
 def resolve_check_base(check_base: bool, force: bool | None) -> bool:
@@ -247,10 +248,12 @@ def _remove_abandoned(stage: Path) -> None:
 
 
 def onto_base(experts: Sequence[CompressedExpert], base: Path, out: Path, check_base: bool, progress: bool,
-               update: Callable[[dict[str, torch.Tensor], list[str]], Any], files_over: Mapping[str, str] = {}) -> Path:
+              update: Callable[[dict[str, torch.Tensor], list[str]], Any], files_over: Mapping[str, str] = {},
+              dtype_for: Callable[[str, torch.dtype], torch.dtype] | None = None) -> Path:
     """Write base + the experts' change with the base's sharding, one shard in memory at a time:
-    ``update(shard, names)`` changes the shard's tensors ``names`` in place; ``files_over`` (name ->
-    text) are written over the base directory's other files.
+    ``update(part, names)`` changes the tensors ``names`` of a part of a shard in place (see
+    :func:`write_shard`; ``dtype_for`` gives output dtypes); ``files_over`` (name -> text) are
+    written over the base directory's other files.
 
     Everything that can be checked is checked before anything is written (the base holds every
     tensor with the expert's shape in a floating dtype, its fingerprint with ``check_base``, every
@@ -288,11 +291,11 @@ def onto_base(experts: Sequence[CompressedExpert], base: Path, out: Path, check_
         each.verify()  # every payload checked before the first file is written
     handles = {path: handle for path, handle in located.values()}
     if base.is_file() and out.suffix == ".safetensors":
-        write_shard(base, out, handles, expert.names, update)
+        write_shard(base, out, handles, expert.names, update, dtype_for)
         return out
     with staged_directory(out) as stage:  # nothing appears at `out` until every file is written
         for source_file in progress_bar(files, "writing shards", progress):
-            write_shard(source_file, stage / source_file.name, handles, expert.names, update)
+            write_shard(source_file, stage / source_file.name, handles, expert.names, update, dtype_for)
         if base.is_dir():
             weight_names = {f.name for f in files}
             for item in base.iterdir():
@@ -303,13 +306,53 @@ def onto_base(experts: Sequence[CompressedExpert], base: Path, out: Path, check_
     return out
 
 
+SHARD_PART_PARAMETERS = 1 << 22  # tensors of a shard read, changed and written together
+
+
 def write_shard(source_file: Path, dest: Path, handles: Mapping[Path, Any], names: Sequence[str],
-                update: Callable[[dict[str, torch.Tensor], list[str]], Any]) -> None:
-    """One shard of the base with ``update`` applied to the expert's tensors in it, written atomically."""
+                update: Callable[[dict[str, torch.Tensor], list[str]], Any],
+                dtype_for: Callable[[str, torch.dtype], torch.dtype] | None = None) -> None:
+    """One shard of the base with ``update`` applied to the expert's tensors in it, written
+    atomically and streamed: the output's header comes from the base's (``dtype_for(name, dtype)``
+    gives each tensor's output dtype; default unchanged), then the tensors in file order, a part of
+    at most SHARD_PART_PARAMETERS parameters at a time (a larger tensor alone), each part read,
+    passed to ``update(part, changed)`` and written before the next is read. Memory holds one part,
+    not the shard. ``update`` sees every part of a shard that holds a tensor of ``names`` (as it saw
+    the whole shard before), also parts without one: it may convert them, or merge tensors that
+    only other experts hold."""
     handle = handles.get(source_file) or open_safetensors(source_file)  # a shard the expert leaves alone
     shard_meta = handle.metadata() or None
-    shard = {n: handle.get_tensor(n) for n in handle.keys()}  # one shard in memory, not mapped
-    changed = [n for n in names if n in shard]
-    if changed:
-        update(shard, changed)
-    write_safetensors(shard, dest, shard_meta)
+    specs = {}
+    for name in handle.keys():
+        dtype, shape = base_dtype_shape(handle, name, source_file)
+        specs[name] = (dtype if dtype_for is None else dtype_for(name, dtype), tuple(shape))
+    wanted = set(names)
+    touched = any(n in wanted for n in specs)
+    parts: list[list[str]] = [[]]
+    size = 0
+    for name in safetensors_order(specs):
+        numel = math.prod(specs[name][1])
+        if parts[-1] and size + numel > SHARD_PART_PARAMETERS:
+            parts.append([])
+            size = 0
+        parts[-1].append(name)
+        size += numel
+
+    def chunks() -> Iterator[bytes | memoryview]:
+        yield safetensors_header(specs, shard_meta)
+        for group in parts:
+            part = {n: handle.get_tensor(n) for n in group}
+            changed = [n for n in group if n in wanted]
+            if touched:
+                update(part, changed)
+            for name in group:
+                t = part.pop(name)
+                if t.dtype != specs[name][0] or tuple(t.shape) != specs[name][1]:
+                    raise InvalidArgumentError(f"tensor {name!r}: the update gave {t.dtype} {list(t.shape)}, the "
+                                               f"header says {specs[name][0]} {list(specs[name][1])}", dest)
+                if t.numel():
+                    yield tensor_bytes(t)
+
+    atomic_write(dest, chunks())
+
+

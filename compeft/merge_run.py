@@ -54,6 +54,7 @@ class ConfigPlan:
     seed: int = 0
     union: bool = False
     check_base: bool = True
+    pool: torch.Tensor | None = None  # float32 scratch of the merge passes, kept across calls
 
     def coefficient(self, name: str) -> float:
         """c in c·base + τ for a tensor (1 unless linear without normalising, or passthrough)."""
@@ -158,7 +159,9 @@ def merged_groups(plan: ConfigPlan, names: list[str], progress: bool = False):  
     time; a merged τ may be a view of scratch memory reused by the next group: use it first."""
     groups = [g for g in tensor_groups(plan.experts, names, CONFIG_GROUP_PARAMETERS) if g]
     largest = max([0, *(sum(holder(plan.experts, n).entry(n).numel for n in g) for g in groups)])
-    pool = torch.empty(POOL_ROWS * largest, dtype=torch.float32)  # TIES: election, sums and counts, steps
+    if plan.pool is None or plan.pool.numel() < POOL_ROWS * largest:  # TIES: election, sums and counts, steps
+        plan.pool = torch.empty(POOL_ROWS * largest, dtype=torch.float32)
+    pool = plan.pool
     for k, group in enumerate(progress_bar(groups, "merging", progress)):
         for e in plan.experts:  # experts read from URLs: this group and the next one start downloading
             e.prefetch([n for g in groups[k:k + 2] for n in g if n in e])
@@ -251,12 +254,13 @@ def merge_from_config(config: str | os.PathLike[str] | Mapping[str, Any] | Merge
             compress(dict(result), density=chosen, alpha=alpha, metadata=meta, progress=progress).save(out)
         return out
     assert out is not None and plan.base is not None
-    return onto_base(plan.experts, plan.base, out, check_base, progress, lambda shard, names: write_shard(plan, shard),
-                     config_over(plan))
+    chosen = plan.config.out_dtype or plan.config.dtype
+    return onto_base(plan.experts, plan.base, out, check_base, progress, lambda part, names: write_part(plan, part),
+                     config_over(plan), lambda name, dtype: DTYPES[chosen] if chosen and dtype.is_floating_point else dtype)
 
 
-def write_shard(plan: ConfigPlan, shard: dict[str, torch.Tensor]) -> None:
-    """One base shard, in place, one tensor group at a time: each merged tensor becomes
+def write_part(plan: ConfigPlan, shard: dict[str, torch.Tensor]) -> None:
+    """A part of a base shard, in place, one tensor group at a time: each merged tensor becomes
     dtype(c·base + τ) computed in float32 (float64 for a float64 output), every other floating
     tensor dtype(c·base); dtype is out_dtype, else dtype, else the base's."""
     chosen = plan.config.out_dtype or plan.config.dtype

@@ -9,10 +9,11 @@ a writer streams each tensor's bytes straight to the file, so a 2 GB shard costs
 from __future__ import annotations
 
 import json
+import math
 import os
 import stat
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Iterator, Mapping, Sequence
 
 import torch
 
@@ -125,25 +126,42 @@ class SafetensorsFile:
 
 
 
-def safetensors_bytes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
-                      ) -> Iterator[bytes | memoryview]:
-    """The chunks of a safetensors file of ``tensors`` (contiguous CPU tensors): the header, then
-    each tensor's own bytes, in safetensors' order (larger dtypes first, then by name)."""
-    order = sorted(tensors, key=lambda n: (-tensors[n].dtype.itemsize, n))
+def safetensors_order(specs: Mapping[str, tuple[torch.dtype, Sequence[int]]]) -> list[str]:
+    """safetensors' order of tensors in a file: larger dtypes first, then by name."""
+    return sorted(specs, key=lambda n: (-specs[n][0].itemsize, n))
+
+
+def safetensors_header(specs: Mapping[str, tuple[torch.dtype, Sequence[int]]],
+                       metadata: Mapping[str, str] | None = None) -> bytes:
+    """The length prefix and header of a safetensors file holding tensors of these (dtype, shape),
+    laid out in :func:`safetensors_order`."""
     header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0
-    for name in order:
-        t = tensors[name]
-        size = t.numel() * t.dtype.itemsize
-        header[name] = {"dtype": TORCH_TO_DTYPE[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+    for name in safetensors_order(specs):
+        dtype, shape = specs[name]
+        size = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": TORCH_TO_DTYPE[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
-    yield len(text).to_bytes(8, "little") + text
-    for name in order:
-        t = tensors[name].detach().contiguous()
-        if t.numel():
-            yield memoryview(t.reshape(-1).view(torch.uint8).numpy())
+    return len(text).to_bytes(8, "little") + text
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """A CPU tensor's own bytes (a contiguous copy first if it is not contiguous)."""
+    t = t.detach().contiguous()
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def safetensors_bytes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+                      ) -> Iterator[bytes | memoryview]:
+    """The chunks of a safetensors file of ``tensors`` (CPU tensors): the header, then each
+    tensor's own bytes, in :func:`safetensors_order`."""
+    specs = {n: (t.dtype, tuple(t.shape)) for n, t in tensors.items()}
+    yield safetensors_header(specs, metadata)
+    for name in safetensors_order(specs):
+        if tensors[name].numel():
+            yield tensor_bytes(tensors[name])
 
 
 def write_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike[str],

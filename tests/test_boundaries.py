@@ -144,6 +144,37 @@ def test_merge_onto_a_sharded_base_in_many_groups(unshrunk, experts, base_dir, t
         assert_same_state(load_file(str(out / shard)), unshrunk[method]["onto"][shard])
 
 
+
+@pytest.mark.parametrize("part", [1, 300, 1199, 1200, 1 << 22])  # every tensor alone; several per part; default
+def test_shards_written_in_parts_are_byte_identical(unshrunk, experts, base_dir, tmp_path, monkeypatch, part):
+    """onto_base streams each shard a part at a time (export.SHARD_PART_PARAMETERS): decompress,
+    flag merges and config merges write the same bytes for any part size."""
+    from compeft import export
+    from compeft.merge_run import merge_from_config
+
+    def outputs(root: Path) -> dict[str, bytes]:
+        compeft.decompress(experts[0], root / "restored", base=base_dir)
+        merge_to(experts, root / "merged", base=base_dir, **options("ties", 0.0))
+        merge_from_config({"merge_method": "ties", "base_model": str(base_dir), "dtype": "float32",
+                           "parameters": {"density": 1.0, "normalize": True},
+                           "models": [{"model": e.path, "parameters": {"weight": w}}
+                                      for e, w in zip(experts, (1.0, 0.5, 2.0))]}, root / "config")
+        return {f"{d}/{s}": (root / d / s).read_bytes() for d in ("restored", "merged", "config") for s in SHARDS}
+
+    saved = {}
+    for i, e in enumerate(experts):
+        saved[i] = tmp_path / f"e{i}.cpeft"
+        e.save(saved[i])
+    experts = [compeft.open(saved[i]) for i in range(len(experts))]
+    want = outputs(tmp_path / "one-part")  # each shard in one part (shards here are far below 2**22)
+    monkeypatch.setattr(export, "SHARD_PART_PARAMETERS", part)
+    got = outputs(tmp_path / "parts")
+    assert got.keys() == want.keys()
+    for key in want:
+        assert got[key] == want[key], key
+    merged = load_file(str(tmp_path / "parts" / "merged" / "model-1.safetensors"))
+    assert_same_state(merged, unshrunk["ties"]["onto"]["model-1.safetensors"])
+
 def test_merge_with_a_corrupt_later_group_writes_nothing(experts, tmp_path, small_groups):
     """into= over several groups: every group is checked before the first is written."""
     broken = bytearray(experts[1].to_bytes())
