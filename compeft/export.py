@@ -178,9 +178,11 @@ def _plain_json_name(name: str) -> bool:
 @contextlib.contextmanager
 def staged_directory(out: Path) -> Iterator[Path]:
     """A hidden directory beside ``out`` to write an output directory into. When the block ends
-    normally its files appear at ``out`` at once (renamed into place; moved one by one into an
-    existing non-empty ``out``); when it raises, the stage is removed and ``out`` is untouched. A
-    writer killed meanwhile (SIGKILL) leaves only the hidden stage, which holds a lock while its
+    normally its files appear at ``out`` at once: renamed into place, or, over an earlier output
+    (an ``out`` holding no name the stage lacks), swapped with it in one atomic exchange and the old
+    one removed; into a directory holding other files too they are moved one by one (each file
+    atomic, the set not). When the block raises, the stage is removed and ``out`` is untouched. A
+    writer killed meanwhile (SIGKILL) leaves only hidden stages, which hold a lock while their
     writer lives: the next write to ``out`` removes stages whose lock is free."""
     parent = out.parent if str(out.parent) else Path(".")
     parent.mkdir(parents=True, exist_ok=True)
@@ -196,15 +198,37 @@ def staged_directory(out: Path) -> Iterator[Path]:
         try:
             os.rename(stage, out)  # a new name, or over an empty directory: all at once
         except OSError:
-            for item in sorted(stage.iterdir()):
-                os.replace(item, out / item.name)
-            stage.rmdir()
+            if replaceable(out, stage) and exchange(stage, out):  # the old output now sits at the stage's name
+                shutil.rmtree(stage, ignore_errors=True)
+            else:
+                for item in sorted(stage.iterdir()):
+                    os.replace(item, out / item.name)
+                stage.rmdir()
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
     finally:
         if lock >= 0:
             os.close(lock)
+
+
+def replaceable(out: Path, stage: Path) -> bool:
+    """Whether ``out`` is a real directory whose every entry the stage replaces (an earlier output)."""
+    if out.is_symlink() or not out.is_dir():
+        return False
+    return {p.name for p in out.iterdir()} <= {p.name for p in stage.iterdir()}
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where that is unavailable."""
+    try:
+        import ctypes
+
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (ImportError, OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 def _directory_mode() -> int:

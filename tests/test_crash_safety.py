@@ -155,3 +155,34 @@ def test_a_directory_output_appears_whole_or_not_at_all(tmp_path):
         assert sorted(p.name for p in out.iterdir()) == ["a.json", "b.json"]
     finally:
         os.close(fd)
+
+
+def test_an_earlier_output_directory_is_replaced_in_one_exchange(tmp_path, monkeypatch):
+    """Writing over an earlier output swaps the two directories at once (no moment holds files of
+    both versions); a directory holding other files keeps them (files moved one by one)."""
+    from compeft import export
+
+    out = tmp_path / "out"
+    for version in (b"one", b"two"):
+        with export.staged_directory(out) as stage:
+            (stage / "a.bin").write_bytes(version)
+            (stage / "b.bin").write_bytes(version)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == {"a.bin": b"two", "b.bin": b"two"}
+
+    moves = []
+    real_replace = os.replace
+    monkeypatch.setattr(export.os, "replace", lambda a, b: (moves.append(a), real_replace(a, b)))
+    with export.staged_directory(out) as stage:
+        (stage / "a.bin").write_bytes(b"three")
+        (stage / "b.bin").write_bytes(b"three")
+    assert moves == []  # exchanged, not moved file by file
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == {"a.bin": b"three", "b.bin": b"three"}
+
+    (out / "notes.txt").write_bytes(b"mine")  # not ours: the directory is not swapped away
+    with export.staged_directory(out) as stage:
+        (stage / "a.bin").write_bytes(b"four")
+    assert len(moves) == 1
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == {"a.bin": b"four", "b.bin": b"three",
+                                                               "notes.txt": b"mine"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
