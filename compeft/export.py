@@ -22,7 +22,7 @@ from .encode import check_arguments, compress, default_alpha
 from .errors import BaseMismatchError, HeaderError, InvalidArgumentError, SourceError
 from .expert import CompressedExpert, PathLike, as_expert, check_outputs, output_bytes
 from .format import atomic_write
-from .merging import merge
+from .merging import Scratch, merge
 from .progress import progress_bar
 from .sources import (ADAPTER_CONFIG, SAFETENSORS_INDEX, base_dtype_shape, fingerprint, open_safetensors,
                       safetensors_files, safetensors_tensors)
@@ -112,9 +112,10 @@ def merge_to(experts: Sequence[CompressedExpert | PathLike], output: PathLike, *
             if missing:
                 raise BaseMismatchError(f"{len(missing)} tensors of the experts are not in the base (e.g. "
                                         f"{missing[:3]})", base)
+        scratch = Scratch()  # one block of accumulator memory for every part of every shard
         return onto_base(opened, Path(base), out, check_base, progress,
-                         lambda shard, names: merge(opened, into=shard, names=[n for n in every if n in shard],
-                                                    **options))
+                         lambda part, names: merge(opened, into=part, names=[n for n in every if n in part],
+                                                   scratch=scratch, **options))
     # the result holds a float32 tensor per merged tensor until it is written
     check_outputs({n: 4 * e.entry(n).numel for e in opened for n in e.names}.items(), opened[0].path)
     result = merge(opened, progress=progress, **options)

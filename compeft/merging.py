@@ -34,6 +34,7 @@ from . import gpu
 from .dtypes import added
 from .errors import BaseMismatchError, InvalidArgumentError
 from .expert import CompressedExpert, allocate, as_expert, check_state
+from .format.header import TensorEntry
 from .plan import ACCUMULATE, TIES, CpuExecutor, TensorPlan, drop_key
 from .progress import progress_bar
 
@@ -42,25 +43,62 @@ GROUP_PARAMETERS = 1 << 24  # accumulators for at most this many parameters at a
 GPU_GROUP_PARAMETERS = 1 << 28  # on a GPU: fewer, larger launches (1 GiB per accumulator)
 
 
+class Scratch:
+    """Float32 accumulator memory reused group after group (and, passed to several
+    :func:`merge` calls, call after call): zeroing warm pages costs a fraction of faulting in
+    fresh ones, the fixed cost of a merge. Allocated on first use, ``rows`` × the largest group
+    asked for; what it hands out is valid until the next group."""
+
+    def __init__(self, rows: int = 3) -> None:
+        self.rows = rows
+        self.memory: torch.Tensor | None = None
+        self.size = 0
+        self.used = 0
+        self.path: object = None
+
+    def reset(self, numel: int, path: object) -> None:
+        """Hand out up to ``rows`` × ``numel`` values, from the start again."""
+        self.size, self.used, self.path = max(self.size, self.rows * numel), 0, path
+
+    def take(self, numel: int) -> torch.Tensor | None:
+        """``numel`` zeroed float32 values, or None when they do not fit."""
+        if self.used + numel > self.size:
+            return None
+        if self.memory is None or self.memory.numel() < self.size:
+            self.memory = None  # (the old block is freed before the larger one is allocated)
+            entry = TensorEntry("merge scratch", "F32", (self.size,), "dense", "delta", 0, 0, 0)
+            self.memory = allocate(entry, (self.size,), torch.float32, self.path)
+        out = self.memory[self.used:self.used + numel]
+        self.used += numel
+        return out.zero_()
+
+
 class Accumulator:
     """The primitives a merge method combines, over one group of tensors: each runs one pass per
     expert over its kept entries (DARE drops and the 1 / (1 − p) rescale already applied) and
     returns name -> float32 tensor. ``executors[i]`` runs expert i's plans (:mod:`compeft.plan`),
-    on the CPU or a GPU alike."""
+    on the CPU or a GPU alike. Intermediate results (``final=False``) come from ``scratch``."""
 
     def __init__(self, experts: Sequence[CompressedExpert], executors: Sequence[Executor] | LazyExecutors, group: list[str],
-                 weights: list[float], scale: float, drop_rate: float, seed: int, device: torch.device) -> None:
+                 weights: list[float], scale: float, drop_rate: float, seed: int, device: torch.device,
+                 scratch: Scratch | None = None) -> None:
         self.experts, self.executors, self.group, self.device = experts, executors, group, device
         self.weights, self.scale, self.seed = weights, scale, seed
         self.keep = 1.0 - drop_rate
         self.cut = int(drop_rate * 2.0 ** 63)
+        self.scratch = scratch
 
-    def _run(self, operation: str, scales: Sequence[float], elected: dict[str, torch.Tensor] | None = None
-             ) -> dict[str, torch.Tensor]:
+    def _buffer(self, e: TensorEntry, rows: int, final: bool) -> torch.Tensor:
+        got = None if final or self.scratch is None else self.scratch.take(rows * e.numel)
+        if got is not None:
+            return got.view(rows, e.numel)
+        return allocate(e, (rows, e.numel), torch.float32, self.experts[0].path, zero=True, device=self.device)
+
+    def _run(self, operation: str, scales: Sequence[float], elected: dict[str, torch.Tensor] | None = None,
+             final: bool = True) -> dict[str, torch.Tensor]:
         rows = 2 if operation == TIES else 1  # TIES also counts, in a second row
         entries = {n: holder(self.experts, n).entry(n) for n in self.group}
-        out = {n: allocate(e, (rows, e.numel), torch.float32, self.experts[0].path, zero=True, device=self.device)
-               for n, e in entries.items()}
+        out = {n: self._buffer(e, rows, final) for n, e in entries.items()}
         for i, expert in enumerate(self.experts):
             scale = scales[i] / self.keep
             self.executors[i].run([  # (with union=True, an expert lacking a tensor adds nothing to it)
@@ -69,14 +107,14 @@ class Accumulator:
         shapes = {n: e.shape for n, e in entries.items()}
         return {n: out[n].reshape((rows, *shapes[n])) if rows > 1 else out[n].reshape(shapes[n]) for n in self.group}
 
-    def weighted_sum(self, scales: Sequence[float]) -> dict[str, torch.Tensor]:
-        """Σᵢ scalesᵢ · τ̃ᵢ."""
-        return self._run(ACCUMULATE, scales)
+    def weighted_sum(self, scales: Sequence[float], final: bool = True) -> dict[str, torch.Tensor]:
+        """Σᵢ scalesᵢ · τ̃ᵢ (``final``: in memory of its own, else in the scratch)."""
+        return self._run(ACCUMULATE, scales, final=final)
 
     def agreeing(self, elected: dict[str, torch.Tensor], scales: Sequence[float]) -> dict[str, torch.Tensor]:
-        """Per tensor a [2, *shape] tensor: Σᵢ scalesᵢ · τ̃ᵢ over the entries whose sign is that of
-        ``elected`` (>= 0 counts as +), and how many experts have such an entry."""
-        return self._run(TIES, scales, elected)
+        """Per tensor a [2, *shape] tensor (in the scratch): Σᵢ scalesᵢ · τ̃ᵢ over the entries whose
+        sign is that of ``elected`` (>= 0 counts as +), and how many experts have such an entry."""
+        return self._run(TIES, scales, elected, final=False)
 
 
 def weighted_sum(acc: Accumulator) -> dict[str, torch.Tensor]:
@@ -86,7 +124,7 @@ def weighted_sum(acc: Accumulator) -> dict[str, torch.Tensor]:
 
 def ties(acc: Accumulator) -> dict[str, torch.Tensor]:
     """TIES: elect the sign of Σ τ̃ᵢ, then λ · the mean of the weighted entries that agree."""
-    elected = acc.weighted_sum([1.0] * len(acc.weights))
+    elected = acc.weighted_sum([1.0] * len(acc.weights), final=False)
     agreeing = acc.agreeing(elected, acc.weights)
     # A new tensor per result, so that the [2, …] sum-and-count buffer is freed with the group.
     return {n: torch.div(agreeing[n][0], agreeing[n][1].clamp_(min=1.0)).mul_(acc.scale) for n in acc.group}
@@ -179,7 +217,7 @@ def merge(experts: Sequence[CompressedExpert | str | os.PathLike[str]], *, metho
           weights: Sequence[float] | None = None, scale: float = 1.0, normalize: bool = True, drop_rate: float = 0.0,
           seed: int = 0, into: MutableMapping[str, torch.Tensor] | None = None, names: Sequence[str] | None = None,
           check_base: bool = True, device: str | torch.device | None = None, progress: bool = False,
-          lam: float | None = None, union: bool = False) -> MergeResult:
+          lam: float | None = None, union: bool = False, scratch: Scratch | None = None) -> MergeResult:
     """Merge compressed experts from their streams.
 
     Parameters
@@ -210,6 +248,9 @@ def merge(experts: Sequence[CompressedExpert | str | os.PathLike[str]], *, metho
         A CUDA device: each expert's compressed bytes are copied there (once per tensor group) and
         merged there; the result lives there. Bit-identical to the CPU merge (the same float32
         operations in the same order per parameter).
+    scratch
+        A :class:`Scratch` for the CPU passes' intermediate sums, to reuse its memory across
+        several calls (e.g. one per part of a model); default a new one for this call.
 
     Returns
     -------
@@ -267,6 +308,8 @@ def merge(experts: Sequence[CompressedExpert | str | os.PathLike[str]], *, metho
     if device is not None and (torch.device(device).type != "cpu" or gpu.interpreted()):
         run_on = gpu.kernel_device(device)  # (interpreted: the GPU kernels' CPU test mode)
     groups = tensor_groups(opened, selected, GROUP_PARAMETERS if run_on is None else GPU_GROUP_PARAMETERS)
+    scratch = scratch or Scratch()
+    largest = max(sum(holder(opened, n).entry(n).numel for n in g) for g in groups)
     if into is not None and len(groups) > 1:  # a corrupt later group must not find earlier ones written
         for e in opened:
             e.payloads([n for n in selected if n in e])
@@ -279,8 +322,10 @@ def merge(experts: Sequence[CompressedExpert | str | os.PathLike[str]], *, metho
         # CRCs verified on first use; a structurally bad chunk fails the first pass, before any write
         # to `into`.
         executors = LazyExecutors(opened, group, run_on)
+        if run_on is None:
+            scratch.reset(largest, opened[0].path)
         merged = rule.combine(Accumulator(opened, executors, group, coefficients, float(scale), drop_rate, seed,
-                                          run_on or torch.device("cpu")))
+                                          run_on or torch.device("cpu"), scratch if run_on is None else None))
         for name in group:
             if into is None:
                 result[name] = merged[name]
