@@ -419,6 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-normalize", action="store_true", help="linear: do not divide the weights by their sum")
     p.add_argument("--drop-rate", type=float, default=0.0, help="dare_*: drop probability p in [0, 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of DARE/DELLA drops and re-trim ties (recorded)")
+    p.add_argument("--lora-rank", type=int, metavar="R", help="LoRA experts merged as products ΔW = B·A per module; "
+                   "-o DIR: a LoRA adapter of rank R (truncated SVD), -o x.safetensors: the merged ΔW dense")
     p.add_argument("--base", help="base model directory or .safetensors file: write base + merged τ")
     p.add_argument("--density", type=_density, help=".cpeft output: density of the re-compression (default: "
                    "the first expert's)")

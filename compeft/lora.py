@@ -27,6 +27,7 @@ from .alpha import lora_pairs
 from .errors import InvalidArgumentError
 from .dtypes import DTYPE_TO_TORCH
 from .expert import CompressedExpert, PathLike, as_expert
+from .export import staged_directory
 from .format import atomic_write
 from .progress import progress_bar
 from .weights import write_safetensors
@@ -213,14 +214,18 @@ def export_lora(expert: CompressedExpert | PathLike, output: PathLike, *, rank: 
     total = energy_kept + energy_left
     result.left_out = dict(sorted(left_out.items()))
     result.left_out_energy = energy_left / total if total > 0 else 0.0
-    source_config = expert.metadata.get("adapter_config") or {}
-    config = {"peft_type": "LORA", "r": rank, "lora_alpha": rank, "target_modules": sorted(result.kept),
-              "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
-              "modules_to_save": None, "init_lora_weights": True, "inference_mode": True,
-              "task_type": source_config.get("task_type"),
-              "base_model_name_or_path": source_config.get("base_model_name_or_path")}
-    out.mkdir(parents=True, exist_ok=True)
-    write_safetensors(tensors, out / "adapter_model.safetensors", {"format": "pt"})
-    atomic_write(out / "adapter_config.json", [json.dumps(config, indent=2, sort_keys=True).encode()])
+    config = lora_config(rank, sorted(result.kept), expert.metadata.get("adapter_config") or {})
+    with staged_directory(out) as stage:  # both files appear together, or neither
+        write_safetensors(tensors, stage / "adapter_model.safetensors", {"format": "pt"})
+        atomic_write(stage / "adapter_config.json", [json.dumps(config, indent=2, sort_keys=True).encode()])
     return result
+
+
+def lora_config(rank: int, modules: Sequence[str], source: dict[str, Any]) -> dict[str, Any]:
+    """A plain LoRA ``adapter_config.json`` of rank ``rank`` and scaling 1 (``lora_alpha = r``)
+    over ``modules``; the task type and base model name come from ``source`` (an adapter config)."""
+    return {"peft_type": "LORA", "r": rank, "lora_alpha": rank, "target_modules": list(modules),
+            "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
+            "modules_to_save": None, "init_lora_weights": True, "inference_mode": True,
+            "task_type": source.get("task_type"), "base_model_name_or_path": source.get("base_model_name_or_path")}
 

@@ -320,7 +320,7 @@ def merge_command(args: Any, storage_options: Mapping[str, Any]) -> str:
     if args.config:
         given = [f for f, v in (("expert arguments", args.experts), ("--method", args.method), ("--weights", args.weights),
                                 ("--scale", args.scale != 1.0), ("--no-normalize", args.no_normalize),
-                                ("--drop-rate", args.drop_rate)) if v]
+                                ("--drop-rate", args.drop_rate), ("--lora-rank", args.lora_rank is not None)) if v]
         if given:
             raise InvalidArgumentError(f"{given[0]} cannot be combined with --config (the config says how to merge)")
         got = merge_from_config(args.config, args.output, library=args.library, dry_run=args.dry_run,
@@ -343,6 +343,17 @@ def merge_command(args: Any, storage_options: Mapping[str, Any]) -> str:
     else:
         experts = [open_expert(e, storage_options=storage_options, cache=args.cache, progress=not args.quiet)
                    for e in args.experts]
+    if args.lora_rank is not None:  # LoRA experts merged as products (compeft.lora_merge)
+        from .lora_merge import merge_lora
+
+        if args.base or args.union or args.density is not None or args.alpha is not None:
+            raise InvalidArgumentError("--lora-rank writes a LoRA directory or a .safetensors ΔW: it takes no "
+                                       "--base, --union, --density or --alpha")
+        got = merge_lora(experts, args.output, rank=args.lora_rank, method=args.method or "task_arithmetic",
+                         weights=weights, scale=args.scale, normalize=not args.no_normalize, drop_rate=args.drop_rate,
+                         seed=args.seed, check_base=not args.force, progress=not args.quiet)
+        return f"wrote {args.output}" + (f": {len(got.kept)} modules at rank {got.rank}, ‖ΔW‖² kept min "
+                                         f"{100 * min(got.kept.values()):.1f} %" if hasattr(got, "kept") else "")
     out = merge_to(experts, args.output, method=args.method or "task_arithmetic", weights=weights, scale=args.scale,
                    normalize=not args.no_normalize, drop_rate=args.drop_rate, **options)
     return f"wrote {out}"

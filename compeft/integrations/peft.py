@@ -1,6 +1,8 @@
 """PEFT and Transformers, without files in between.
 
 * :func:`load_adapter`: a compressed PEFT expert straight into a model as a named adapter;
+* :func:`hotswap`: a compressed LoRA expert decoded into a live adapter's own tensors, in place
+  (PEFT's hot-swap semantics; a compiled model is not recompiled);
 * :func:`merge_into`: an expert folded into a Transformers model's own weights, in place;
 * :func:`adapter_state_dict` / :func:`adapter_config`: the restored PEFT tensors and config.
 
@@ -29,6 +31,7 @@ from ..errors import BaseMismatchError, InvalidArgumentError, SourceError
 from ..expert import CompressedExpert, as_expert
 from ..export import restored
 from ..memory import check_outputs, output_bytes
+from .hotswap import plan_swap
 from .peft_config import checked_config, module_names_of
 
 ExpertLike = CompressedExpert | str | os.PathLike[str]
@@ -199,6 +202,69 @@ def _adapter_missing(peft_model: Any, missing: list[str], adapter_name: str) -> 
     # get_peft_model_state_dict names tensors as saved; map PEFT's missing keys to that form
     saved = {k.replace(f".{adapter_name}.", ".").replace(".modules_to_save.", ".") for k in missing}
     return [k for k in wanted if k in saved]
+
+
+def hotswap(model: torch.nn.Module, expert: ExpertLike, adapter_name: str = "default") -> torch.nn.Module:
+    """Swap a compressed LoRA expert into ``model``'s live adapter ``adapter_name``, in place.
+
+    Each LoRA tensor is decoded straight into the adapter's existing parameter (same module and
+    parameter objects, same storage; no file written), following PEFT's
+    ``hotswap_adapter_from_state_dict``: a smaller rank is padded with zeros (a model prepared with
+    ``peft.utils.hotswap.prepare_model_for_compiled_hotswap(target_rank=…)`` takes any rank up to
+    it), the adapter's tensors the expert lacks are zeroed, and each module's scaling becomes the
+    expert's ``lora_alpha / r``. A ``torch.compile``'d model is not recompiled.
+
+    Everything is checked before the first byte is written: the expert's header, config (PEFT's
+    compatibility rules), every tensor's target, shape and dtype, then every payload's checksum and
+    structure. A corrupt or mismatched expert raises a :mod:`compeft.errors` exception naming it and
+    leaves the adapter bit-for-bit as it was.
+
+    Parameters
+    ----------
+    model
+        A ``peft.PeftModel`` (e.g. from :func:`load_adapter`), or its ``torch.compile`` wrapper.
+    expert
+        A :class:`~compeft.CompressedExpert` made from a LoRA adapter, or a path or URL to open.
+    adapter_name
+        The live adapter to overwrite; it keeps its name.
+
+    Returns
+    -------
+    The same ``model``.
+
+    Raises
+    ------
+    BaseMismatchError
+        The expert targets modules the adapter lacks, has a larger rank, or incompatible config.
+    InvalidArgumentError
+        No such adapter, it is merged, or the expert is not a LoRA adapter.
+    ChecksumError, CorruptPayloadError, ...
+        The file is damaged (nothing written).
+
+    Examples
+    --------
+    >>> import torch, compeft, tempfile
+    >>> from peft import LoraConfig, get_peft_model
+    >>> from compeft.integrations.peft import load_adapter, hotswap
+    >>> def adapter(seed):
+    ...     torch.manual_seed(seed); d = tempfile.mkdtemp()
+    ...     get_peft_model(torch.nn.Sequential(torch.nn.Linear(8, 8)), LoraConfig(r=2, target_modules=["0"],
+    ...                    init_lora_weights=False)).save_pretrained(d)
+    ...     return compeft.compress(d, density=0.5)
+    >>> model = load_adapter(torch.nn.Sequential(torch.nn.Linear(8, 8)), adapter(0))
+    >>> weight = model.base_model.model[0].lora_B["default"].weight
+    >>> _ = hotswap(model, adapter(1))
+    >>> weight is model.base_model.model[0].lora_B["default"].weight
+    True
+    """
+    opened = _peft_expert(expert)
+    peft_type = str(opened.metadata["adapter_config"].get("peft_type", "")).upper()
+    if peft_type != "LORA":
+        raise InvalidArgumentError(f"hotswap swaps LoRA adapters; this expert is a {peft_type or 'untyped'} adapter",
+                                   opened.path)
+    config = _config(opened, True, module_names_of(opened.names))
+    plan_swap(model, opened, adapter_name, config).run()
+    return model
 
 
 @torch.no_grad()
