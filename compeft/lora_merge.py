@@ -34,6 +34,7 @@ from .expert import CompressedExpert, PathLike, as_expert, check_outputs
 from .export import staged_directory
 from .format import atomic_write
 from .lora import PEFT_PREFIX, LoraExport, deltas, factorize, lora_config, short
+from .merging import check_same_base
 from .plan import drop_key
 from .progress import progress_bar
 from .weights import write_safetensors
@@ -72,10 +73,8 @@ def modules_of(experts: Sequence[CompressedExpert], check_base: bool
             if held[m][2] != found[0][m][2]:
                 raise BaseMismatchError(f"module {m!r}: ΔW shape {list(held[m][2])} here, {list(found[0][m][2])} in "
                                         f"{first.path}", e.path)
-        prints = (first.metadata.get("base_fingerprint"), e.metadata.get("base_fingerprint"))
-        if check_base and prints[0] != prints[1]:
-            raise BaseMismatchError(f"built on a different base than {first.path} (fingerprints differ); "
-                                    "pass check_base=False (--force) to merge anyway", e.path)
+        if check_base:
+            check_same_base(first, e)
     return names, found
 
 

@@ -185,15 +185,20 @@ def check_compatible(experts: Sequence[CompressedExpert], check_base: bool, name
             if a.shape != b.shape:
                 raise BaseMismatchError(f"tensor {name!r}: shape {list(b.shape)} here, {list(a.shape)} in "
                                         f"{reference.path}", other.path)
-        prints = (first.metadata.get("base_fingerprint"), other.metadata.get("base_fingerprint"))
-        if check_base and prints[0] != prints[1]:
-            raise BaseMismatchError(f"built on a different base than {first.path} (fingerprints differ); "
-                                    "pass check_base=False to merge anyway", other.path)
+        if check_base:
+            check_same_base(first, other)
     for e in experts:
         for name in e.names if names is None else names:  # values outside ``names`` (a head) are not merged
             if name in e and e.entry(name).role != "delta":
                 raise InvalidArgumentError(f"tensor {name!r} is stored as a value, not a delta: only task "
                                            "vectors can be merged", e.path)
+
+
+def check_same_base(first: CompressedExpert, other: CompressedExpert) -> None:
+    """Raise :class:`BaseMismatchError` unless both experts carry the same base fingerprint."""
+    if first.metadata.get("base_fingerprint") != other.metadata.get("base_fingerprint"):
+        raise BaseMismatchError(f"built on a different base than {first.path} (fingerprints differ); "
+                                "pass check_base=False (--force) to merge anyway", other.path)
 
 
 def tensor_groups(expert: CompressedExpert | Sequence[CompressedExpert], names: Sequence[str], limit: int
