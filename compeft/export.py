@@ -22,7 +22,7 @@ from .encode import check_arguments, compress, default_alpha
 from .errors import BaseMismatchError, HeaderError, InvalidArgumentError, SourceError
 from .expert import CompressedExpert, PathLike, as_expert, check_outputs, output_bytes
 from .format import atomic_write
-from .merging import Scratch, merge
+from .merging import Scratch, cut_groups, merge
 from .progress import progress_bar
 from .sources import (ADAPTER_CONFIG, SAFETENSORS_INDEX, base_dtype_shape, fingerprint, open_safetensors,
                       safetensors_files, safetensors_tensors)
@@ -353,15 +353,7 @@ def write_shard(source_file: Path, dest: Path, handles: Mapping[Path, Any], name
         specs[name] = (dtype if dtype_for is None else dtype_for(name, dtype), tuple(shape))
     wanted = set(names)
     touched = any(n in wanted for n in specs)
-    parts: list[list[str]] = [[]]
-    size = 0
-    for name in safetensors_order(specs):
-        numel = math.prod(specs[name][1])
-        if parts[-1] and size + numel > SHARD_PART_PARAMETERS:
-            parts.append([])
-            size = 0
-        parts[-1].append(name)
-        size += numel
+    parts = cut_groups([(n, math.prod(specs[n][1])) for n in safetensors_order(specs)], SHARD_PART_PARAMETERS)
 
     def chunks() -> Iterator[bytes | memoryview]:
         yield safetensors_header(specs, shard_meta)

@@ -26,7 +26,7 @@ from .expert import CompressedExpert
 from .format import ENCODING_DENSE
 from .merge_config import Method, TensorParams
 from .merge_trim import Cut, Trim, dense_keep, entry_hashes, stream_cut, window_keep
-from .merging import holder
+from .merging import Scratch, holder
 from .plan import ACCUMULATE, TIES, TensorPlan, drop_key
 
 
@@ -35,12 +35,12 @@ class Operands:
     (``None``: τ = 0); ``indices[j]`` is the expert's index in the config (it seeds its hashes)."""
 
     def __init__(self, operands: Sequence[CompressedExpert | None], indices: Sequence[int | None], group: list[str],
-                 seed: int, pool: torch.Tensor | None = None) -> None:
+                 seed: int, scratch: Scratch | None = None) -> None:
         self.operands, self.indices, self.group, self.seed = list(operands), list(indices), group, seed
         experts = [e for e in self.operands if e is not None]
         self.entries = {n: holder(experts, n).entry(n) for n in group}
         self._executors: dict[int, Any] = {}
-        self._pool, self._used = pool, 0  # float32 scratch reused group after group (no fresh pages)
+        self.scratch = scratch  # float32 memory reused group after group (no fresh pages)
 
     def __len__(self) -> int:
         return len(self.operands)
@@ -71,15 +71,12 @@ class Operands:
         return self._executors[j]
 
     def zeros(self, name: str, rows: int = 1) -> torch.Tensor:
-        """A zeroed float32 accumulator for ``rows`` × the tensor's numel: a slice of the pool while
-        it lasts (so valid until the next group), else fresh memory."""
+        """A zeroed float32 accumulator for ``rows`` × the tensor's numel: from the scratch while it
+        lasts (so valid until the next group), else fresh memory."""
         numel = self.entries[name].numel
         shape = (rows, numel) if rows > 1 else (numel,)
-        if self._pool is not None and self._used + rows * numel <= self._pool.numel():
-            out = self._pool[self._used:self._used + rows * numel].view(shape)
-            self._used += rows * numel
-            return out.zero_()
-        return torch.zeros(shape, dtype=torch.float32)
+        got = None if self.scratch is None else self.scratch.take(rows * numel)
+        return torch.zeros(shape, dtype=torch.float32) if got is None else got.view(shape)
 
     def decode(self, j: int, name: str) -> torch.Tensor:
         """τ̃ of operand j as float32 in the tensor's shape (zeros where it holds none)."""

@@ -25,7 +25,7 @@ from .expert import CompressedExpert, open as open_expert
 from .export import merge_to, onto_base
 from .merge_config import MergeConfig, TensorParams, layer_positions, load_config, resolve, uses_gradient
 from .merge_methods import Operands, base_coefficient, check_tensor, combine
-from .merging import MergeResult, check_compatible, holder, merged_names, tensor_groups
+from .merging import MergeResult, Scratch, check_compatible, holder, merged_names, tensor_groups
 from .progress import progress_bar
 from .sources import base_dtype_shape, safetensors_files, safetensors_tensors
 from .weights import write_safetensors
@@ -54,7 +54,7 @@ class ConfigPlan:
     seed: int = 0
     union: bool = False
     check_base: bool = True
-    pool: torch.Tensor | None = None  # float32 scratch of the merge passes, kept across calls
+    scratch: Scratch = field(default_factory=lambda: Scratch(POOL_ROWS))  # kept across calls (parts)
 
     def coefficient(self, name: str) -> float:
         """c in c·base + τ for a tensor (1 unless linear without normalising, or passthrough)."""
@@ -159,13 +159,11 @@ def merged_groups(plan: ConfigPlan, names: list[str], progress: bool = False):  
     time; a merged τ may be a view of scratch memory reused by the next group: use it first."""
     groups = [g for g in tensor_groups(plan.experts, names, CONFIG_GROUP_PARAMETERS) if g]
     largest = max([0, *(sum(holder(plan.experts, n).entry(n).numel for n in g) for g in groups)])
-    if plan.pool is None or plan.pool.numel() < POOL_ROWS * largest:  # TIES: election, sums and counts, steps
-        plan.pool = torch.empty(POOL_ROWS * largest, dtype=torch.float32)
-    pool = plan.pool
     for k, group in enumerate(progress_bar(groups, "merging", progress)):
         for e in plan.experts:  # experts read from URLs: this group and the next one start downloading
             e.prefetch([n for g in groups[k:k + 2] for n in g if n in e])
-        ops = Operands(plan.operands, plan.indices, group, plan.seed, pool)
+        plan.scratch.reset(largest, plan.experts[0].path)  # TIES: election, sums and counts, steps
+        ops = Operands(plan.operands, plan.indices, group, plan.seed, plan.scratch)
         yield group, combine(plan.config.method, ops, {n: plan.params[n] for n in group})
 
 
@@ -311,8 +309,6 @@ def merge_command(args: Any, storage_options: Mapping[str, Any]) -> str:
     """``compeft merge`` (its parsed arguments): a config merge with ``--config``, else the flag
     merge of :func:`compeft.export.merge_to`; returns what the command prints. Flags a config
     replaces are refused with it, never ignored."""
-    from .export import merge_to
-
     options = dict(base=args.base, density=args.density, alpha=args.alpha, check_base=not args.force,
                    union=args.union, seed=args.seed, progress=not args.quiet)
     if args.output is None and not args.dry_run:

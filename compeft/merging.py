@@ -206,10 +206,15 @@ def tensor_groups(expert: CompressedExpert | Sequence[CompressedExpert], names: 
     """``names`` cut, in order, into groups of at most ``limit`` parameters (a larger tensor alone);
     ``expert`` (or the first of several that holds each tensor) gives the sizes."""
     experts = [expert] if isinstance(expert, CompressedExpert) else list(expert)
+    return cut_groups([(n, holder(experts, n).entry(n).numel) for n in names], limit)
+
+
+def cut_groups(sized: Sequence[tuple[str, int]], limit: int) -> list[list[str]]:
+    """(name, parameters) pairs cut, in order, into groups of at most ``limit`` parameters (a
+    larger tensor alone); always at least one group."""
     groups: list[list[str]] = [[]]
     size = 0
-    for name in names:
-        numel = holder(experts, name).entry(name).numel
+    for name, numel in sized:
         if groups[-1] and size + numel > limit:
             groups.append([])
             size = 0
