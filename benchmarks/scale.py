@@ -415,6 +415,46 @@ print(json.dumps(res))
 """
 
 
+# export-lora's adapter on the base with PEFT: every lora_A/B of the file loaded (none missing or
+# unexpected), and for sampled modules ΔW = scaling · B·A against the decoded τ: the relative error
+# must be the SVD tail export-lora reported (sqrt(1 - share of ‖ΔW‖² kept)).
+PEFT_LOAD_CODE = """
+import sys, json, torch, compeft
+from transformers import AutoModelForCausalLM
+from peft import PeftModel
+from safetensors import safe_open
+base, lora, cpeft = sys.argv[1:4]
+model = AutoModelForCausalLM.from_pretrained(base, torch_dtype=torch.bfloat16)
+peft_model = PeftModel.from_pretrained(model, lora)
+with safe_open(lora + "/adapter_model.safetensors", framework="pt") as h:
+    names = list(h.keys())
+params = dict(peft_model.named_parameters())
+loaded = 0
+for n in names:
+    key = n.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight")
+    with safe_open(lora + "/adapter_model.safetensors", framework="pt") as h:
+        loaded += int(key in params and torch.equal(params[key].detach(), h.get_tensor(n).to(params[key].dtype)))
+report = json.load(open(sys.argv[4]))
+expert = compeft.open(cpeft)
+mods = dict(peft_model.named_modules())
+sampled = {}
+for short in ("layers.0.self_attn.q_proj", "layers.1.mlp.down_proj", "lm_head"):
+    full = [m for m in mods if m.endswith(short) and hasattr(mods[m], "get_delta_weight")]
+    if not full:
+        continue
+    delta = mods[full[0]].get_delta_weight("default").float()
+    name = [n for n in expert.names if n.endswith(short + ".weight")][0]
+    tau = expert.to_dense(name).float()
+    share = report["kept"][short] if short in report["kept"] else report["kept"].get(name[:-len(".weight")])
+    err = float((delta - tau).norm() / tau.norm())
+    sampled[short] = {"relative_error": err, "svd_tail": (1 - share) ** 0.5 if share is not None else None}
+with torch.no_grad():
+    logits = peft_model(torch.tensor([[1, 2, 3, 4]])).logits
+print(json.dumps({"lora_tensors": len(names), "loaded_equal": loaded, "sampled": sampled,
+                  "logits_finite": bool(torch.isfinite(logits).all())}))
+"""
+
+
 def dir_bytes(d: Path) -> int:
     return sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
 
@@ -437,6 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--library-workers", type=int, default=1, help="compeft library build --workers (default 1)")
     ap.add_argument("--no-merge", action="store_true")
     ap.add_argument("--no-library", action="store_true")
+    ap.add_argument("--lora-rank", type=int, default=32, help="export-lora --rank of the first fine-tune (0: skip)")
     ap.add_argument("--no-hf-load", action="store_true", help="skip AutoModelForCausalLM loads of the outputs")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--snapshot", action="store_true",
@@ -588,6 +629,12 @@ def main(argv: list[str] | None = None) -> int:
     case("verify_ft1", [compeft_bin, "verify", str(cpeft[0])])
     restored = work / "restored"
     case("decompress_ft1", [compeft_bin, "decompress", str(cpeft[0]), "--base", str(base), "-o", str(restored)])
+    lora = work / "lora"
+    if args.lora_rank:
+        case("export_lora_ft1", [compeft_bin, "export-lora", str(cpeft[0]), "--rank", str(args.lora_rank), "-o", str(lora),
+                                 "--json", "-q"])
+        if cases["export_lora_ft1"]["rc"] == 0:
+            (work / "lora-report.json").write_text((logs / "export_lora_ft1.out").read_text())
     merged = work / "merged"
     if do_merge:
         case("merge_ties3", [compeft_bin, "merge", *map(str, cpeft[:3]), "--method", "ties", "--base", str(base),
@@ -611,6 +658,17 @@ def main(argv: list[str] | None = None) -> int:
                                                  if r["rc"] == 0 else {"rc": r["rc"], "stderr_tail": r.get("stderr_tail")})
             checks[f"{what}_from_pretrained"]["wall_s"] = r["wall_s"]
             checks[f"{what}_from_pretrained"]["maxrss_mib"] = r["maxrss_mib"]
+    if (work / "lora-report.json").exists():
+        report = json.loads((work / "lora-report.json").read_text())
+        kept = sorted(report.get("kept", {}).values())
+        checks["lora"] = {"modules": len(kept), "left_out": len(report.get("left_out", {})),
+                          "kept_min": kept[0] if kept else None, "kept_median": statistics.median(kept) if kept else None,
+                          "adapter_bytes": dir_bytes(lora)}
+        if not big and not args.no_hf_load:
+            r = measure("peft_load_lora", py(PEFT_LOAD_CODE, str(base), str(lora), str(cpeft[0]), str(work / "lora-report.json")), logs, log, env=env,
+                        cwd=work)
+            checks["lora_from_pretrained"] = (json.loads((logs / "peft_load_lora.out").read_text().strip().splitlines()[-1])
+                                              if r["rc"] == 0 else {"rc": r["rc"], "stderr_tail": r.get("stderr_tail")})
     if do_library and (logs / f"library_build{len(fts)}_w{args.library_workers}.out").exists():
         text = (logs / f"library_build{len(fts)}_w{args.library_workers}.out").read_text()
         try:
@@ -681,6 +739,14 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(table_row(f"check {what}/", "shapes+dtypes" + (", values" if what == "restored" else "")
                                   + ("" if hf is None else ", from_pretrained"), "", None, None,
                                   "pass" if good and hf_ok else "FAIL"))
+    if "lora" in checks:
+        pl = checks.get("lora_from_pretrained") or {}
+        tails_ok = all(abs(v["relative_error"] - v["svd_tail"]) < 1e-2 for v in pl.get("sampled", {}).values()
+                       if v.get("svd_tail") is not None)
+        good = pl.get("lora_tensors") == pl.get("loaded_equal") and pl.get("logits_finite") and tails_ok
+        rows.append(table_row("check lora/", f"{checks['lora']['modules']} modules, median ‖ΔW‖² kept "
+                              f"{checks['lora']['kept_median']:.3f}", fmt_b(checks["lora"]["adapter_bytes"]), None, None,
+                              ("pass" if good else "FAIL") if pl else "not loaded"))
     record["table"] = rows
     out = args.out or REPO / "benchmarks" / "results" / f"{datetime.date.today().isoformat()}-{git['short']}-scale{tag}.json"
     record["notes"].append("peak RSS: max of the child's ru_maxrss (largest single process) and the sampled "

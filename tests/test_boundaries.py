@@ -279,7 +279,7 @@ def test_default_chunk_size_boundary(nnz, chunks):
 
 
 # ---------------------------------------------------------------------------------------------
-# the header: deflated above 16 KiB; read in one first read when it fits
+# the header: deflated above 2 KiB; read in one first read when it fits
 
 
 def header_of(expert: CompressedExpert) -> tuple[int, bytes]:

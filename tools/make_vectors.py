@@ -195,7 +195,7 @@ VECTORS: tuple[Vector, ...] = (
          for layer in range(16) for proj in ("q", "v") for ab in ("A", "B")},
         dict(density=0.5, alpha=1.5, scope="tensor"),
         "64 small LoRA tensors with long, repetitive names: the JSON text of the header is longer than "
-        "16 KiB, so the writer deflates it (preamble flag 0x0001: a zlib stream, then zero bytes up to the "
+        "2 KiB, so the writer deflates it (preamble flag 0x0001: a zlib stream, then zero bytes up to the "
         "64-byte boundary). The only vector with a deflated header; the header CRC covers the stored "
         "(deflated) bytes.",
     ),

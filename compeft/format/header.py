@@ -24,7 +24,7 @@ DATA_ALIGNMENT = 64  # the data section starts at a multiple of this
 PAYLOAD_ALIGNMENT = 8  # every payload starts at a multiple of this inside the data section
 FLAG_DEFLATE = 0x0001  # the header is a zlib stream (RFC 1950) of the JSON text, then zero padding
 KNOWN_FLAGS = FLAG_DEFLATE
-DEFLATE_ABOVE = 16 * 1024  # the reference writer deflates JSON texts longer than this
+DEFLATE_ABOVE = 2 * 1024  # the reference writer deflates JSON texts longer than this (spec/FORMAT.md 3)
 
 # Limits (spec/FORMAT.md section 8). Readers reject files beyond them before allocating anything.
 MAX_HEADER_BYTES = 64 * 1024 * 1024
@@ -169,7 +169,7 @@ def encode_header(metadata: Mapping[str, Any], tensors: Sequence[TensorEntry], d
     }
     text = json.dumps(doc, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
     flags, pad = 0, b" "
-    if len(text) > DEFLATE_ABOVE:  # many tensors: names repeat, and the header would cost ~1 % of the file
+    if len(text) > DEFLATE_ABOVE:  # names, config and figures repeat: a small adapter's header would outweigh its payload
         text, flags, pad = zlib.compress(text, 9), FLAG_DEFLATE, b"\0"
     header_length = round_up(PREAMBLE_SIZE + len(text), DATA_ALIGNMENT) - PREAMBLE_SIZE
     text = text + pad * (header_length - len(text))
