@@ -105,7 +105,13 @@ def tensor_stats(values: np.ndarray, threshold: float, shape: tuple[int, ...], f
         s = np.sign(x) * ((np.abs(x) >= np.float32(threshold)) & (x != 0))
         if factor == "B":  # m × r: work on the transposes so that both factors give r × r
             x, s = x.reshape(-1, shape[1]).T, s.reshape(-1, shape[1]).T
-        gram = Gram(values=x @ x.T, cross=s @ x.T, signs=s @ s.T)
+        # torch's matmul (MKL on the OpenMP pool Numba shares), not numpy's: OpenBLAS's own threads
+        # spin for a long while after each call, and on 2 cores they made every later parallel
+        # kernel wait (compress of the 160M set 13 s instead of 5 s, a decode after it 2.5 s
+        # instead of 0.14 s: benchmarks/README.md "Threads")
+        import torch  # (here: `compeft inspect` reads this module and imports neither torch nor numba)
+        tx, ts = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(s))
+        gram = Gram(values=(tx @ tx.T).numpy(), cross=(ts @ tx.T).numpy(), signs=(ts @ ts.T).numpy())
     return TensorStats(squares=float(squares), kept=int(kept), kept_abs=float(kept_abs), gram=gram)
 
 

@@ -31,6 +31,7 @@ from .decode_ops import (U, begin_nothing, begin_out, begin_ties, begin_zeroed, 
                          visit_add_bf16, visit_add_f16, visit_add_f32, visit_add_f32_dare, visit_nothing,
                          visit_pattern, visit_ties, visit_ties_dare)
 from .floats import F16_TO_F32  # noqa: F401 (the table the add_f16 drivers take, importable here as before)
+from .tally import low_sums, ones_between
 from .threads import serialized  # importing it pins a thread-safe threading layer (see threads.py)
 
 # Status codes a decode kernel returns per chunk (0 = the chunk decoded and matched the table).
@@ -257,6 +258,47 @@ def walk_chunk(words, row, c, op, begin, visit):
     return OK
 
 
+@njit(cache=True)
+def tally_chunk(words, row, c):
+    """OK exactly when :func:`walk_chunk` accepts chunk ``c``, from tallies over its streams instead
+    of a walk over its entries (:mod:`compeft.codec.tally`); otherwise a non-zero code, not
+    necessarily the walk's. A chunk whose sums could overflow int64 (2^(60 − w) entries or more
+    with w-bit low fields: only for m near the 2^48 limit) is never tallied OK: the walk judges it."""
+    table, qwords, lwords, hwords, swords = tensor_parts(words, row)
+    numel, m, n_chunks = row[P_NUMEL], row[P_M], table.shape[0]
+    base, qpos, hpos = table[c, 0], table[c, 1], table[c, 2]
+    if c + 1 < n_chunks:
+        end, qend, hend = table[c + 1, 0], table[c + 1, 1], table[c + 1, 2]
+    else:
+        end, qend, hend = numel, row[P_UNARY_BITS], row[P_HIGH_BITS]
+    first = c * row[P_CHUNK]
+    count = min(row[P_CHUNK], row[P_NNZ] - first)
+    b, width, cut, half = golomb_fields(m)
+    if (base < 0 or end > numel or base > end or qpos < 0 or qend > qwords.shape[0] * 64 or qpos >= qend
+            or hpos < 0 or hend > hwords.shape[0] * 64 or hpos > hend or count < 1
+            or ((first + count - 1) >> 6) >= swords.shape[0]
+            or ((first + count) * width + 63) >> 6 > lwords.shape[0]):
+        return ERR_BOUNDS
+    if count > np.int64(1) << (60 - width):  # sums that could overflow (m near 2^48): left to the walk
+        return ERR_BOUNDS
+    if ones_between(qwords, qpos, qend) != count or not (qwords[U((qend - 1) >> 6)] >> U((qend - 1) & 63)) & U(1):
+        return ERR_QUOTIENT_END
+    quotients = qend - qpos - count  # Σq: every zero of the range belongs to one quotient
+    if quotients > numel // m:  # the last position would pass the tensor (and m·Σq cannot overflow)
+        return ERR_POSITION_RANGE
+    low, longs = np.int64(0), np.int64(0)
+    if b > 0:
+        low, longs = low_sums(lwords, first, count, width, cut) if width > 0 else (np.int64(0), count)
+    if longs != hend - hpos:
+        return ERR_HIGH_END
+    last = base + m * quotients + low + half * ones_between(hwords, hpos, hend) + count - 1
+    if last >= end:
+        return ERR_POSITION_RANGE
+    if c + 1 < n_chunks and last + 1 != end:
+        return ERR_NEXT_BASE
+    return OK
+
+
 # ---------------------------------------------------------------------------------------------
 # decoding: one cached kernel per operation (the walker with its begin and visit inlined) ...
 
@@ -327,7 +369,9 @@ def ties_dare_chunk(words, row, c, out, aux, step):
 @njit(cache=True, parallel=True)
 def check_chunks(words, params, outs, like, auxs, steps, work, f16_lut, status):
     for j in prange(work.shape[0]):
-        status[j] = check_chunk(words, params[work[j, 0]], work[j, 1])
+        row = params[work[j, 0]]
+        verdict = tally_chunk(words, row, work[j, 1])
+        status[j] = OK if verdict == OK else check_chunk(words, row, work[j, 1])  # rejected: walk for the exact code
 
 
 @serialized
