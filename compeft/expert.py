@@ -6,7 +6,6 @@ that a state dict is an expert's base (:func:`check_base`).
 
 from __future__ import annotations
 
-import hashlib
 import os
 from typing import Any, Iterator, Mapping, MutableMapping, Sequence
 
@@ -46,10 +45,6 @@ class CompressedExpert:
     def __init__(self, reader: RangeReader, header: Header | None = None) -> None:
         self._reader = reader
         self.header = header if header is not None else read_header(reader)
-        # name -> SHA-256 of the payload bytes whose every chunk decoded without output: the check
-        # is skipped only for those very bytes (a payload swapped on disk since, even for one forged
-        # to the same CRC-32, is checked again before anything is written)
-        self._checked: dict[str, bytes] = {}
         self._on_device: dict[torch.device, Any] = {}
 
     # -- description ---------------------------------------------------------------------------
@@ -170,25 +165,22 @@ class CompressedExpert:
                  ) -> dict[str, torch.Tensor | golomb.GolombStreams]:
         """Read and CRC-verify tensors without decoding them: dense tensors as torch tensors,
         compressed ones as their streams. With ``check``, every chunk of these very bytes is also
-        decoded once without output (unless the same bytes, by SHA-256, were checked before), so a
-        later decode of them into a caller's weights cannot fail halfway."""
+        checked (``kernels.tally_chunk``: the walk's verdict, without output), so a later decode of
+        them into a caller's weights cannot fail halfway. Nothing is cached between calls: the bytes
+        read are the bytes checked (spec/SECURITY.md T22), and checking them costs less than hashing
+        them would."""
         entries = self._entries(names)
         check_outputs([(e.name, output_bytes(e)) for e in entries if e.encoding == ENCODING_DENSE], self.path)
         out: dict[str, torch.Tensor | golomb.GolombStreams] = {}
         jobs = []
-        digests = {}
         for e, payload in zip(entries, self._read(entries)):
             if e.encoding == ENCODING_DENSE:
                 out[e.name] = self._dense(e, payload)
                 continue
             streams = out[e.name] = self._parse(e, payload, check=True)  # the table is sound before any output exists
             if check:
-                digest = hashlib.sha256(payload).digest()
-                if self._checked.get(e.name) != digest:
-                    jobs.append(golomb.DecodeJob(streams, e.numel, _NO_OUTPUT, f"tensor {e.name!r}"))
-                    digests[e.name] = digest
+                jobs.append(golomb.DecodeJob(streams, e.numel, _NO_OUTPUT, f"tensor {e.name!r}"))
         golomb.decode_many(jobs, kernels.MODE_CHECK, self.path)
-        self._checked.update(digests)
         return out
 
     def tensors(self, names: Sequence[str] | None = None, *, check: bool = True) -> dict[str, StreamTensor]:
@@ -287,17 +279,14 @@ class CompressedExpert:
         for offset, length, where in padding(self.header):
             if self._reader.read(offset, length).strip(b"\0"):
                 raise LayoutError(f"non-zero padding bytes {where}", self.path)
-        self._checked.clear()
         for run in self._read_runs(self._entries(None)):
-            jobs, digests = [], {}
+            jobs = []
             for e, payload in run:
                 if e.encoding == ENCODING_DENSE:
                     continue  # its bytes are checked (CRC, bool values); nothing to decode
                 streams = self._parse(e, payload, check=True)
                 jobs.append(golomb.DecodeJob(streams, e.numel, _NO_OUTPUT, f"tensor {e.name!r}"))
-                digests[e.name] = hashlib.sha256(payload).digest()
             golomb.decode_many(jobs, kernels.MODE_CHECK, self.path)
-            self._checked.update(digests)
 
 
 class DeviceExpert:

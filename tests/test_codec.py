@@ -889,3 +889,40 @@ def test_padding_bits(valid, which):
         with pytest.raises(CorruptPayloadError, match="padding"):
             reference.decode_positions_signs(corrupt, numel=NUMEL, **hdr)
         assert reference.decode_positions_signs(corrupt, numel=NUMEL, strict_padding=False, **hdr) == truth_
+
+
+def test_payloads_of_one_read_are_decoded_in_place():
+    """pack(share=True): streams parsed from views of one buffer (the payloads of one read) are
+    decoded from that buffer itself, not a copy; anything else (streams from several buffers, or
+    not parsed from one) is concatenated; both decode the same."""
+    rng = np.random.default_rng(3)
+    tensors = [(rng.standard_normal(n) * (rng.random(n) < 0.2)).astype(np.float32) for n in (1000, 50, 40000)]
+    streams = [golomb.encode(v, 0.0, 64) for v in tensors]
+    assert all(s.nnz for s in streams)
+    blob = b"".join(payload_bytes(s) for s in streams) + b"\0" * 3  # (a trailing partial word, as after a dense payload)
+    view, at, parsed = memoryview(blob), 0, []
+    for s, v in zip(streams, tensors):
+        n = len(payload_bytes(s))
+        parsed.append(parse(view[at:at + n], v.size, header_of(s)))
+        at += n
+    words, params = golomb.pack([(s, v.size) for s, v in zip(parsed, tensors)], share=True)
+    assert words.__array_interface__["data"][0] == np.frombuffer(blob, np.uint8).__array_interface__["data"][0]
+    copied, copied_params = golomb.pack([(s, v.size) for s, v in zip(streams, tensors)], share=True)
+    assert copied.size == sum(len(payload_bytes(s)) for s in streams) // 8  # owner None: concatenated
+    for w, p in ((words, params), (copied, copied_params)):
+        p[:, kernels.P_POSITIVE], p[:, kernels.P_NEGATIVE] = 1, 2
+        status = np.zeros(len(tensors), np.int64)
+        kernels.check_tables(w, p, status)
+        assert not status.any()
+        work = golomb.chunk_work((p[:, kernels.P_UNARY] - p[:, kernels.P_TABLE]) // 3)
+        outs = [np.full(v.size, 7, np.uint32) for v in tensors]
+        status = np.zeros(work.shape[0], np.int64)
+        kernels.decode_golomb(w, p, outs, [np.empty(0, np.float32)] * len(tensors), np.zeros(len(tensors)), work,
+                              kernels.MODE_DENSE, kernels.F16_TO_F32, status)
+        assert not status.any()
+        for out, v in zip(outs, tensors):
+            assert np.array_equal(out, np.where(v > 0, 1, np.where(v < 0, 2, 0)).astype(np.uint32))
+    mixed = [parse(memoryview(bytes(view[:len(payload_bytes(streams[0]))])), tensors[0].size, header_of(streams[0])),
+             parsed[1]]
+    mixed_words, _ = golomb.pack([(s, v.size) for s, v in zip(mixed, tensors)], share=True)
+    assert mixed_words.size == (len(payload_bytes(streams[0])) + len(payload_bytes(streams[1]))) // 8

@@ -653,8 +653,8 @@ def forge_crc(data: bytearray, at: int, target: int) -> None:
 def test_t22_a_payload_swapped_after_verify_for_a_crc_forgery_writes_nothing(tmp_path):
     """Red-team finding: after verify(), apply() trusted the cached structure check by name; a payload
     replaced on disk by one forged to the same CRC-32 got 19 of 20 tensors written before the error
-    (and restorable=True never returned its handle). The check is now keyed by the SHA-256 of the
-    bytes read, and apply writes only from the bytes it read and checked."""
+    (and restorable=True never returned its handle). Every call now checks the bytes it read (no
+    cache), and apply writes only from the bytes it read and checked."""
     from compeft.codec import golomb
     from compeft.errors import CorruptPayloadError
     g = torch.Generator().manual_seed(4)

@@ -34,6 +34,8 @@ class GolombStreams:
     low: np.ndarray  # uint64[ceil(nnz * max(b - 1, 0) / 64)]: fixed-width low remainder fields
     high: np.ndarray  # uint64[ceil(high_bits / 64)]: one bit per long-form remainder
     signs: np.ndarray  # uint64[ceil(nnz / 64)]
+    owner: Any = None  # the buffer the streams are views of, back to back, when parsed from one (:func:`pack`)
+    address: int = 0  # ... and the address of their first byte
 
     def payload_parts(self) -> list[memoryview]:
         """The payload bytes in file order (little-endian words)."""
@@ -109,7 +111,9 @@ def parse_payload(payload: bytes | bytearray | memoryview | np.ndarray, *, nnz: 
         bounds.append(bounds[-1] + n)
     table = words[:bounds[1]].view(np.int64).reshape(bounds[1] // 3, 3)
     streams = GolombStreams(nnz, golomb_m, chunk_size, unary_bits, high_bits, table,
-                            *(words[bounds[i]:bounds[i + 1]] for i in range(1, 5)))
+                            *(words[bounds[i]:bounds[i + 1]] for i in range(1, 5)),
+                            owner=payload.obj if isinstance(payload, memoryview) else None,
+                            address=words.__array_interface__["data"][0])
     if check:
         _check_table(streams, numel, where, path)
     return streams
@@ -201,21 +205,47 @@ def decode_many(jobs: Sequence[DecodeJob], mode: int, path: object) -> None:
         _decode_group(group, mode, np.empty(0, dtype=dtype), path)
 
 
-def pack(tensors: Sequence[tuple[GolombStreams, int]]) -> tuple[np.ndarray, np.ndarray]:
+def pack(tensors: Sequence[tuple[GolombStreams, int]], *, share: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """The words of every (streams, numel) in one array, and a parameter row per tensor
-    (int64[t, N_PARAMS]: header fields and word offsets; value patterns and drops zero)."""
+    (int64[t, N_PARAMS]: header fields and word offsets; value patterns and drops zero).
+
+    With ``share``, when every tensor's streams are views of one buffer (the payloads of one read,
+    :meth:`compeft.CompressedExpert.payloads`) at whole-word offsets, that buffer itself is the
+    words array and nothing is copied (the kernels read only the streams the rows point at);
+    otherwise the streams are concatenated."""
     params = np.zeros((len(tensors), kernels.N_PARAMS), dtype=np.int64)
+    shared = _shared_words(tensors) if share else None
     parts: list[np.ndarray] = []
     offset = 0
     for t, (s, numel) in enumerate(tensors):
+        if shared is not None:
+            offset = (s.address - shared[1]) // 8
         row = [s.nnz, numel, s.golomb_m, s.chunk_size, s.unary_bits, s.high_bits, 0, 0, offset]
         for part in (s.table.reshape(-1).view(np.uint64), s.unary, s.low, s.high, s.signs):
             parts.append(part)
             offset += part.size
             row.append(offset)
         params[t, :len(row)] = row
+    if shared is not None:
+        return shared[0], params
     words = np.concatenate(parts) if parts else np.empty(0, np.uint64)
     return words, params
+
+
+def _shared_words(tensors: Sequence[tuple[GolombStreams, int]]) -> tuple[np.ndarray, int] | None:
+    """(the one buffer all streams are views of, as uint64 words; its address), or None."""
+    owner = tensors[0][0].owner if tensors else None
+    if owner is None or any(s.owner is not owner for s, _ in tensors):
+        return None
+    raw = np.frombuffer(owner, dtype=np.uint8)
+    start = raw.__array_interface__["data"][0]
+    words = raw[:raw.size // 8 * 8].view(np.uint64)
+    for s, _ in tensors:  # each tensor's five streams (back to back) inside the buffer, at a word offset
+        at = s.address - start
+        if at < 0 or at % 8 or at + 8 * sum(stream_words(s.nnz, s.chunk_size, s.golomb_m, s.unary_bits,
+                                                          s.high_bits)) > words.nbytes:
+            return None
+    return words, start
 
 
 def chunk_work(chunks: np.ndarray) -> np.ndarray:
@@ -227,7 +257,7 @@ def chunk_work(chunks: np.ndarray) -> np.ndarray:
 
 
 def _decode_group(group: list[DecodeJob], mode: int, empty: np.ndarray, path: object) -> None:
-    words, params = pack([(job.streams, job.numel) for job in group])
+    words, params = pack([(job.streams, job.numel) for job in group], share=True)
     outs: list[np.ndarray] = []
     auxs: list[np.ndarray] = []
     for t, job in enumerate(group):
