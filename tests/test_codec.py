@@ -917,7 +917,7 @@ def test_payloads_of_one_read_are_decoded_in_place():
         work = golomb.chunk_work((p[:, kernels.P_UNARY] - p[:, kernels.P_TABLE]) // 3)
         outs = [np.full(v.size, 7, np.uint32) for v in tensors]
         status = np.zeros(work.shape[0], np.int64)
-        kernels.decode_golomb(w, p, outs, [np.empty(0, np.float32)] * len(tensors), np.zeros(len(tensors)), work,
+        kernels.decode_golomb(w, p, outs, None, np.zeros(len(tensors)), work,
                               kernels.MODE_DENSE, kernels.F16_TO_F32, status)
         assert not status.any()
         for out, v in zip(outs, tensors):

@@ -129,11 +129,11 @@ def test_drops_pick_the_dare_driver_only_for_merge_modes():
     params[0, kernels.P_DROP_CUT] = 1 << 62
     work = golomb.chunk_work(np.array([s.table.shape[0]]))
     with pytest.raises(InvalidArgumentError):
-        kernels.decode_golomb(words, params, ([np.zeros(values.size, np.uint32)]), ([np.empty(0, np.float32)]),
+        kernels.decode_golomb(words, params, [np.zeros(values.size, np.uint32)], None,
                               np.ones(1, np.float32), work, kernels.MODE_DENSE, kernels.F16_TO_F32,
                               np.zeros(work.shape[0], np.int64))
     with pytest.raises(InvalidArgumentError):
-        kernels.decode_golomb(words, params, ([np.zeros(1, np.uint32)]), ([np.empty(0, np.float32)]),
+        kernels.decode_golomb(words, params, [np.zeros(1, np.uint32)], None,
                               np.ones(1, np.float32), work, 99, kernels.F16_TO_F32, np.zeros(work.shape[0], np.int64))
 
 
@@ -159,11 +159,28 @@ def test_outputs_must_be_contiguous_writeable_arrays_of_one_dtype(bad):
         outs = [out.reshape(1, -1)]
     else:
         outs = [out.tolist()]
-    auxs = [np.empty(0, np.float32)] * len(outs)
-    with pytest.raises(InvalidArgumentError):
-        kernels.decode_golomb(words, params, outs, auxs, np.ones(len(outs), np.float32), work, kernels.MODE_DENSE,
+    with pytest.raises(InvalidArgumentError, match="1-D, contiguous, writeable"):
+        kernels.decode_golomb(words, params, outs, None, np.ones(len(outs), np.float32), work, kernels.MODE_DENSE,
                               kernels.F16_TO_F32, np.zeros(work.shape[0], np.int64))
     assert not first.any()
+
+
+@pytest.mark.parametrize("mode, outs, auxs", [
+    (kernels.MODE_CHECK, "out", None),  # check writes nothing: no outputs
+    (kernels.MODE_DENSE, None, None),
+    (kernels.MODE_DENSE, "out", "aux"),  # only ties reads aux arrays
+    (kernels.MODE_TIES, "out", None),
+    (kernels.MODE_DENSE, "two outs", None)])
+def test_decode_takes_exactly_the_arrays_its_mode_uses(mode, outs, auxs):
+    values, s = sparse(4, 3000, 0.2)
+    words, params = golomb.pack([(s, values.size)])
+    work = golomb.chunk_work(np.array([s.table.shape[0]]))
+    size = 2 * values.size if mode == kernels.MODE_TIES else values.size
+    out = [np.zeros(size, np.uint32)] * (2 if outs == "two outs" else 1) if outs else None
+    aux = [np.zeros(values.size, np.float32)] if auxs else None
+    with pytest.raises(InvalidArgumentError, match="per parameter row|ties only"):
+        kernels.decode_golomb(words, params, out, aux, np.ones(1, np.float32), work, mode, kernels.F16_TO_F32,
+                              np.zeros(work.shape[0], np.int64))
 
 
 def test_a_fresh_process_decodes_without_compiling(tmp_path):

@@ -295,7 +295,7 @@ def test_t8_decode_kernel_stops_at_its_bounds(case):
     guard = np.full(out_size + 16, 0xABCD, dtype=np.uint32)
     out = guard[8:8 + out_size]  # the kernel sees only this view; the guard words around it must survive
     status = np.zeros(1, dtype=np.int64)
-    outs, auxs = ([out]), ([np.empty(0, np.float32)])
+    outs, auxs = [out], None
     kernels.decode_golomb(words, params, outs, auxs, np.zeros(1, np.float32), np.zeros((1, 2), np.int64),
                           kernels.MODE_DENSE, kernels.F16_TO_F32, status)
     assert status[0] != kernels.OK

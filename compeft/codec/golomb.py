@@ -141,7 +141,6 @@ class DecodeJob:
     drop_cut: int = 0
 
 
-_NO_AUX = np.empty(0, dtype=np.float32)
 _U16, _U32 = np.dtype(np.uint16), np.dtype(np.uint32)
 # The output bits each mode writes: float32 bits (uint32) or 16-bit float bits (uint16).
 OUTPUT_DTYPES = {kernels.MODE_DENSE: (_U16, _U32), kernels.MODE_SCATTER: (_U16, _U32),
@@ -202,7 +201,7 @@ def decode_many(jobs: Sequence[DecodeJob], mode: int, path: object) -> None:
         key = _U16 if mode == kernels.MODE_CHECK else job.out.dtype
         groups.setdefault(key, []).append(job)
     for dtype, group in groups.items():
-        _decode_group(group, mode, np.empty(0, dtype=dtype), path)
+        _decode_group(group, mode, path)
 
 
 def pack(tensors: Sequence[tuple[GolombStreams, int]], *, share: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -256,15 +255,12 @@ def chunk_work(chunks: np.ndarray) -> np.ndarray:
     return work
 
 
-def _decode_group(group: list[DecodeJob], mode: int, empty: np.ndarray, path: object) -> None:
+def _decode_group(group: list[DecodeJob], mode: int, path: object) -> None:
     words, params = pack([(job.streams, job.numel) for job in group], share=True)
-    outs: list[np.ndarray] = []
-    auxs: list[np.ndarray] = []
-    for t, job in enumerate(group):
-        params[t, [kernels.P_POSITIVE, kernels.P_NEGATIVE, kernels.P_DROP_KEY, kernels.P_DROP_CUT]] = (
-            job.positive, job.negative, job.drop_key, job.drop_cut)
-        outs.append(empty if mode == kernels.MODE_CHECK else job.out)
-        auxs.append(_NO_AUX if job.aux is None else job.aux)
+    params[:, [kernels.P_POSITIVE, kernels.P_NEGATIVE, kernels.P_DROP_KEY, kernels.P_DROP_CUT]] = [
+        (job.positive, job.negative, job.drop_key, job.drop_cut) for job in group]
+    outs = None if mode == kernels.MODE_CHECK else [job.out for job in group]
+    auxs = [job.aux for job in group] if mode == kernels.MODE_TIES else None
     status = np.zeros(len(group), dtype=np.int64)
     kernels.check_tables(words, params, status)
     _raise_first(status, None, group, path)

@@ -449,9 +449,10 @@ DARE_DRIVERS = {MODE_ADD_F32: add_f32_dare_chunks, MODE_TIES: ties_dare_chunks}
 def decode_golomb(words, params, outs, auxs, steps, work, mode, f16_lut, status):
     """Decode the (tensor, chunk) pairs of ``work`` with the driver of ``mode``: ``outs[t]`` and
     ``auxs[t]`` are tensor t's output bits and TIES sums, sequences of numpy arrays (each 1-D,
-    contiguous, writeable; the outputs of one dtype, uint16 or uint32; the sums float32, empty for
-    other modes); the other arguments are the drivers'. Rows with DARE drops (``P_DROP_CUT`` not 0)
-    need a mode of ``DARE_MODES``."""
+    contiguous, writeable; the outputs of one dtype, uint16 or uint32; the sums float32); ``outs``
+    is None for MODE_CHECK and ``auxs`` None for every mode but MODE_TIES (they read none); the
+    other arguments are the drivers'. Rows with DARE drops (``P_DROP_CUT`` not 0) need a mode of
+    ``DARE_MODES``."""
     if mode not in DRIVERS:
         raise InvalidArgumentError(f"unknown decode mode {mode!r}")
     drivers = DRIVERS
@@ -459,12 +460,17 @@ def decode_golomb(words, params, outs, auxs, steps, work, mode, f16_lut, status)
         if mode not in DARE_DRIVERS:
             raise InvalidArgumentError(f"decode mode {mode} does not drop entries (DARE is for merges)")
         drivers = DARE_DRIVERS
-    if len(outs) != params.shape[0] or len(auxs) != params.shape[0]:
-        raise InvalidArgumentError("decode needs one output and one aux array per parameter row")
-    like = np.empty(0, dtype=outs[0].dtype if len(outs) and isinstance(outs[0], np.ndarray) else np.uint32)
+    if (outs is None) != (mode == MODE_CHECK) or (auxs is None) != (mode != MODE_TIES):
+        raise InvalidArgumentError("decode takes outputs for every mode but check, aux arrays for ties only")
+    rows = params.shape[0]
+    if outs is not None and len(outs) != rows or auxs is not None and len(auxs) != rows:
+        raise InvalidArgumentError("decode needs one output (and for ties one aux array) per parameter row")
+    like = np.empty(0, dtype=outs[0].dtype if outs is not None and rows and isinstance(outs[0], np.ndarray)
+                    else np.uint32)
     if like.dtype not in (np.uint16, np.uint32):
         raise InvalidArgumentError(f"decode outputs are uint16 or uint32 bits, not {like.dtype}")
     steps = np.ascontiguousarray(steps, dtype=np.float32)
-    out_table = address_table(outs, like.dtype, "output")
-    aux_table = address_table(auxs, steps.dtype, "aux array")
+    nothing = np.zeros((rows, 2), dtype=np.int64)  # rows of length 0, for the arrays a mode never reads
+    out_table = nothing if outs is None else address_table(outs, like.dtype, "output")
+    aux_table = nothing if auxs is None else address_table(auxs, steps.dtype, "aux array")
     drivers[mode](words, params, out_table, like, aux_table, steps, work, f16_lut, status)
