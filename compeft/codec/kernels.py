@@ -158,6 +158,28 @@ def check_tables(words, params, status):
         status[t] = check_table(table, row[P_NNZ], row[P_NUMEL], row[P_CHUNK], row[P_UNARY_BITS], row[P_HIGH_BITS])
 
 
+@njit(cache=True, inline="always")
+def chunk_span(words, row, c):
+    """Chunk ``c`` of the tensor of parameter row ``row``: (its five streams, base, end, qpos, qend,
+    hpos, hend, index of its first entry, its entries, and whether they all lie inside the arrays
+    given: the checks every reader of a chunk makes before its first read)."""
+    table, qwords, lwords, hwords, swords = tensor_parts(words, row)
+    numel = row[P_NUMEL]
+    if c + 1 < table.shape[0]:
+        end, qend, hend = table[c + 1, 0], table[c + 1, 1], table[c + 1, 2]
+    else:
+        end, qend, hend = numel, row[P_UNARY_BITS], row[P_HIGH_BITS]
+    base, qpos, hpos = table[c, 0], table[c, 1], table[c, 2]
+    first = c * row[P_CHUNK]
+    count = min(row[P_CHUNK], row[P_NNZ] - first)
+    width = golomb_fields(row[P_M])[1]
+    inside = not (base < 0 or end > numel or base > end or qpos < 0 or qend > qwords.shape[0] * 64 or qpos >= qend
+                  or hpos < 0 or hend > hwords.shape[0] * 64 or hpos > hend or count < 1
+                  or ((first + count - 1) >> 6) >= swords.shape[0]
+                  or ((first + count) * width + 63) >> 6 > lwords.shape[0])
+    return (qwords, lwords, hwords, swords), base, end, qpos, qend, hpos, hend, first, count, inside
+
+
 @njit(inline="always")  # inlined into each *_chunk kernel, where begin and visit resolve statically
 def walk_chunk(words, row, c, op, begin, visit):
     """Decode chunk ``c`` of the tensor whose parameter row (int64[N_PARAMS], see ``P_*``) is
@@ -168,30 +190,13 @@ def walk_chunk(words, row, c, op, begin, visit):
     positive return is an ``ERR_*`` code: writes made before it are discarded by the caller, or
     were preceded by a successful check pass over the same payload.
     """
-    table, qwords, lwords, hwords, swords = tensor_parts(words, row)
-    nnz = row[P_NNZ]
+    streams, base, end, qpos, qend, hpos, hend, first, count, inside = chunk_span(words, row, c)
+    qwords, lwords, hwords, swords = streams
     numel = row[P_NUMEL]
     m = row[P_M]
-    chunk_size = row[P_CHUNK]
-    n_chunks = table.shape[0]
-    base = table[c, 0]
-    qpos = table[c, 1]
-    hpos = table[c, 2]
-    if c + 1 < n_chunks:
-        end = table[c + 1, 0]
-        qend = table[c + 1, 1]
-        hend = table[c + 1, 2]
-    else:
-        end = numel
-        qend = row[P_UNARY_BITS]
-        hend = row[P_HIGH_BITS]
-    count = min(chunk_size, nnz - c * chunk_size)
-    first = c * chunk_size
+    last_chunk = c + 1 >= (row[P_UNARY] - row[P_TABLE]) // 3
     b, width, cut, half = golomb_fields(m)
-    if (base < 0 or end > numel or base > end or qpos < 0 or qend > qwords.shape[0] * 64 or qpos >= qend
-            or hpos < 0 or hend > hwords.shape[0] * 64 or hpos > hend or count < 1
-            or ((first + count - 1) >> 6) >= swords.shape[0]
-            or ((first + count) * width + 63) >> 6 > lwords.shape[0]):
+    if not inside:
         return ERR_BOUNDS
     if not begin(op, base, end, numel):
         return ERR_BOUNDS
@@ -253,7 +258,7 @@ def walk_chunk(words, row, c, op, begin, visit):
         return ERR_QUOTIENT_END
     if hpos != hend:
         return ERR_HIGH_END
-    if c + 1 < n_chunks and nxt != end:
+    if not last_chunk and nxt != end:
         return ERR_NEXT_BASE
     return OK
 
@@ -264,20 +269,12 @@ def tally_chunk(words, row, c):
     of a walk over its entries (:mod:`compeft.codec.tally`); otherwise a non-zero code, not
     necessarily the walk's. A chunk whose sums could overflow int64 (2^(60 − w) entries or more
     with w-bit low fields: only for m near the 2^48 limit) is never tallied OK: the walk judges it."""
-    table, qwords, lwords, hwords, swords = tensor_parts(words, row)
-    numel, m, n_chunks = row[P_NUMEL], row[P_M], table.shape[0]
-    base, qpos, hpos = table[c, 0], table[c, 1], table[c, 2]
-    if c + 1 < n_chunks:
-        end, qend, hend = table[c + 1, 0], table[c + 1, 1], table[c + 1, 2]
-    else:
-        end, qend, hend = numel, row[P_UNARY_BITS], row[P_HIGH_BITS]
-    first = c * row[P_CHUNK]
-    count = min(row[P_CHUNK], row[P_NNZ] - first)
+    streams, base, end, qpos, qend, hpos, hend, first, count, inside = chunk_span(words, row, c)
+    qwords, lwords, hwords, swords = streams
+    numel, m = row[P_NUMEL], row[P_M]
+    last_chunk = c + 1 >= (row[P_UNARY] - row[P_TABLE]) // 3
     b, width, cut, half = golomb_fields(m)
-    if (base < 0 or end > numel or base > end or qpos < 0 or qend > qwords.shape[0] * 64 or qpos >= qend
-            or hpos < 0 or hend > hwords.shape[0] * 64 or hpos > hend or count < 1
-            or ((first + count - 1) >> 6) >= swords.shape[0]
-            or ((first + count) * width + 63) >> 6 > lwords.shape[0]):
+    if not inside:
         return ERR_BOUNDS
     if count > np.int64(1) << (60 - width):  # sums that could overflow (m near 2^48): left to the walk
         return ERR_BOUNDS
@@ -294,7 +291,7 @@ def tally_chunk(words, row, c):
     last = base + m * quotients + low + half * ones_between(hwords, hpos, hend) + count - 1
     if last >= end:
         return ERR_POSITION_RANGE
-    if c + 1 < n_chunks and last + 1 != end:
+    if not last_chunk and last + 1 != end:
         return ERR_NEXT_BASE
     return OK
 
