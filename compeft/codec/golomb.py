@@ -200,7 +200,7 @@ def decode_many(jobs: Sequence[DecodeJob], mode: int, path: object) -> None:
             continue
         key = _U16 if mode == kernels.MODE_CHECK else job.out.dtype
         groups.setdefault(key, []).append(job)
-    for dtype, group in groups.items():
+    for group in groups.values():
         _decode_group(group, mode, path)
 
 
@@ -221,7 +221,8 @@ def pack(tensors: Sequence[tuple[GolombStreams, int]], *, share: bool = False) -
             offset = (s.address - shared[1]) // 8
         row = [s.nnz, numel, s.golomb_m, s.chunk_size, s.unary_bits, s.high_bits, 0, 0, offset]
         for part in (s.table.reshape(-1).view(np.uint64), s.unary, s.low, s.high, s.signs):
-            parts.append(part)
+            if shared is None:
+                parts.append(part)
             offset += part.size
             row.append(offset)
         params[t, :len(row)] = row
