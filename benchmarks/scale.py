@@ -426,13 +426,12 @@ from safetensors import safe_open
 base, lora, cpeft = sys.argv[1:4]
 model = AutoModelForCausalLM.from_pretrained(base, torch_dtype=torch.bfloat16)
 peft_model = PeftModel.from_pretrained(model, lora)
-with safe_open(lora + "/adapter_model.safetensors", framework="pt") as h:
-    names = list(h.keys())
 params = dict(peft_model.named_parameters())
 loaded = 0
-for n in names:
-    key = n.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight")
-    with safe_open(lora + "/adapter_model.safetensors", framework="pt") as h:
+with safe_open(lora + "/adapter_model.safetensors", framework="pt") as h:
+    names = list(h.keys())
+    for n in names:
+        key = n.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight")
         loaded += int(key in params and torch.equal(params[key].detach(), h.get_tensor(n).to(params[key].dtype)))
 report = json.load(open(sys.argv[4]))
 expert = compeft.open(cpeft)

@@ -160,12 +160,14 @@ def check_tables(words, params, status):
 
 @njit(cache=True, inline="always")
 def chunk_span(words, row, c):
-    """Chunk ``c`` of the tensor of parameter row ``row``: (its five streams, base, end, qpos, qend,
-    hpos, hend, index of its first entry, its entries, and whether they all lie inside the arrays
-    given: the checks every reader of a chunk makes before its first read)."""
+    """Chunk ``c`` of the tensor of parameter row ``row``: (its four streams, base, end, qpos, qend,
+    hpos, hend, index of its first entry, its entries, whether it is the tensor's last chunk, and
+    whether its entries all lie inside the arrays given: the checks every reader of a chunk makes
+    before its first read)."""
     table, qwords, lwords, hwords, swords = tensor_parts(words, row)
     numel = row[P_NUMEL]
-    if c + 1 < table.shape[0]:
+    last = c + 1 >= table.shape[0]
+    if not last:
         end, qend, hend = table[c + 1, 0], table[c + 1, 1], table[c + 1, 2]
     else:
         end, qend, hend = numel, row[P_UNARY_BITS], row[P_HIGH_BITS]
@@ -177,7 +179,7 @@ def chunk_span(words, row, c):
                   or hpos < 0 or hend > hwords.shape[0] * 64 or hpos > hend or count < 1
                   or ((first + count - 1) >> 6) >= swords.shape[0]
                   or ((first + count) * width + 63) >> 6 > lwords.shape[0])
-    return (qwords, lwords, hwords, swords), base, end, qpos, qend, hpos, hend, first, count, inside
+    return (qwords, lwords, hwords, swords), base, end, qpos, qend, hpos, hend, first, count, last, inside
 
 
 @njit(inline="always")  # inlined into each *_chunk kernel, where begin and visit resolve statically
@@ -190,11 +192,10 @@ def walk_chunk(words, row, c, op, begin, visit):
     positive return is an ``ERR_*`` code: writes made before it are discarded by the caller, or
     were preceded by a successful check pass over the same payload.
     """
-    streams, base, end, qpos, qend, hpos, hend, first, count, inside = chunk_span(words, row, c)
+    streams, base, end, qpos, qend, hpos, hend, first, count, last_chunk, inside = chunk_span(words, row, c)
     qwords, lwords, hwords, swords = streams
     numel = row[P_NUMEL]
     m = row[P_M]
-    last_chunk = c + 1 >= (row[P_UNARY] - row[P_TABLE]) // 3
     b, width, cut, half = golomb_fields(m)
     if not inside:
         return ERR_BOUNDS
@@ -269,10 +270,9 @@ def tally_chunk(words, row, c):
     of a walk over its entries (:mod:`compeft.codec.tally`); otherwise a non-zero code, not
     necessarily the walk's. A chunk whose sums could overflow int64 (2^(60 − w) entries or more
     with w-bit low fields: only for m near the 2^48 limit) is never tallied OK: the walk judges it."""
-    streams, base, end, qpos, qend, hpos, hend, first, count, inside = chunk_span(words, row, c)
+    streams, base, end, qpos, qend, hpos, hend, first, count, last_chunk, inside = chunk_span(words, row, c)
     qwords, lwords, hwords, swords = streams
     numel, m = row[P_NUMEL], row[P_M]
-    last_chunk = c + 1 >= (row[P_UNARY] - row[P_TABLE]) // 3
     b, width, cut, half = golomb_fields(m)
     if not inside:
         return ERR_BOUNDS
