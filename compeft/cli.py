@@ -130,7 +130,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         expert = compeft.compress(args.source, base=args.base, density=args.density, alpha=args.alpha,
                                   scope=args.scope, keep_dense=args.keep_dense or (), auto_dense=not args.compress_all,
                                   chunk_size=args.chunk_size, metadata=_parse_meta(args.meta or ()),
-                                  progress=not args.quiet)
+                                  progress=not args.quiet, format_version=args.format_version)
     expert.save(args.output, storage_options=_storage_options(args))
     summary = describe(expert.header)
     if not args.quiet:
@@ -346,6 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "global scope; also norm, l2, product-norm, product-l2) or a number: ±alpha·std(τ). The "
                         "paper's reference mode: --scope global --alpha 1")
     _add_encoding_options(p)
+    p.add_argument("--format-version", type=int, choices=(1, 2), default=2,
+                   help="container format: 2 (default) or 1 (read by compeft releases before format 2 too)")
     _remote_options(p, cache=False)
     p.set_defaults(func=cmd_compress)
 

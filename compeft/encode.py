@@ -24,7 +24,8 @@ from .codec import golomb, select_kernels
 from .dtypes import DTYPE_TO_TORCH, magnitude
 from .errors import FidelityWarning, InvalidArgumentError, SourceError
 from .expert import CompressedExpert
-from .format import ENCODING_DENSE, ENCODING_GOLOMB, BytesReader, TensorEntry, encode_header
+from .format import (ENCODING_DENSE, ENCODING_GOLOMB, ENCODING_PACKED, FORMAT_VERSION, FORMAT_VERSIONS, BytesReader,
+                     TensorEntry, encode_header, payload_alignment)
 from .format.header import MAX_CHUNK_SIZE, SCOPES
 from .format.layout import lay_out
 from .progress import progress_bar
@@ -88,7 +89,7 @@ def flat_f32(t: SourceTensor) -> np.ndarray:
 def compress(source: TensorSource, *, base: PathLike | None = None, density: float = 0.1,
              alpha: float | str | None = None, scope: str = DEFAULT_SCOPE, keep_dense: Sequence[str] = (), auto_dense: bool = True,
              chunk_size: int = golomb.DEFAULT_CHUNK_SIZE, metadata: Mapping[str, str] | None = None,
-             progress: bool = False) -> CompressedExpert:
+             progress: bool = False, format_version: int = FORMAT_VERSION) -> CompressedExpert:
     """Compress a task vector with ComPEFT (top-``density`` of |τ| kept as ±``alpha``·σ(τ)).
 
     Parameters
@@ -123,6 +124,10 @@ def compress(source: TensorSource, *, base: PathLike | None = None, density: flo
         User metadata (str -> str) stored in the header.
     progress
         Show progress bars.
+    format_version
+        2 (default): small tensors packed (no chunk table), the header deflated with the preset
+        dictionary, scales in their shortest digits (spec/FORMAT.md 13). 1: a file compeft releases
+        before version 2 can read; its header and every large tensor are a few bytes larger.
 
     Returns
     -------
@@ -144,8 +149,11 @@ def compress(source: TensorSource, *, base: PathLike | None = None, density: flo
     """
     alpha = default_alpha(scope) if alpha is None else alpha
     check_arguments(density, alpha, scope, chunk_size)
+    if format_version not in FORMAT_VERSIONS or type(format_version) is not int:
+        raise InvalidArgumentError(f"format_version must be 1 or 2, got {format_version!r:.40}")
     encoded = encode_source(resolve_source(source, base), density=density, scope=scope, keep_dense=keep_dense,
-                      auto_dense=auto_dense, chunk_size=chunk_size, metadata=metadata, progress=progress)
+                            auto_dense=auto_dense, chunk_size=chunk_size, metadata=metadata, progress=progress,
+                            format_version=format_version)
     expert = encoded.build(alpha)
     for message in describe(expert.header)["warnings"]:
         warnings.warn(message, FidelityWarning, stacklevel=2)
@@ -158,8 +166,9 @@ class Encoded:
 
     def __init__(self, meta: dict[str, Any], entries: list[TensorEntry], parts: list[bytes | memoryview],
                  data_length: int, scopes: list[list[str]], sigmas: dict[str, float],
-                 stats: dict[str, TensorStats]) -> None:
+                 stats: dict[str, TensorStats], format_version: int = FORMAT_VERSION) -> None:
         self.meta, self.entries, self.parts, self.data_length = meta, entries, parts, data_length
+        self.format_version = format_version
         self.scopes, self.sigmas, self.stats = scopes, sigmas, stats
         self.by_name = {e.name: e for e in entries}
         shapes = {e.name: e.shape for e in entries}
@@ -178,12 +187,13 @@ class Encoded:
         meta["fidelity"] = fidelity(sorted(names), self.stats, magnitudes, self.pairs)
         meta.update(extra or {})
         entries = [dataclasses.replace(e, scale=chosen[e.name]) if e.name in chosen else e for e in self.entries]
-        blob = b"".join([encode_header(meta, entries, self.data_length), *self.parts])
+        blob = b"".join([encode_header(meta, entries, self.data_length, self.format_version), *self.parts])
         return CompressedExpert(BytesReader(blob, name="<in-memory expert>"))
 
 
 def encode_source(src: Source, *, density: float, scope: str, keep_dense: Sequence[str] | str, auto_dense: bool,
-                  chunk_size: int, metadata: Mapping[str, str] | None, progress: bool) -> Encoded:
+                  chunk_size: int, metadata: Mapping[str, str] | None, progress: bool,
+                  format_version: int = FORMAT_VERSION) -> Encoded:
     """Selection and coding of every tensor: everything of :func:`compress` but the magnitudes."""
     if isinstance(keep_dense, str):
         keep_dense = (keep_dense,)
@@ -224,25 +234,28 @@ def encode_source(src: Source, *, density: float, scope: str, keep_dense: Sequen
     for t in progress_bar(src.tensors, "encoding", progress):
         if t.name in compressed_names:
             own, pieces, sigmas[t.name], stats[t.name] = encode_compressed(
-                t, selections.get(t.name), density, chunk_size, lora=src.kind in LORA_SOURCES)
+                t, selections.get(t.name), density, chunk_size, lora=src.kind in LORA_SOURCES,
+                pack=format_version >= 2)
         else:
             own, pieces = encode_dense(t, src.kind)
         fields.append(own)
         payloads.append(pieces)
-    places, parts, data_length = lay_out(payloads)
+    places, parts, data_length = lay_out(payloads, [payload_alignment(own["encoding"]) for own in fields])
     entries = [TensorEntry(name=t.name, dtype=dtype_code(t.dtype, t.name), shape=t.shape, offset=place.offset,
                            length=place.length, crc32=place.crc32, **own)
                for t, own, place in zip(src.tensors, fields, places)]
     names = [t.name for t in compressed]
     scopes = [names] if scope == "global" else [[n] for n in names]
-    return Encoded(meta, entries, parts, data_length, scopes, sigmas, stats)
+    return Encoded(meta, entries, parts, data_length, scopes, sigmas, stats, format_version)
 
 
 def encode_compressed(t: SourceTensor, chosen: Selection | None, density: float, chunk_size: int,
-                      lora: bool) -> tuple[dict[str, Any], list[memoryview], float, TensorStats]:
+                      lora: bool, pack: bool = True) -> tuple[dict[str, Any], list[bytes | memoryview], float,
+                                                              TensorStats]:
     """Header fields (scale still 0), payload pieces, σ of the scope and the tensor's statistics for
     the α rules (with ``lora``, a LoRA factor's Gram matrices too). ``chosen``: the global
-    selection, or None to select within the tensor."""
+    selection, or None to select within the tensor. With ``pack``, a small one-chunk tensor is
+    written ``ternary-golomb-packed`` (:data:`golomb.PACK_BELOW`)."""
     values = flat_f32(t)
     if chosen is None:
         chosen = select(lambda: [(t.name, values)], density)
@@ -253,6 +266,9 @@ def encode_compressed(t: SourceTensor, chosen: Selection | None, density: float,
     fields = dict(encoding=ENCODING_GOLOMB, role="delta", init=t.init, nnz=streams.nnz, scale=0.0,
                   golomb_m=streams.golomb_m, chunk_size=chunk_size, unary_bits=streams.unary_bits,
                   high_bits=streams.high_bits)
+    if pack and streams.nnz <= chunk_size and streams.payload_length < golomb.PACK_BELOW:
+        fields.update(encoding=ENCODING_PACKED, chunk_size=max(streams.nnz, 1))
+        return fields, [streams.packed_payload()], chosen.sigma, stats
     return fields, streams.payload_parts(), chosen.sigma, stats
 
 

@@ -96,9 +96,13 @@ class CompressedExpert:
         return runs
 
     def _ranges(self, entries: Sequence[TensorEntry], runs: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
-        """(file offset, length) of each run."""
+        """(file offset, length) of each run; a run that reaches the last payload also takes the
+        file's final padding (at most 7 bytes), so that ``verify`` after reading everything asks for
+        nothing more."""
+        data_length = self.header.file_length - self.header.data_start
         starts = [entries[i].offset for i, _ in runs]
         ends = [entries[j - 1].offset + entries[j - 1].length for _, j in runs]
+        ends = [data_length if data_length - e < 8 else e for e in ends]
         return [(self.header.data_start + s, e - s) for s, e in zip(starts, ends)]
 
     def _split(self, entries: Sequence[TensorEntry], data: memoryview, offset: int) -> list[memoryview]:
@@ -152,7 +156,7 @@ class CompressedExpert:
 
     def _parse(self, e: TensorEntry, payload: memoryview, check: bool = False) -> golomb.GolombStreams:
         return golomb.parse_payload(payload, nnz=e.nnz, numel=e.numel, golomb_m=e.golomb_m, chunk_size=e.chunk_size,
-                                    unary_bits=e.unary_bits, high_bits=e.high_bits,
+                                    unary_bits=e.unary_bits, high_bits=e.high_bits, encoding=e.encoding,
                                     where=f"tensor {e.name!r}", path=self.path, check=check)
 
     def _dense(self, e: TensorEntry, payload: memoryview) -> torch.Tensor:

@@ -7,7 +7,7 @@ import math
 from typing import Any
 
 from .alpha import LORA_SOURCES, fidelity_warnings, lora_pairs, module_name
-from .format.header import DTYPE_SIZES, ENCODING_GOLOMB, Header
+from .format.header import DTYPE_SIZES, Header
 
 
 # Integers longer than this many bits are described, not printed (Python refuses to turn one of
@@ -77,14 +77,14 @@ def fidelity_of(header: Header) -> dict[str, Any]:
     meta = header.metadata.get("fidelity")
     if not isinstance(meta, dict):
         return {}
-    compressed = [t.name for t in header.tensors if t.encoding == ENCODING_GOLOMB]
+    compressed = [t.name for t in header.tensors if t.compressed]
     rows = meta.get("tensors") if isinstance(meta.get("tensors"), list) else []
     tensors = {n: _figure(r) for n, r in zip(compressed, rows)}
     shapes = {t.name: t.shape for t in header.tensors}
     pairs = lora_pairs(compressed, shapes) if header.metadata.get("source") in LORA_SOURCES else []
     lora_rows = meta.get("lora") if isinstance(meta.get("lora"), list) else []
     modules = {module_name(a): _figure(r) for (a, _), r in zip(pairs, lora_rows)}
-    kept = {t.name: t.nnz for t in header.tensors if t.encoding == ENCODING_GOLOMB}
+    kept = {t.name: t.nnz for t in header.tensors if t.compressed}
     clean = {"tensors": [tensors.get(n) for n in compressed],
              "lora": [modules[m] for m in modules], "overall": _figure(meta.get("overall")),
              "lora_overall": _figure(meta.get("lora_overall"))}
@@ -105,10 +105,10 @@ def describe(header: Header) -> dict[str, Any]:
         original += numel * DTYPE_SIZES[t.dtype]
         rows.append({
             "name": t.name, "dtype": t.dtype, "shape": list(t.shape), "encoding": t.encoding, "role": t.role,
-            "nnz": t.nnz if t.encoding == ENCODING_GOLOMB else numel,
+            "nnz": t.nnz if t.compressed else numel,
             "bytes": t.length, "bits_per_param": (8 * t.length / numel) if numel else 0.0,
-            "scale": t.scale if t.encoding == ENCODING_GOLOMB else None,
-            "golomb_m": t.golomb_m if t.encoding == ENCODING_GOLOMB else None,
+            "scale": t.scale if t.compressed else None,
+            "golomb_m": t.golomb_m if t.compressed else None,
             "rel_error": (figures.get("tensors", {}).get(t.name) or [None, None])[0],
             "cosine": (figures.get("tensors", {}).get(t.name) or [None, None])[1],
         })

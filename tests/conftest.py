@@ -167,9 +167,13 @@ encode_text = surgery.encode  # compact UTF-8 JSON, as compeft writes headers
 
 
 def build_container(doc: Any = None, data: bytes = b"", *, text: bytes | None = None, **preamble: Any) -> bytes:
-    """A fresh file (MAGIC, version 1, flags 0 unless given) of a header document, or raw header
-    ``text``, and a data section; the header is never deflated. Lengths and the header CRC are
-    computed unless given (``header_length=``, ``header_crc=``, ``file_length=``: ``surgery.join``)."""
+    """A fresh file (MAGIC, flags 0 unless given; the version the document's — or the text's —
+    ``format_version`` says when it is 1 or 2, else 1) of a header document, or raw header ``text``, and a data
+    section; the header is never deflated. Lengths and the header CRC are computed unless given
+    (``header_length=``, ``header_crc=``, ``file_length=``: ``surgery.join``)."""
+    declared = surgery.declared_version(text) if text is not None else (
+        doc.get("format_version") if isinstance(doc, dict) else None)
+    preamble.setdefault("version", declared if type(declared) is int and declared in (1, 2) else 1)
     return surgery.join(doc if text is None else text, data, deflate=False, **preamble)
 
 

@@ -77,7 +77,7 @@ def test_compress(expert_file, adapter, reference):
 def test_inspect_table(expert_file):
     proc = cli("inspect", expert_file)
     lines = proc.stdout.splitlines()
-    assert lines[0].startswith(f"{expert_file}: compeft format v1, source=peft, scope=global, density=0.2")
+    assert lines[0].startswith(f"{expert_file}: compeft format v2, source=peft, scope=global, density=0.2")
     assert lines[1].split()[:3] == ["name", "dtype", "shape"]
     for name in LORA_NAMES:
         row = next(line for line in lines if line.startswith(name))
@@ -92,14 +92,14 @@ def test_inspect_table(expert_file):
 def test_inspect_json(expert_file):
     summary = json.loads(cli("inspect", expert_file, "--json").stdout)
     expert = compeft.open(expert_file)
-    assert summary["format_version"] == 1
+    assert summary["format_version"] == 2
     assert summary["metadata"]["density"] == 0.2 and summary["metadata"]["user"] == {"task": "sst2"}
     assert summary["has_adapter_config"] is True and "adapter_config" not in summary["metadata"]
     assert [r["name"] for r in summary["tensors"]] == expert.names
     for row in summary["tensors"]:
         e = expert.entry(row["name"])
         assert row["bytes"] == e.length and row["shape"] == list(e.shape) and row["encoding"] == e.encoding
-        assert row["nnz"] == (e.nnz if e.encoding == "ternary-golomb" else e.numel)
+        assert row["nnz"] == (e.nnz if e.compressed else e.numel)
     totals = summary["totals"]
     assert totals["tensors"] == 4 and totals["parameters"] == 256
     assert totals["file_bytes"] == expert_file.stat().st_size

@@ -76,7 +76,7 @@ def _raises(cls: type, path: Path, call) -> errors.CompeftError:
 
 def test_rule_tables_list_every_rule_once():
     assert {f"P{i}" for i in range(1, 10)} | {"H1", "H2"} | {f"J{i}" for i in range(1, 7)} \
-        | {f"D{i}" for i in range(1, 7)} | {f"E{i}" for i in range(1, 14)} | {"L1", "L2", "L3"} \
+        | {f"D{i}" for i in range(1, 8)} | {f"E{i}" for i in range(1, 14)} | {"L1", "L2", "L3"} \
         | {f"V{i}" for i in range(1, 6)} | {"X1"} == set(FORMAT_RULES)
     assert {f"C{i}" for i in range(1, 12)} == set(LIBRARY_RULES)
     assert set(FORMAT_RULES.values()) | set(LIBRARY_RULES.values()) <= {n for n in dir(errors) if n.endswith("Error")}
@@ -289,7 +289,7 @@ def test_j1_values_are_counted_where_limited():
 
 
 @pytest.mark.parametrize("value,cls", [
-    (1, None), (2, errors.UnsupportedVersionError), (0, errors.UnsupportedVersionError),
+    (1, None), (2, None), (3, errors.UnsupportedVersionError), (0, errors.UnsupportedVersionError),
     (1.0, errors.HeaderError), (True, errors.HeaderError), ("1", errors.HeaderError), (None, errors.HeaderError),
     ("absent", errors.HeaderError),
 ])
@@ -411,8 +411,11 @@ def test_order_of_checks(tmp_path, container):
     rejects(tmp_path, container.build(text=b"{not json", header_crc=0), errors.HeaderError, "checksum")
     # D3 (format_version) before L1 (names)
     doc = header([golomb_entry("b", [4]), golomb_entry("a", [4])])
-    doc["format_version"] = 2
+    doc["format_version"] = 3
     rejects(tmp_path, container.build(doc), errors.UnsupportedVersionError)
+    # D7 (the two versions differ) before L1
+    doc["format_version"] = 2
+    rejects(tmp_path, container.build(doc, version=1), errors.HeaderError, "differs from the preamble")
     # every entry's fields (E3 in the second entry) before the order of the names (L1)
     doc = header([golomb_entry("b", [4]), golomb_entry("a", [4], encoding="later")])
     rejects(tmp_path, container.build(doc), errors.UnsupportedVersionError)

@@ -11,6 +11,7 @@ formulas of docs/merging.md over the decoded experts).
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -200,7 +201,7 @@ def merged_dirs(full: dict[str, Any], root: Path) -> dict[str, Path]:
 
 def test_lora_inspect_table_and_json(expert_file: Path, adapter: Path) -> None:
     table = cli("inspect", expert_file).stdout.splitlines()
-    assert table[0].startswith(f"{expert_file}: compeft format v1, source=peft")
+    assert table[0].startswith(f"{expert_file}: compeft format v2, source=peft")
     summary = json.loads(cli("inspect", expert_file, "--json").stdout)
     names = [row["name"] for row in summary["tensors"]]
     saved = load_file(str(adapter / "adapter_model.safetensors"))
@@ -216,6 +217,17 @@ def test_lora_inspect_table_and_json(expert_file: Path, adapter: Path) -> None:
         assert row["nnz"] > 0, row
     for row in summary["tensors"]:
         assert row["nnz"] > 0, row
+
+
+def test_lora_file_is_within_1_25x_its_entropy_bound(expert_file: Path) -> None:
+    """Issue 16: a real small adapter pays little for its header, tables and padding. The bound is
+    n·(H(k) + k) bits: an ideal code of the mask plus a sign per kept entry, at the nominal k."""
+    header = compeft.open(expert_file).header
+    n = sum(e.numel for e in header.tensors)
+    k = 0.1
+    bound = n * (-k * math.log2(k) - (1 - k) * math.log2(1 - k) + k) / 8
+    assert n == 4 * LAYERS * 384 * 8 and header.version == 2
+    assert expert_file.stat().st_size <= 1.25 * bound, (expert_file.stat().st_size, bound)
 
 
 def test_lora_verify(expert_file: Path) -> None:

@@ -40,9 +40,9 @@ REQUIRED = {"f32_global", "bf16_fp16_tensor_scope", "empty_and_scalar", "nnz_zer
 # Kept in sync with invalid/README.md by test_invalid_table_matches_readme.
 INVALID_EXPECTED = {
     "bad_magic.cpeft": ("NotACompeftFileError", "wrong magic"),
-    "version_2.cpeft": ("UnsupportedVersionError", "format version 2"),
+    "version_3.cpeft": ("UnsupportedVersionError", "format version 3"),
     "flags_set.cpeft": ("UnsupportedVersionError", "unknown flags"),
-    "format_version_2.cpeft": ("UnsupportedVersionError", "format_version 2"),
+    "format_version_3.cpeft": ("UnsupportedVersionError", "format_version 3"),
     "truncated.cpeft": ("TruncatedFileError", "truncated"),
     "truncated_preamble.cpeft": ("TruncatedFileError", "shorter than the 32-byte preamble"),
     "trailing_byte.cpeft": ("TruncatedFileError", "trailing bytes"),
@@ -83,6 +83,17 @@ INVALID_EXPECTED = {
     "names_unsorted.cpeft": ("HeaderError", "must be unique and sorted"),
     "bool_byte_2.cpeft": ("CorruptPayloadError", "BOOL element 1 is the byte 0x02"),
     "chunk_word_high_bit.cpeft": ("CorruptPayloadError", "lies outside the tensor or its stream"),
+    # version 2 (issue 16)
+    "version_mismatch.cpeft": ("HeaderError", "format_version 1 differs from the preamble's version 2"),
+    "format_version_mismatch.cpeft": ("HeaderError", "format_version 2 differs from the preamble's version 1"),
+    "packed_in_version_1.cpeft": ("UnsupportedVersionError", "'ternary-golomb-packed' (in a version 1 file)"),
+    "dictionary_in_version_1.cpeft": ("HeaderError", "preset dictionary (Adler-32 0x"),
+    "packed_length.cpeft": ("HeaderError", "payload of 4 bytes, its stream sizes need 3"),
+    "packed_too_many_entries.cpeft": ("HeaderError", "a packed tensor holds at most 1048576 entries"),
+    "packed_offset_aligned.cpeft": ("LayoutError", "payload at offset 8, expected 5"),
+    "scale_rounds_negative.cpeft": ("HeaderError", "scale -1e-50 must round to a finite, non-negative float32"),
+    "scale_rounds_infinite.cpeft": ("HeaderError", "must round to a finite, non-negative float32"),
+    "packed_unary_runs_out.cpeft": ("CorruptPayloadError", "unary quotient stream ends inside a chunk"),
 }
 INVALID_ROWS = mv.parse_invalid_readme((INVALID / "README.md").read_text(encoding="utf-8"))
 
@@ -192,7 +203,7 @@ def test_expected_tensors_follow_compeft_semantics(name):
     density, alpha, scope = v.params["density"], v.params.get("alpha", 1.0), v.params.get("scope", "global")
     assert (meta["density"], meta["alpha"], meta["scope"]) == (density, alpha, scope)
     assert meta["user"] == v.params.get("metadata", {})
-    golomb = [n for n in expert.names if expert.entry(n).encoding == "ternary-golomb"]
+    golomb = [n for n in expert.names if expert.entry(n).encoding in ("ternary-golomb", "ternary-golomb-packed")]
     flat = {n: inputs[n].float().reshape(-1).numpy() for n in golomb}
     if scope == "global":
         everything = np.concatenate([flat[n] for n in golomb]) if golomb else np.zeros(0, np.float32)

@@ -93,7 +93,7 @@ VECTORS: tuple[Vector, ...] = (
             "layer1.mlp.weight": "torch.randn(12, 16, generator=g(103)) * 1.25",
             "layer1.mlp.bias": "torch.randn(16, generator=g(104)) * 0.05",
         },
-        dict(density=0.1, alpha=1.0, scope="global",
+        dict(format_version=1, density=0.1, alpha=1.0, scope="global",
              metadata={"purpose": "compeft test vector", "note": "UTF-8 ✓ ÄÖÜ, quotes \" and \\ backslash"}),
         "Several fp32 tensors at very different scales sharing one global threshold and one sigma "
         "(metadata.threshold/sigma present, every tensor has the same scale); the 0.05-scaled bias falls "
@@ -109,7 +109,7 @@ VECTORS: tuple[Vector, ...] = (
             "dec.weight": "(torch.randn(12, 20, generator=g(203)) * 0.02).to(torch.float16)",
             "dec.bias": "torch.randn(20, generator=g(204)).to(torch.float16)",
         },
-        dict(density=0.15, alpha=2.5, scope="tensor"),
+        dict(format_version=1, density=0.15, alpha=2.5, scope="tensor"),
         "bfloat16 and float16 inputs, scope 'tensor' (each tensor its own threshold and sigma, no "
         "metadata.threshold/sigma), alpha 2.5: the float32 scale alpha*sigma is rounded to the tensor's "
         "dtype on decode (bf16 / f16 bit patterns of ±scale).",
@@ -122,7 +122,7 @@ VECTORS: tuple[Vector, ...] = (
             "scalar": "torch.tensor(-4.0)",
             "w": "torch.randn(10, 10, generator=g(301))",
         },
-        dict(density=0.25, alpha=1.0, scope="global"),
+        dict(format_version=1, density=0.25, alpha=1.0, scope="global"),
         "A 0-element fp32 tensor of shape [0, 5], a 0-element bf16 tensor of shape [0], a 0-d (shape []) "
         "tensor whose |value| is the largest of the scope (so it is kept), among an ordinary tensor. "
         "Empty tensors have nnz 0 and a 0-byte payload at the same offset as the next tensor.",
@@ -133,7 +133,7 @@ VECTORS: tuple[Vector, ...] = (
             "a.zeros": "torch.zeros(8, 8).index_fill_(1, torch.tensor([1, 5]), -0.0)",
             "b.live": "torch.randn(8, 8, generator=g(401))",
         },
-        dict(density=0.1, alpha=1.0, scope="tensor"),
+        dict(format_version=1, density=0.1, alpha=1.0, scope="tensor"),
         "Scope 'tensor' with a tensor that is all zeros (two of its columns are -0.0, which is zero too): "
         "its threshold is 0, sigma 0, scale 0, nnz 0, a 0-byte payload (crc32 0) and golomb_m 1; it "
         "decodes to +0.0 everywhere. The second tensor is ordinary.",
@@ -144,7 +144,7 @@ VECTORS: tuple[Vector, ...] = (
             "w": "torch.randn(6, 10, generator=g(501)).index_fill_(1, torch.tensor([0, 3, 7]), 0.0)",
             "v": "torch.randn(40, generator=g(502)).to(torch.bfloat16).index_fill_(0, torch.tensor([2, 3, 39]), 0.0)",
         },
-        dict(density=1.0, alpha=1.0, scope="global"),
+        dict(format_version=1, density=1.0, alpha=1.0, scope="global"),
         "density 1.0: the threshold is 0 and every non-zero entry is kept (nnz = number of non-zeros), "
         "exact zeros are not kept (decode to 0). Gaps are mostly 0, so golomb_m is 1 (no low or high bits).",
     ),
@@ -157,7 +157,7 @@ VECTORS: tuple[Vector, ...] = (
             "proj.weight": "torch.randn(8, 12, generator=g(603))",
             "step": "torch.tensor([7, -1, 1 << 40], dtype=torch.int64)",
         },
-        dict(density=0.2, alpha=1.0, scope="global", keep_dense=["norm.*"]),
+        dict(format_version=1, density=0.2, alpha=1.0, scope="global", keep_dense=["norm.*"]),
         "Encoding 'dense': the int64 and bool tensors are not floating, so they are stored verbatim with "
         "role 'value'; the fp16 and fp32 'norm.*' tensors are excluded by the keep_dense glob and stored "
         "verbatim with role 'delta'; only 'proj.weight' is ternary-golomb (the global scope is that tensor "
@@ -169,7 +169,7 @@ VECTORS: tuple[Vector, ...] = (
         {
             "w": "torch.randn(10, 30, generator=g(7))",
         },
-        dict(density=0.2, alpha=1.0, scope="global", chunk_size=7),
+        dict(format_version=1, density=0.2, alpha=1.0, scope="global", chunk_size=7),
         "chunk_size 7: nnz 61 gives 9 chunks (the last one partial), so the chunk table has several rows "
         "with non-zero unary/high bit offsets. golomb_m is 3, not a power of two, so remainders use "
         "the truncated-binary code: a 1-bit low field, plus a high bit for the long form (r >= 1).",
@@ -181,7 +181,7 @@ VECTORS: tuple[Vector, ...] = (
                  "* (torch.randint(0, 2, (12, 16), generator=g(802)).float() * 2 - 1)",
             "h": "(torch.randint(1, 4, (40,), generator=g(803)).float() * 0.25).to(torch.float16)",
         },
-        dict(density=0.1, alpha=1.0, scope="global"),
+        dict(format_version=1, density=0.1, alpha=1.0, scope="global"),
         "Magnitudes take only a few values (multiples of 0.125, all exactly representable), so many entries "
         "have exactly the threshold's magnitude: every one of them is kept (|v| >= threshold), so nnz is far "
         "above count - rank + 1 = 232 - 209 + 1 = 24. Exercises tie handling of the exact two-pass "
@@ -193,19 +193,49 @@ VECTORS: tuple[Vector, ...] = (
             (f"torch.randn(2, 4, generator=g({900 + 4 * layer + 2 * (proj == 'v') + (ab == 'B')}))" if ab == "A" else
              f"torch.randn(4, 2, generator=g({900 + 4 * layer + 2 * (proj == 'v') + (ab == 'B')})) / 50")
          for layer in range(16) for proj in ("q", "v") for ab in ("A", "B")},
-        dict(density=0.5, alpha=1.5, scope="tensor"),
+        dict(format_version=1, density=0.5, alpha=1.5, scope="tensor"),
         "64 small LoRA tensors with long, repetitive names: the JSON text of the header is longer than "
         "2 KiB, so the writer deflates it (preamble flag 0x0001: a zlib stream, then zero bytes up to the "
-        "64-byte boundary). The only vector with a deflated header; the header CRC covers the stored "
+        "64-byte boundary). The only version 1 vector with a deflated header; the header CRC covers the stored "
         "(deflated) bytes.",
     ),
     Vector(
         "worked_example",
         {"w": "torch.tensor([[0.5, 0, 0, -3, 0, 0, 0, 1], [0, 0, 0, 0, 0, -2, 0, 0]], dtype=torch.float16)"},
-        dict(density=0.25, alpha=1.0, scope="global", chunk_size=2),
+        dict(format_version=1, density=0.25, alpha=1.0, scope="global", chunk_size=2),
         "The worked example of FORMAT.md section 11, which make_vectors.py generates from this file "
         "(every byte of it, with the values the encoder derived): four kept entries of a 2 x 8 float16 "
         "tensor, m = 2 (b = 1, w = 0: an empty low stream), two chunks of two entries.",
+    ),
+    Vector(
+        "v2_lora_packed",
+        {f"base_model.model.layers.{layer:02d}.self_attn.{proj}_proj.lora_{ab}.weight":
+            (f"torch.randn(2, 4, generator=g({900 + 4 * layer + 2 * (proj == 'v') + (ab == 'B')}))" if ab == "A" else
+             f"torch.randn(4, 2, generator=g({900 + 4 * layer + 2 * (proj == 'v') + (ab == 'B')})) / 50")
+         for layer in range(16) for proj in ("q", "v") for ab in ("A", "B")},
+        dict(density=0.5, alpha=1.5, scope="tensor"),
+        "Version 2, the inputs of 'deflated_header': every tensor is one small chunk, so the writer packs "
+        "it (encoding 'ternary-golomb-packed': no chunk table, the four streams bit-contiguous, each "
+        "payload right after the previous one, unaligned), writes each scale in its shortest float32 "
+        "digits, and deflates the header with the preset dictionary (the zlib stream's FDICT bit set, "
+        "DICTID the dictionary's Adler-32). Compare its size with 'deflated_header'.",
+    ),
+    Vector(
+        "v2_mixed",
+        {
+            "a.mask": "torch.tensor([True, False, True, True, False])",
+            "b.small": "torch.randn(6, 5, generator=g(1001))",
+            "c.empty": "torch.zeros(0, 3)",
+            "d.chunks": "torch.randn(10, 30, generator=g(1002))",
+            "e.small_bf16": "(torch.randn(3, 7, generator=g(1003)) * 2).to(torch.bfloat16)",
+            "f.step": "torch.tensor([7, -1, 1 << 40], dtype=torch.int64)",
+        },
+        dict(density=0.2, alpha=1.0, scope="global", chunk_size=7),
+        "Version 2, every encoding in one file, with a plain (not deflated) header: a dense bool of 5 "
+        "bytes; 'b.small' packed right after it at offset 5; an empty packed tensor (nnz 0, 0 bytes); "
+        "'d.chunks' with more kept entries than chunk_size 7, so ternary-golomb with a chunk table, at "
+        "the next multiple of 8; another packed tensor right after it; then a dense int64 at the next "
+        "multiple of 8.",
     ),
 )
 
@@ -251,8 +281,13 @@ def _bad_magic(blob: bytes) -> tuple[bytes, str]:
     return surgery.patch(blob, 1, b"X"), "byte 1 (magic 'C', 0x43) replaced by 'X' (0x58)"
 
 
-def _version_2(blob: bytes) -> tuple[bytes, str]:
-    return surgery.with_preamble(blob, version=2), "preamble version u16 at byte 8 set to 2"
+def _version_3(blob: bytes) -> tuple[bytes, str]:
+    return surgery.with_preamble(blob, version=3), "preamble version u16 at byte 8 set to 3"
+
+
+def _version_mismatch(blob: bytes) -> tuple[bytes, str]:
+    return (surgery.with_preamble(blob, version=2),
+            "preamble version u16 at byte 8 set to 2; the header's \"format_version\" is still 1")
 
 
 def _flags(blob: bytes) -> tuple[bytes, str]:
@@ -290,10 +325,17 @@ def _bad_json(blob: bytes) -> tuple[bytes, str]:
             "header_crc32 recomputed over the edited header")
 
 
-def _format_version_2(blob: bytes) -> tuple[bytes, str]:
+def _format_version_3(blob: bytes) -> tuple[bytes, str]:
+    def change(doc: dict[str, Any]) -> None:
+        doc["format_version"] = 3
+    return surgery.with_header(blob, change), 'header "format_version" set to 3, header CRC recomputed'
+
+
+def _format_version_mismatch(blob: bytes) -> tuple[bytes, str]:
     def change(doc: dict[str, Any]) -> None:
         doc["format_version"] = 2
-    return surgery.with_header(blob, change), 'header "format_version" set to 2, header CRC recomputed'
+    return (surgery.with_header(blob, change),
+            'header "format_version" set to 2, header CRC recomputed; the preamble version is still 1')
 
 
 def _payload_crc(blob: bytes) -> tuple[bytes, str]:
@@ -588,11 +630,90 @@ def _chunk_high_bit(blob: bytes) -> tuple[bytes, str]:
     return _chunk_table(blob, 1, 0, lambda old: 1 << 63, "base position")
 
 
+# -- edits for the rules of version 2
+
+
+def _packed_in_version_1(blob: bytes) -> tuple[bytes, str]:
+    def change(doc: dict[str, Any]) -> None:
+        doc["format_version"] = 1
+    return (surgery.with_header(blob, change, version=1),
+            'preamble version and header "format_version" set to 1: version 1 has no encoding '
+            "'ternary-golomb-packed' (tensor 'b.small' is the first that uses it); header CRC recomputed")
+
+
+def _dictionary_in_version_1(blob: bytes) -> tuple[bytes, str]:
+    return (surgery.with_preamble(blob, version=1),
+            "preamble version u16 at byte 8 set to 1 (nothing else changed): the header's zlib stream asks "
+            "for the preset dictionary, which version 1 has not; the header CRC still matches")
+
+
+def _packed_length(blob: bytes) -> tuple[bytes, str]:
+    old = surgery.read(blob).entry("b.small")["length"]
+
+    def change(doc: dict[str, Any]) -> None:
+        surgery.entry(doc, "b.small")["length"] = old + 1
+    return (surgery.with_header(blob, change),
+            f"tensor 'b.small' \"length\" {old} -> {old + 1}, one byte more than its streams' bits need "
+            "(rounded up to a byte); header CRC recomputed")
+
+
+def _packed_too_many(blob: bytes) -> tuple[bytes, str]:
+    numel = (1 << 20) + 2
+
+    def change(doc: dict[str, Any]) -> None:
+        surgery.entry(doc, "c.empty")["shape"] = [numel]
+        surgery.entry(doc, "c.empty")["nnz"] = numel - 1
+    return (surgery.with_header(blob, change),
+            f"tensor 'c.empty' \"shape\" [0, 3] -> [{numel}] and \"nnz\" 0 -> {numel - 1}: a packed tensor is "
+            "one chunk, of at most 2^20 entries; header CRC recomputed")
+
+
+def _packed_aligned(blob: bytes) -> tuple[bytes, str]:
+    doc = surgery.split(blob)[1]
+    old = surgery.entry(doc, "b.small")["offset"]
+    assert old % 8
+
+    def change(d: dict[str, Any]) -> None:
+        surgery.entry(d, "b.small")["offset"] = 8
+    return (surgery.with_header(blob, change),
+            f"tensor 'b.small' \"offset\" {old} -> 8: a packed payload follows the previous payload directly "
+            "(here the 5-byte 'a.mask'), a hole before it is a layout error; header CRC recomputed")
+
+
+def _scale_rounds_negative(blob: bytes) -> tuple[bytes, str]:
+    def change(d: dict[str, Any]) -> None:
+        surgery.entry(d, "d.chunks")["scale"] = -1e-50
+    return (surgery.with_header(blob, change),
+            "tensor 'd.chunks' \"scale\" -> -1e-50, which rounds to the float32 -0.0 (sign bit set); header "
+            "CRC recomputed")
+
+
+def _scale_rounds_infinite(blob: bytes) -> tuple[bytes, str]:
+    def change(d: dict[str, Any]) -> None:
+        surgery.entry(d, "d.chunks")["scale"] = 3.4028236e38
+    return (surgery.with_header(blob, change),
+            "tensor 'd.chunks' \"scale\" -> 3.4028236e38, past the largest float32 by more than half a unit "
+            "in the last place: it rounds to infinity; header CRC recomputed")
+
+
+def _packed_unary_runs_out(blob: bytes) -> tuple[bytes, str]:
+    """Clear the last terminating 1 bit of tensor 'b.small''s unary stream (bit unary_bits − 1 of
+    its payload): its last entry finds no 1 bit."""
+    last = surgery.read(blob).entry("b.small")["unary_bits"] - 1
+
+    def clear(payload: bytearray) -> None:
+        assert payload[last >> 3] >> (last & 7) & 1
+        payload[last >> 3] &= ~(1 << (last & 7)) & 0xFF
+    return (surgery.with_payload(blob, "b.small", clear),
+            f"tensor 'b.small' (packed): bit {last} of its payload, the unary stream's last 1 bit, cleared, so "
+            "its last entry finds no terminating 1 bit; its crc32 recomputed")
+
+
 INVALID: tuple[Invalid, ...] = (
     Invalid("bad_magic", "f32_global", "NotACompeftFileError", "open", _bad_magic, "P1"),
-    Invalid("version_2", "f32_global", "UnsupportedVersionError", "open", _version_2, "P3"),
+    Invalid("version_3", "f32_global", "UnsupportedVersionError", "open", _version_3, "P3"),
     Invalid("flags_set", "f32_global", "UnsupportedVersionError", "open", _flags, "P4"),
-    Invalid("format_version_2", "f32_global", "UnsupportedVersionError", "open", _format_version_2, "D3"),
+    Invalid("format_version_3", "f32_global", "UnsupportedVersionError", "open", _format_version_3, "D3"),
     Invalid("truncated", "f32_global", "TruncatedFileError", "open", _truncated, "P9"),
     Invalid("truncated_preamble", "f32_global", "TruncatedFileError", "open", _truncated_preamble, "P2"),
     Invalid("trailing_byte", "f32_global", "TruncatedFileError", "open", _trailing_byte, "P9"),
@@ -635,6 +756,18 @@ INVALID: tuple[Invalid, ...] = (
     Invalid("bool_byte_2", "dense_passthrough", "CorruptPayloadError", "verify", _bool_byte, "V3", tensor="mask"),
     Invalid("chunk_word_high_bit", "small_chunks", "CorruptPayloadError", "verify", _chunk_high_bit, "V4",
             tensor="w"),
+    # version 2 (issue 16): the rules it added
+    Invalid("version_mismatch", "f32_global", "HeaderError", "open", _version_mismatch, "D7"),
+    Invalid("format_version_mismatch", "f32_global", "HeaderError", "open", _format_version_mismatch, "D7"),
+    Invalid("packed_in_version_1", "v2_mixed", "UnsupportedVersionError", "open", _packed_in_version_1, "E3"),
+    Invalid("dictionary_in_version_1", "v2_lora_packed", "HeaderError", "open", _dictionary_in_version_1, "H2"),
+    Invalid("packed_length", "v2_mixed", "HeaderError", "open", _packed_length, "E13"),
+    Invalid("packed_too_many_entries", "v2_mixed", "HeaderError", "open", _packed_too_many, "E13"),
+    Invalid("packed_offset_aligned", "v2_mixed", "LayoutError", "open", _packed_aligned, "L2"),
+    Invalid("scale_rounds_negative", "v2_mixed", "HeaderError", "open", _scale_rounds_negative, "E12"),
+    Invalid("scale_rounds_infinite", "v2_mixed", "HeaderError", "open", _scale_rounds_infinite, "E12"),
+    Invalid("packed_unary_runs_out", "v2_mixed", "CorruptPayloadError", "verify", _packed_unary_runs_out, "V5",
+            tensor="b.small"),
 )
 
 
@@ -712,10 +845,28 @@ def _json_spelling(blob: bytes) -> tuple[bytes, str]:
             "recomputed")
 
 
+def _scale_digits_v2(blob: bytes) -> tuple[bytes, str]:
+    doc = surgery.split(blob)[1]
+    short = surgery.entry(doc, "d.chunks")["scale"]
+    exact = float(struct.unpack("<f", struct.pack("<f", short))[0])
+    nudged = math.nextafter(exact, math.inf)
+    assert exact != short and struct.unpack("<f", struct.pack("<f", nudged))[0] == exact
+
+    def change(d: dict[str, Any]) -> None:
+        surgery.entry(d, "d.chunks")["scale"] = nudged
+        surgery.entry(d, "b.small")["scale"] = float(struct.unpack("<f", struct.pack("<f", surgery.entry(
+            d, "b.small")["scale"]))[0])
+    return (surgery.with_header(blob, change),
+            f"version 2: tensor 'd.chunks' \"scale\" {short!r} -> {nudged!r} (the next double after its float32 "
+            f"value {exact!r}: not a float32 value, but it rounds to the same one) and tensor 'b.small' "
+            "\"scale\" written with every digit of its float32 value; header CRC recomputed")
+
+
 ACCEPTED: tuple[Accepted, ...] = (
     Accepted("depth_64", "f32_global", _depth_64, "J5"),
     Accepted("informative_keys", "f32_global", _informative_keys, "D5"),
     Accepted("json_spelling", "small_chunks", _json_spelling, "J2"),
+    Accepted("scale_digits_v2", "v2_mixed", _scale_digits_v2, "E12"),
 )
 
 
@@ -734,7 +885,7 @@ def _fmt_params(params: dict[str, Any]) -> str:
 
 def vectors_readme(directory: Path) -> str:
     lines = [
-        "# compeft format v1 test vectors",
+        "# compeft format v1 and v2 test vectors",
         "",
         "Generated by `python tools/make_vectors.py` (check with `python tools/make_vectors.py --check`);",
         "do not edit by hand. For every vector `NAME`:",

@@ -28,8 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
-from compeft.format.header import (DATA_ALIGNMENT, FLAG_DEFLATE, FORMAT_VERSION, MAGIC, PREAMBLE, PREAMBLE_SIZE,
-                                   round_up)
+from compeft.format.header import (DATA_ALIGNMENT, FLAG_DEFLATE, FORMAT_VERSION, FORMAT_VERSIONS, MAGIC, PREAMBLE,
+                                   PREAMBLE_SIZE, deflate as deflate_text, round_up)
+from compeft.format.header_dictionary import HEADER_DICTIONARY
 
 
 class Preamble(NamedTuple):
@@ -57,10 +58,14 @@ def preamble(blob: bytes) -> Preamble:
 
 
 def header_text(blob: bytes) -> bytes:
-    """The header's JSON text: inflated when flagged, padding (spaces, or zero bytes) stripped."""
+    """The header's JSON text: inflated when flagged (from version 2 with the preset dictionary),
+    padding (spaces, or zero bytes) stripped."""
     pre = preamble(blob)
     region = blob[PREAMBLE_SIZE:pre.data_start]
-    return zlib.decompress(region.rstrip(b"\0")) if pre.flags & FLAG_DEFLATE else region.rstrip(b" ")
+    if not pre.flags & FLAG_DEFLATE:
+        return region.rstrip(b" ")
+    inflater = zlib.decompressobj(zdict=HEADER_DICTIONARY) if pre.version >= 2 else zlib.decompressobj()
+    return inflater.decompress(region.rstrip(b"\0")) + inflater.flush()
 
 
 def split(blob: bytes) -> tuple[Preamble, Any, bytes]:
@@ -82,21 +87,27 @@ def join(header: Any, data: bytes = b"", *, preamble: Preamble | None = None, de
 
     ``header`` is a JSON document (encoded with :func:`encode`) or bytes: the JSON text, or with
     ``deflate=False`` any header region. ``magic``, ``version``, ``flags`` and ``reserved`` default to
-    ``preamble``'s fields (else a fresh file's: MAGIC, FORMAT_VERSION, 0, 0), with FLAG_DEFLATE set or
-    cleared by ``deflate`` unless ``flags`` is given (then written as given). The text is deflated when
-    ``deflate`` is true or, left None, when the flags have FLAG_DEFLATE, then padded (``pad``: spaces,
+    ``preamble``'s fields (else a fresh file's: MAGIC, the document's ``format_version`` — of the JSON
+    text too — when it is 1 or 2, else FORMAT_VERSION, 0, 0), with FLAG_DEFLATE set or cleared by ``deflate`` unless ``flags``
+    is given (then written as given). The text is deflated when ``deflate`` is true or, left None,
+    when the flags have FLAG_DEFLATE (as compeft deflates for the file's version: from version 2 with
+    the preset dictionary), then padded (``pad``: spaces,
     zero bytes after deflating) so that the data section starts at a multiple of 64.
     ``header_length``, ``header_crc`` and ``file_length`` are computed from what was assembled unless
     given: give them (or ``flags``) to build deliberately inconsistent files.
     """
     text = header if isinstance(header, (bytes, bytearray)) else encode(header, allow_nan=allow_nan)
-    base = preamble or Preamble(MAGIC, FORMAT_VERSION, 0, 0, 0, 0, 0)
+    if preamble is None:
+        declared = header.get("format_version") if isinstance(header, dict) else declared_version(header)
+        preamble = Preamble(MAGIC, declared if declared in FORMAT_VERSIONS and type(declared) is int
+                            else FORMAT_VERSION, 0, 0, 0, 0, 0)
+    base = preamble
     if flags is None:  # the preamble's, with FLAG_DEFLATE as ``deflate`` says
         flags = base.flags if deflate is None else base.flags & ~FLAG_DEFLATE | (FLAG_DEFLATE if deflate else 0)
     if deflate is None:
         deflate = bool(flags & FLAG_DEFLATE)
     if deflate:
-        text = zlib.compress(text, 9)
+        text = deflate_text(text, base.version if version is None else version)
     if pad is None:
         pad = b"\0" if deflate else b" "
     text = bytes(text) + pad * (round_up(PREAMBLE_SIZE + len(text), DATA_ALIGNMENT) - PREAMBLE_SIZE - len(text))
@@ -109,6 +120,15 @@ def join(header: Any, data: bytes = b"", *, preamble: Preamble | None = None, de
         reserved=base.reserved if reserved is None else reserved,
         file_length=PREAMBLE_SIZE + len(text) + len(data) if file_length is None else file_length)
     return PREAMBLE.pack(*fields) + text + bytes(data)
+
+
+def declared_version(text: bytes | bytearray) -> Any:
+    """The ``format_version`` of a JSON header text, or None (a text that is not a JSON object)."""
+    try:
+        doc = json.loads(bytes(text).decode("utf-8"))
+    except (ValueError, RecursionError):
+        return None
+    return doc.get("format_version") if isinstance(doc, dict) else None
 
 
 def entry(doc: dict[str, Any], name: str) -> dict[str, Any]:

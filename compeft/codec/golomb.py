@@ -6,6 +6,7 @@ touches a buffer (spec/FORMAT.md section 5 lists the invariants checked).
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -13,11 +14,15 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import CorruptPayloadError, InvalidArgumentError
-from ..format.header import MAX_GOLOMB_M, golomb_fields, golomb_payload_length
+from ..format.header import ENCODING_GOLOMB, ENCODING_PACKED, MAX_GOLOMB_M, golomb_fields, golomb_payload_length
 from . import encode_kernels, kernels
 from .floats import F16_TO_F32
 
 DEFAULT_CHUNK_SIZE = 16384
+# Writers pack a one-chunk tensor (spec/FORMAT.md 5.5) whose ternary-golomb payload is shorter than
+# this: there the table row and the word padding of four streams (~38 bytes) are over 1 % of it.
+# Larger ones keep the word layout, which decoders read in place.
+PACK_BELOW = 4096
 
 
 @dataclass(slots=True)
@@ -41,6 +46,20 @@ class GolombStreams:
         """The payload bytes in file order (little-endian words)."""
         return [memoryview(np.ascontiguousarray(a).astype("<u8", copy=False)).cast("B")
                 for a in (self.table.reshape(-1), self.unary, self.low, self.high, self.signs)]
+
+    def packed_payload(self) -> bytes:
+        """The payload of a ``ternary-golomb-packed`` entry (spec/FORMAT.md 5.5): the four streams'
+        bits back to back, no table (one chunk), zero bits up to the last byte."""
+        if self.nnz > self.chunk_size:
+            raise ValueError("only a one-chunk tensor can be packed")
+        bits = [np.unpackbits(words.astype("<u8", copy=False).view(np.uint8), count=n, bitorder="little")
+                for words, n in zip((self.unary, self.low, self.high, self.signs), self.stream_bits)]
+        return np.packbits(np.concatenate(bits), bitorder="little").tobytes()
+
+    @property
+    def stream_bits(self) -> tuple[int, int, int, int]:
+        """Bits of the unary, low, high and sign streams (without their padding)."""
+        return self.unary_bits, self.nnz * golomb_fields(self.golomb_m).w, self.high_bits, self.nnz
 
     @property
     def payload_length(self) -> int:
@@ -94,17 +113,23 @@ def encode(values: np.ndarray, threshold: float, chunk_size: int = DEFAULT_CHUNK
 
 def parse_payload(payload: bytes | bytearray | memoryview | np.ndarray, *, nnz: int, numel: int, golomb_m: int,
                   chunk_size: int, unary_bits: int, high_bits: int, where: str, path: object,
-                  check: bool = True) -> GolombStreams:
+                  check: bool = True, encoding: str = ENCODING_GOLOMB) -> GolombStreams:
     """Split a payload into its streams; with ``check``, also check the chunk table (spec 5.3).
+    A packed payload (spec 5.5) is first expanded into the words of the equivalent one-chunk
+    ternary-golomb payload, so every decoder reads one layout.
 
     (:func:`decode_many` checks every table again, in one batch, before it decodes.)
     """
     if nnz == 0 and (unary_bits or high_bits):
         raise CorruptPayloadError(f"{where}: a tensor with nnz 0 has empty streams", path)
-    expected = golomb_payload_length(nnz, chunk_size, golomb_m, unary_bits, high_bits)
+    expected = golomb_payload_length(nnz, chunk_size, golomb_m, unary_bits, high_bits, encoding)
     size = memoryview(payload).nbytes
     if size != expected:
         raise CorruptPayloadError(f"{where}: payload is {size} bytes, expected {expected}", path)
+    if encoding == ENCODING_PACKED:
+        if chunk_size < nnz:
+            raise CorruptPayloadError(f"{where}: a packed tensor is one chunk", path)
+        payload = unpack(payload, nnz, chunk_size, golomb_m, unary_bits, high_bits)
     words = np.frombuffer(payload, dtype="<u8") if not isinstance(payload, np.ndarray) else payload.view("<u8")
     bounds = [0]
     for n in stream_words(nnz, chunk_size, golomb_m, unary_bits, high_bits):
@@ -117,6 +142,21 @@ def parse_payload(payload: bytes | bytearray | memoryview | np.ndarray, *, nnz: 
     if check:
         _check_table(streams, numel, where, path)
     return streams
+
+
+def unpack(payload: bytes | bytearray | memoryview | np.ndarray, nnz: int, chunk_size: int, golomb_m: int,
+           unary_bits: int, high_bits: int) -> np.ndarray:
+    """The words of a one-chunk ternary-golomb payload holding the streams of a packed one (whose
+    length the caller has checked): a table row of zeros, then each stream from its word boundary."""
+    sizes = stream_words(nnz, chunk_size, golomb_m, unary_bits, high_bits)
+    out = np.zeros(sum(sizes), dtype=np.uint64)
+    bits = np.array((unary_bits, nnz * golomb_fields(golomb_m).w, high_bits, nnz), dtype=np.int64)
+    starts = np.array(list(itertools.accumulate(sizes[:4])), dtype=np.int64)
+    size = memoryview(payload).nbytes
+    src = np.zeros(size // 8 + 2, dtype=np.uint64)  # whole words, one to spare: the kernel reads by word
+    src.view(np.uint8)[:size] = np.frombuffer(payload, dtype=np.uint8)
+    kernels.unpack_streams(src, bits, out, starts)
+    return out
 
 
 def _check_table(s: GolombStreams, numel: int, where: str, path: object) -> None:

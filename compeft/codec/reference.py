@@ -254,3 +254,37 @@ def decode_dense(payload: bytes, *, nnz: int, numel: int, golomb_m: int, chunk_s
     for p, s in zip(positions, signs):
         out[p] = -value if s else value
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the packed layout (spec/FORMAT.md 5.5): the same four streams, bit-contiguous, no table
+
+
+def pack_payload(payload: bytes, *, nnz: int, golomb_m: int, unary_bits: int, high_bits: int) -> bytes:
+    """The ``ternary-golomb-packed`` payload of a one-chunk ``ternary-golomb`` payload: its four
+    streams' bits back to back (table and word padding dropped), zero bits up to a byte."""
+    width = _width(golomb_m) - 1 if golomb_m > 1 else 0
+    bits = _stream(payload)
+    at = WORD_BITS * 3 * (1 if nnz else 0)  # the one table row
+    packed = bitarray(endian="little")
+    for n in (unary_bits, nnz * width, high_bits, nnz):
+        packed.extend(bits[at:at + n])
+        at += _words(n) * WORD_BITS
+    packed.fill()
+    return packed.tobytes()
+
+
+def unpack_payload(packed: bytes, *, nnz: int, golomb_m: int, unary_bits: int, high_bits: int) -> bytes:
+    """The one-chunk ``ternary-golomb`` payload a packed one means: a table row of zeros, then each
+    stream from a word boundary (what :func:`decode_positions_signs` reads)."""
+    width = _width(golomb_m) - 1 if golomb_m > 1 else 0
+    sizes = (unary_bits, nnz * width, high_bits, nnz)
+    bits = _stream(packed)
+    if len(packed) != -(-sum(sizes) // 8):
+        raise _fail(f"packed payload is {len(packed)} bytes, its streams need {-(-sum(sizes) // 8)}")
+    out = struct.pack("<3Q", 0, 0, 0) if nnz else b""
+    at = 0
+    for n in sizes:
+        out += _pad_to_words(bits[at:at + n])
+        at += n
+    return out

@@ -14,10 +14,12 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, NamedTuple, Sequence
 
 from ..errors import HeaderError, LayoutError, NotACompeftFileError, TruncatedFileError, UnsupportedVersionError
+from .header_dictionary import HEADER_DICTIONARY, HEADER_DICTIONARY_ID
 from .json_limits import JsonLimits, JsonRuleError, loads
 
 MAGIC = b"\x89CPEFT\r\n"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # what the reference writer writes
+FORMAT_VERSIONS = (1, 2)  # what readers read; a writer may still write version 1 (spec/FORMAT.md 10)
 PREAMBLE = struct.Struct("<8sHHIIIQ")  # magic, version, flags, header_length, header_crc32, reserved, file_length
 PREAMBLE_SIZE = PREAMBLE.size  # 32
 DATA_ALIGNMENT = 64  # the data section starts at a multiple of this
@@ -44,7 +46,10 @@ MAX_INTEGER = 1 << 62  # integer fields without a limit of their own (offset, le
 
 ENCODING_DENSE = "dense"
 ENCODING_GOLOMB = "ternary-golomb"
-ENCODINGS = (ENCODING_DENSE, ENCODING_GOLOMB)
+ENCODING_PACKED = "ternary-golomb-packed"  # version 2: one chunk, no table, streams bit-contiguous
+GOLOMB_ENCODINGS = (ENCODING_GOLOMB, ENCODING_PACKED)  # the compressed ones
+ENCODINGS = {1: (ENCODING_DENSE, ENCODING_GOLOMB), 2: (ENCODING_DENSE, ENCODING_GOLOMB, ENCODING_PACKED)}
+MAX_PACKED_NNZ = MAX_CHUNK_SIZE  # a packed tensor is one chunk
 COMPRESSIBLE_DTYPES = ("F32", "F16", "BF16")
 DTYPE_SIZES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2,
@@ -90,9 +95,19 @@ def golomb_fields(m: int) -> GolombFields:
     return GolombFields(b, b - 1, cut, (1 << (b - 1)) - cut)
 
 
-def golomb_payload_length(nnz: int, chunk_size: int, golomb_m: int, unary_bits: int, high_bits: int) -> int:
-    """Bytes of a ternary-golomb payload: chunk table, unary, low, high and sign streams (spec 5.1)."""
+def payload_alignment(encoding: str) -> int:
+    """A payload of this encoding starts at a multiple of this (spec/FORMAT.md 4): a packed payload
+    is copied into words before decoding, so it needs none."""
+    return 1 if encoding == ENCODING_PACKED else PAYLOAD_ALIGNMENT
+
+
+def golomb_payload_length(nnz: int, chunk_size: int, golomb_m: int, unary_bits: int, high_bits: int,
+                          encoding: str = ENCODING_GOLOMB) -> int:
+    """Bytes of a ternary-golomb payload: chunk table, unary, low, high and sign streams (spec 5.1);
+    of a packed one, the four streams' bits back to back, rounded up to a byte (spec 5.5)."""
     width = golomb_fields(golomb_m).w
+    if encoding == ENCODING_PACKED:
+        return -(-(unary_bits + nnz * width + high_bits + nnz) // 8)
     words = (3 * -(-nnz // chunk_size) + -(-unary_bits // 64) + -(-(nnz * width) // 64) + -(-high_bits // 64)
              + -(-nnz // 64))
     return 8 * words
@@ -126,17 +141,40 @@ class TensorEntry:
     def n_chunks(self) -> int:
         return -(-self.nnz // self.chunk_size) if self.chunk_size else 0
 
-    def to_json(self) -> dict[str, Any]:
+    @property
+    def compressed(self) -> bool:
+        """Encoded as ternary-golomb, packed or not (both decode the same way)."""
+        return self.encoding in GOLOMB_ENCODINGS
+
+    @property
+    def alignment(self) -> int:
+        return payload_alignment(self.encoding)
+
+    def to_json(self, version: int = FORMAT_VERSION) -> dict[str, Any]:
         out: dict[str, Any] = {
             "name": self.name, "dtype": self.dtype, "shape": list(self.shape),
             "encoding": self.encoding, "role": self.role, "init": self.init,
             "offset": self.offset, "length": self.length, "crc32": self.crc32,
         }
-        if self.encoding == ENCODING_GOLOMB:
-            out.update(nnz=self.nnz, scale=self.scale, golomb_m=self.golomb_m,
-                       chunk_size=self.chunk_size, unary_bits=self.unary_bits,
+        if self.compressed:  # (version 2 readers round a scale to float32: its shortest digits suffice)
+            out.update(nnz=self.nnz, scale=self.scale if version == 1 else short_float32(self.scale),
+                       golomb_m=self.golomb_m, chunk_size=self.chunk_size, unary_bits=self.unary_bits,
                        high_bits=self.high_bits)
+            if self.encoding == ENCODING_PACKED:
+                del out["chunk_size"]
         return out
+
+
+def short_float32(value: float) -> float:
+    """The double whose shortest decimal is the shortest one that rounds to float32 ``value``
+    (0.17984158, not 0.17984157800674438): version 2 readers round a scale to float32 (spec 3.2)."""
+    short = float(f"{value:.9g}")
+    for digits in range(1, 10):  # the fewest significant digits that round back to the same float32
+        candidate = float(f"{value:.{digits}g}")
+        if _to_float32(candidate) == value:
+            short = candidate
+            break
+    return short if _to_float32(short) == value else value
 
 
 @dataclass(frozen=True)
@@ -159,31 +197,52 @@ class Header:
 # writing
 
 
-def encode_header(metadata: Mapping[str, Any], tensors: Sequence[TensorEntry], data_length: int) -> bytes:
+def encode_header(metadata: Mapping[str, Any], tensors: Sequence[TensorEntry], data_length: int,
+                  version: int = FORMAT_VERSION) -> bytes:
     """Preamble + padded header bytes for a data section of ``data_length`` bytes (unpadded end)."""
+    if version not in FORMAT_VERSIONS or any(t.encoding not in ENCODINGS[version] for t in tensors):
+        raise ValueError(f"format version {version} cannot hold these tensors")
     doc = {
         "format": "compeft",
-        "format_version": FORMAT_VERSION,
+        "format_version": version,
         "metadata": dict(metadata),
-        "tensors": [t.to_json() for t in tensors],
+        "tensors": [t.to_json(version) for t in tensors],
     }
     text = json.dumps(doc, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
     flags, pad = 0, b" "
     if len(text) > DEFLATE_ABOVE:  # names, config and figures repeat: a small adapter's header would outweigh its payload
-        text, flags, pad = zlib.compress(text, 9), FLAG_DEFLATE, b"\0"
+        text, flags, pad = deflate(text, version), FLAG_DEFLATE, b"\0"
     header_length = round_up(PREAMBLE_SIZE + len(text), DATA_ALIGNMENT) - PREAMBLE_SIZE
     text = text + pad * (header_length - len(text))
     file_length = PREAMBLE_SIZE + header_length + round_up(data_length, PAYLOAD_ALIGNMENT)
-    preamble = PREAMBLE.pack(MAGIC, FORMAT_VERSION, flags, header_length, zlib.crc32(text), 0, file_length)
+    preamble = PREAMBLE.pack(MAGIC, version, flags, header_length, zlib.crc32(text), 0, file_length)
     return preamble + text
+
+
+def deflate(text: bytes, version: int) -> bytes:
+    """A zlib stream of ``text`` at level 9; from version 2, with the preset dictionary (spec 3.3)."""
+    if version == 1:
+        return zlib.compress(text, 9)
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 15, 9, zlib.Z_DEFAULT_STRATEGY, zdict=HEADER_DICTIONARY)
+    return compressor.compress(text) + compressor.flush()
 
 
 # ---------------------------------------------------------------------------------------------
 # reading
 
 
-def parse_preamble(raw: bytes, path: object, actual_size: int | None) -> tuple[int, int, int, int]:
-    """Check the 32-byte preamble; return (header_length, header_crc32, file_length, flags)."""
+class Preamble(NamedTuple):
+    """The checked fields of the 32-byte preamble (spec/FORMAT.md 2)."""
+
+    version: int
+    flags: int
+    header_length: int
+    header_crc32: int
+    file_length: int
+
+
+def parse_preamble(raw: bytes, path: object, actual_size: int | None) -> Preamble:
+    """Check the 32-byte preamble (rules P1-P9)."""
     if len(raw) < len(MAGIC) or raw[: len(MAGIC)] != MAGIC:
         if len(raw) < PREAMBLE_SIZE and MAGIC.startswith(raw[: len(MAGIC)]):
             raise TruncatedFileError(f"file is {len(raw)} bytes, shorter than the {PREAMBLE_SIZE}-byte preamble", path)
@@ -191,9 +250,9 @@ def parse_preamble(raw: bytes, path: object, actual_size: int | None) -> tuple[i
     if len(raw) < PREAMBLE_SIZE:
         raise TruncatedFileError(f"file is {len(raw)} bytes, shorter than the {PREAMBLE_SIZE}-byte preamble", path)
     magic, version, flags, header_length, header_crc, reserved, file_length = PREAMBLE.unpack(raw[:PREAMBLE_SIZE])
-    if version != FORMAT_VERSION:
+    if version not in FORMAT_VERSIONS:
         raise UnsupportedVersionError(
-            f"format version {version} is not supported (this compeft reads version {FORMAT_VERSION})", path)
+            f"format version {version} is not supported (this compeft reads versions 1 and 2)", path)
     if flags & ~KNOWN_FLAGS:
         raise UnsupportedVersionError(f"unknown flags {flags:#x} in the preamble", path)
     if reserved != 0:  # (a later version may use it: "unsupported", like an unknown flag)
@@ -207,15 +266,22 @@ def parse_preamble(raw: bytes, path: object, actual_size: int | None) -> tuple[i
     if actual_size is not None and actual_size != file_length:
         kind = "truncated" if actual_size < file_length else "has trailing bytes"
         raise TruncatedFileError(f"file {kind}: {actual_size} bytes present, {file_length} declared", path)
-    return header_length, header_crc, file_length, flags
+    return Preamble(version, flags, header_length, header_crc, file_length)
 
 
-def _inflate(region: bytes, path: object) -> bytes:
-    """The JSON text of a deflated header region, at most MAX_HEADER_BYTES (no zip bombs)."""
-    inflater = zlib.decompressobj()
+def _inflate(region: bytes, version: int, path: object) -> bytes:
+    """The JSON text of a deflated header region, at most MAX_HEADER_BYTES (no zip bombs). From
+    version 2 a stream may start from the preset dictionary (zlib asks for it by its Adler-32 and
+    refuses any other); a version 1 stream that asks for one is corrupt."""
+    inflater = zlib.decompressobj(zdict=HEADER_DICTIONARY) if version >= 2 else zlib.decompressobj()
     try:
         text = inflater.decompress(region, MAX_HEADER_BYTES + 1)
     except zlib.error as exc:
+        if len(region) >= 6 and region[1] & 0x20:  # FDICT (RFC 1950): the stream starts from a dictionary
+            dict_id = int.from_bytes(region[2:6], "big")
+            raise HeaderError(f"deflated header asks for a preset dictionary (Adler-32 {dict_id:#010x}) "
+                              + ("that version 1 files cannot use" if version == 1 else
+                                 f"other than compeft's ({HEADER_DICTIONARY_ID:#010x})"), path) from None
         raise HeaderError(f"deflated header is corrupt ({exc})", path) from None
     if len(text) > MAX_HEADER_BYTES:
         raise HeaderError(f"deflated header expands beyond the limit of {MAX_HEADER_BYTES} bytes", path)
@@ -224,14 +290,14 @@ def _inflate(region: bytes, path: object) -> bytes:
     return text
 
 
-def parse_header(text: bytes, header_crc: int, data_start: int, file_length: int, path: object,
-                 flags: int = 0) -> Header:
+def parse_header(text: bytes, preamble: Preamble, path: object) -> Header:
     """Verify the header's CRC, parse its JSON and validate every field and the layout, in the order
     of spec/FORMAT.md 12 (the error class of a file breaking several rules is that of the first)."""
-    if zlib.crc32(text) != header_crc:
+    data_start, file_length = PREAMBLE_SIZE + preamble.header_length, preamble.file_length
+    if zlib.crc32(text) != preamble.header_crc32:
         raise HeaderError("header checksum mismatch (the header bytes are corrupt)", path)
-    if flags & FLAG_DEFLATE:
-        text = _inflate(text, path)
+    if preamble.flags & FLAG_DEFLATE:
+        text = _inflate(text, preamble.version, path)
     try:
         doc = loads(text, HEADER_JSON)
     except JsonRuleError as exc:
@@ -241,8 +307,11 @@ def parse_header(text: bytes, header_crc: int, data_start: int, file_length: int
     version = doc.get("format_version")
     if type(version) is not int:  # 1.0 and true are not integers; a missing version is not "unsupported"
         raise HeaderError(f"header format_version must be an integer, got {version!r:.40}", path)
-    if version != FORMAT_VERSION:
-        raise UnsupportedVersionError(f"header format_version {version} is not {FORMAT_VERSION}", path)
+    if version not in FORMAT_VERSIONS:
+        raise UnsupportedVersionError(f"header format_version {version} is not 1 or 2", path)
+    if version != preamble.version:
+        raise HeaderError(f"header format_version {version} differs from the preamble's version {preamble.version}",
+                          path)
     metadata = doc.get("metadata")
     raw_tensors = doc.get("tensors")
     if not isinstance(metadata, dict) or not isinstance(raw_tensors, list):
@@ -250,9 +319,10 @@ def parse_header(text: bytes, header_crc: int, data_start: int, file_length: int
     _check_metadata(metadata, path)
     if len(raw_tensors) > MAX_TENSORS:
         raise HeaderError(f"{len(raw_tensors)} tensors exceed the limit of {MAX_TENSORS}", path)
-    tensors = tuple(_parse_entry(raw, i, path) for i, raw in enumerate(raw_tensors))
+    tensors = tuple(_parse_entry(raw, i, version, path) for i, raw in enumerate(raw_tensors))
     _check_layout(tensors, data_start, file_length, path)
-    return Header(metadata=metadata, tensors=tensors, data_start=data_start, file_length=file_length)
+    return Header(metadata=metadata, tensors=tensors, data_start=data_start, file_length=file_length,
+                  version=version)
 
 
 def _number(value: Any) -> bool:
@@ -284,11 +354,16 @@ def _check_metadata(meta: Mapping[str, Any], path: object) -> None:
             raise HeaderError(f"metadata {key} must be {what}, got {meta[key]!r:.80}", path)
 
 
-def _is_float32(value: float) -> bool:
+def _to_float32(value: float) -> float:
+    """``value`` rounded to float32 (nearest, ties to even); infinity when beyond its range."""
     try:
-        return struct.unpack("<f", struct.pack("<f", value))[0] == value
+        return struct.unpack("<f", struct.pack("<f", value))[0]
     except OverflowError:  # beyond float32's range (3.4028235677973366e+38 was found by the fuzzer)
-        return False
+        return math.copysign(math.inf, value)
+
+
+def _is_float32(value: float) -> bool:
+    return _to_float32(value) == value
 
 
 def _is_int(value: Any, limit: int) -> bool:
@@ -298,9 +373,11 @@ def _is_int(value: Any, limit: int) -> bool:
 # Keys every entry must hold, and those a ternary-golomb entry holds besides (spec/FORMAT.md 3.2).
 ENTRY_KEYS = ("name", "dtype", "shape", "encoding", "role", "init", "offset", "length", "crc32")
 GOLOMB_KEYS = ("nnz", "scale", "golomb_m", "chunk_size", "unary_bits", "high_bits")
+ENCODING_KEYS = {ENCODING_DENSE: (), ENCODING_GOLOMB: GOLOMB_KEYS,
+                 ENCODING_PACKED: tuple(k for k in GOLOMB_KEYS if k != "chunk_size")}
 
 
-def _parse_entry(raw: Any, index: int, path: object) -> TensorEntry:
+def _parse_entry(raw: Any, index: int, version: int, path: object) -> TensorEntry:
     if not isinstance(raw, dict):
         raise HeaderError(f"tensor #{index} is not a JSON object", path)
     name = raw.get("name")
@@ -320,9 +397,9 @@ def _parse_entry(raw: Any, index: int, path: object) -> TensorEntry:
     encoding = raw.get("encoding")  # first: an entry of a later encoding may hold other fields
     if not isinstance(encoding, str):
         raise bad(f"encoding must be a string, got {encoding!r:.40}")
-    if encoding not in ENCODINGS:
-        raise bad(f"unknown encoding {encoding!r:.80}", UnsupportedVersionError)
-    missing = [k for k in ENTRY_KEYS + (GOLOMB_KEYS if encoding == ENCODING_GOLOMB else ()) if k not in raw]
+    if encoding not in ENCODINGS[version]:
+        raise bad(f"unknown encoding {encoding!r:.80} (in a version {version} file)", UnsupportedVersionError)
+    missing = [k for k in ENTRY_KEYS + ENCODING_KEYS[encoding] if k not in raw]
     if missing:
         raise bad(f"lacks the key{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
     dtype = raw["dtype"]
@@ -357,16 +434,30 @@ def _parse_entry(raw: Any, index: int, path: object) -> TensorEntry:
         raise bad(f"encoding {encoding} stores a delta, its role must be 'delta'")
     nnz = entry.nnz = integer("nnz")
     m = entry.golomb_m = integer("golomb_m", MAX_GOLOMB_M)
-    chunk_size = entry.chunk_size = integer("chunk_size", MAX_CHUNK_SIZE)
+    if encoding == ENCODING_PACKED:  # one chunk of all its entries
+        chunk_size = entry.chunk_size = max(nnz, 1)
+    else:
+        chunk_size = entry.chunk_size = integer("chunk_size", MAX_CHUNK_SIZE)
     unary_bits = entry.unary_bits = integer("unary_bits")
     high_bits = entry.high_bits = integer("high_bits")
     scale = raw["scale"]
-    # copysign: -0.0 (and the number -0) would decode every kept entry to -0, whatever its sign bit
-    if not _number(scale) or math.copysign(1.0, scale) < 0 or not _is_float32(scale):
-        raise bad(f"scale {scale!r:.40} must be a finite, non-negative float32 value (-0.0 is negative)")
-    entry.scale = float(scale)
+    if not _number(scale):
+        raise bad(f"scale {scale!r:.40} must be a number")
+    if version == 1:
+        # copysign: -0.0 (and the number -0) would decode every kept entry to -0, whatever its sign bit
+        if math.copysign(1.0, scale) < 0 or not _is_float32(scale):
+            raise bad(f"scale {scale!r:.40} must be a finite, non-negative float32 value (-0.0 is negative)")
+        entry.scale = float(scale)
+    else:  # version 2: the number rounded to float32; the result must be finite and its sign bit clear
+        rounded = _to_float32(float(scale))
+        if math.copysign(1.0, rounded) < 0 or math.isinf(rounded):
+            raise bad(f"scale {scale!r:.40} must round to a finite, non-negative float32 value "
+                      "(-0.0 is negative)")
+        entry.scale = rounded
     if nnz > numel:
         raise bad(f"nnz {nnz} exceeds the {numel} elements of shape {list(shape)}")
+    if encoding == ENCODING_PACKED and nnz > MAX_PACKED_NNZ:
+        raise bad(f"a packed tensor holds at most {MAX_PACKED_NNZ} entries (one chunk), not {nnz}")
     if m < 1 or chunk_size < 1:
         raise bad("golomb_m and chunk_size must be at least 1")
     if nnz == 0 and (unary_bits or high_bits):
@@ -375,7 +466,7 @@ def _parse_entry(raw: Any, index: int, path: object) -> TensorEntry:
         raise bad(f"unary_bits {unary_bits} is impossible for nnz {nnz} and {numel} elements")
     if high_bits > (nnz if m > 1 else 0):
         raise bad(f"high_bits {high_bits} is impossible for nnz {nnz} and m {m}")
-    expected = golomb_payload_length(nnz, chunk_size, m, unary_bits, high_bits)
+    expected = golomb_payload_length(nnz, chunk_size, m, unary_bits, high_bits, encoding)
     if entry.length != expected:
         raise bad(f"payload of {entry.length} bytes, its stream sizes need {expected}")
     return entry
@@ -390,10 +481,12 @@ def _check_layout(tensors: Sequence[TensorEntry], data_start: int, file_length: 
         if previous is not None and not t.name > previous:
             raise HeaderError(f"tensor names must be unique and sorted: {t.name!r} follows {previous!r}", path)
         previous = t.name
+        expected = round_up(expected, t.alignment)
         if t.offset != expected:
             raise LayoutError(f"tensor {t.name!r}: payload at offset {t.offset}, expected {expected} "
                               "(payloads must follow each other without holes or overlaps)", path)
-        expected = round_up(t.offset + t.length, PAYLOAD_ALIGNMENT)
+        expected = t.offset + t.length
+    expected = round_up(expected, PAYLOAD_ALIGNMENT)
     if data_start + expected != file_length:
         raise LayoutError(f"payloads end at {data_start + expected} but the file is {file_length} bytes "
                           "(the file must be covered exactly)", path)

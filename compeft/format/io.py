@@ -84,10 +84,10 @@ class BytesReader:
 def read_header(reader: RangeReader) -> Header:
     """Read and validate the preamble and header: one read when the header is under 64 KiB."""
     head = reader.read(0, min(FIRST_READ, reader.size)) if reader.size is not None else reader.read(0, PREAMBLE_SIZE)
-    header_length, header_crc, file_length, flags = parse_preamble(head, reader.name, reader.size)
-    end = PREAMBLE_SIZE + header_length
-    text = head[PREAMBLE_SIZE:end] if len(head) >= end else reader.read(PREAMBLE_SIZE, header_length)
-    return parse_header(text, header_crc, end, file_length, reader.name, flags)
+    preamble = parse_preamble(head, reader.name, reader.size)
+    end = PREAMBLE_SIZE + preamble.header_length
+    text = head[PREAMBLE_SIZE:end] if len(head) >= end else reader.read(PREAMBLE_SIZE, preamble.header_length)
+    return parse_header(text, preamble, reader.name)
 
 
 def check_crc(data: bytes | memoryview, expected: int, what: str, path: object) -> None:

@@ -22,24 +22,28 @@ class Placed:
     crc32: int
 
 
-def lay_out(payloads: Sequence[Sequence[bytes | memoryview]]) -> tuple[list[Placed], list[bytes | memoryview], int]:
-    """Place each payload (a list of pieces written back to back) at the next multiple of
+def lay_out(payloads: Sequence[Sequence[bytes | memoryview]], alignments: Sequence[int]
+            ) -> tuple[list[Placed], list[bytes | memoryview], int]:
+    """Place each payload (a list of pieces written back to back) at the next multiple of its
+    alignment (:attr:`TensorEntry.alignment`); the data section ends at a multiple of
     ``PAYLOAD_ALIGNMENT``. Returns the places, the pieces of the whole data section (zero padding
     included, nothing copied) and its length."""
     places: list[Placed] = []
     parts: list[bytes | memoryview] = []
     offset = 0
-    for pieces in payloads:
+    for pieces, alignment in zip(payloads, alignments, strict=True):
+        start = round_up(offset, alignment)
+        parts.append(bytes(start - offset))
         length = sum(len(p) for p in pieces)
         crc = 0
         for p in pieces:
             crc = zlib.crc32(p, crc)
-        places.append(Placed(offset, length, crc))
+        places.append(Placed(start, length, crc))
         parts.extend(pieces)
-        padded = round_up(offset + length, PAYLOAD_ALIGNMENT)
-        parts.append(bytes(padded - offset - length))
-        offset = padded
-    return places, parts, offset
+        offset = start + length
+    end = round_up(offset, PAYLOAD_ALIGNMENT)
+    parts.append(bytes(end - offset))
+    return places, [p for p in parts if len(p)], end
 
 
 def padding(header: Header) -> list[tuple[int, int, str]]:
