@@ -1,10 +1,13 @@
-"""The decode operations of :mod:`compeft.codec.kernels`, as (begin, visit) pairs of Numba functions.
+"""The decode operations of :mod:`compeft.codec.kernels`, as (begin, fill, visit) triples of Numba functions.
 
 The chunk walker (``kernels.walk_chunk``) calls ``begin(op, base, end, numel)`` once per chunk,
-after checking its streams (False: the output cannot take the chunk's range ``[base, end)``), then
-``visit(op, at, e, negative)`` for every entry ``e`` of the chunk, in order, at position ``at``
-(uint64). ``op`` is the operation's tuple, ``(out, ...)`` as each function notes. All are inlined
-into the walker, which is inlined into one cached kernel per operation.
+after checking its streams (False: the output cannot take the chunk's range ``[base, end)``);
+then, block by block, ``fill(op, start, stop)`` over the part of that range up to the block's last
+position (dense decoding zeroes it there, while it is in the cache, so each output byte is written
+from the cache once) and ``visit(op, at, e, negative)`` for every entry ``e`` of the block, in
+order, at position ``at`` (uint64); and ``fill`` once more up to ``end``. ``op`` is the
+operation's tuple, ``(out, ...)`` as each function notes. All are inlined into the walker, which
+is inlined into one cached kernel per operation.
 """
 
 from __future__ import annotations
@@ -37,16 +40,18 @@ def begin_out(op, base, end, numel):
 
 
 @njit(cache=True, inline="always")
-def begin_zeroed(op, base, end, numel):
-    if end > op[0].shape[0]:
-        return False
-    op[0][base:end] = 0  # a slice store compiles to a vector loop; an indexed loop does not
-    return True
+def begin_ties(op, base, end, numel):  # op: (out, aux, ...)
+    return end <= op[1].shape[0] and op[0].shape[0] >= 2 * numel
 
 
 @njit(cache=True, inline="always")
-def begin_ties(op, base, end, numel):  # op: (out, aux, ...)
-    return end <= op[1].shape[0] and op[0].shape[0] >= 2 * numel
+def fill_nothing(op, start, stop):
+    pass
+
+
+@njit(cache=True, inline="always")
+def fill_zeros(op, start, stop):  # op: (out, ...); [start, stop) lies inside the range begin checked
+    op[0][start:stop] = 0  # a slice store compiles to a vector loop; an indexed loop does not
 
 
 @njit(cache=True, inline="always")

@@ -8,10 +8,11 @@ the end of its inputs and outputs on its own and reports a status code instead o
 Numba does not bounds-check and no Python object may cross the kernel boundary.
 
 Decoding has three layers. :func:`walk_chunk` walks one chunk (the unary word scan, the low and
-high fields, positions, signs and every validity check, written once); an operation is a pair of
-functions it is given, ``begin`` (check, and for dense zero-fill, the chunk's output range) and
-``visit`` (write one kept entry), from :mod:`compeft.codec.decode_ops`. One cached kernel per
-operation (``*_chunk``) inlines the walker with its pair, so every hot loop is specialised to its
+high fields, positions, signs and every validity check, written once); an operation is a triple
+of functions it is given, ``begin`` (check the chunk's output range), ``fill`` (prepare a part of
+it: dense decoding zeroes it) and ``visit`` (write one kept entry), from
+:mod:`compeft.codec.decode_ops`. One cached kernel per operation (``*_chunk``) inlines the walker
+with its triple, so every hot loop is specialised to its
 operation: no per-entry branch on it is left. One parallel driver per operation (``*_chunks``,
 see :data:`DRIVERS`) runs that kernel over (tensor, chunk) pairs.
 
@@ -27,7 +28,7 @@ from numba.cpython.unsafe.numbers import trailing_zeros
 
 from ..errors import InvalidArgumentError
 from .arrays import address_table, array_at
-from .decode_ops import (U, begin_nothing, begin_out, begin_ties, begin_zeroed, splitmix64,  # noqa: F401
+from .decode_ops import (U, begin_nothing, begin_out, begin_ties, fill_nothing, fill_zeros, splitmix64,  # noqa: F401
                          visit_add_bf16, visit_add_f16, visit_add_f32, visit_add_f32_dare, visit_nothing,
                          visit_pattern, visit_ties, visit_ties_dare)
 from .floats import F16_TO_F32  # noqa: F401 (the table the add_f16 drivers take, importable here as before)
@@ -209,15 +210,24 @@ def chunk_span(words, row, c):
     return (qwords, lwords, hwords, swords), base, end, qpos, qend, hpos, hend, first, count, last, inside
 
 
-@njit(inline="always")  # inlined into each *_chunk kernel, where begin and visit resolve statically
-def walk_chunk(words, row, c, op, begin, visit):
+# Entries a walk decodes into positions before it writes any of them: a block's positions are
+# checked once (they only grow, so its last one is checked against the chunk's end), and its
+# output range is prepared (zeroed, for dense) while still in the L1 cache just before the visits.
+BLOCK = 256
+
+
+@njit(inline="always")  # inlined into each *_chunk kernel, where begin, fill and visit resolve statically
+def walk_chunk(words, row, c, op, begin, fill, visit):
     """Decode chunk ``c`` of the tensor whose parameter row (int64[N_PARAMS], see ``P_*``) is
     ``row``: call ``begin(op, base, end, numel)`` once (False: the output cannot take the chunk's
-    range), then ``visit(op, position, entry, negative)`` for every entry in order.
+    range), then for each block of up to ``BLOCK`` entries ``fill(op, start, stop)`` over the
+    output range up to its last position and ``visit(op, position, entry, negative)`` for each of
+    its entries in order, and ``fill`` once more up to the chunk's end.
 
     Every read is bounds-checked against the arrays given (and every write by ``begin``); a
-    positive return is an ``ERR_*`` code: writes made before it are discarded by the caller, or
-    were preceded by a successful check pass over the same payload.
+    positive return is an ``ERR_*`` code, the one the first bad entry meets in order: writes made
+    before it are discarded by the caller, or were preceded by a successful check pass over the
+    same payload. A block's positions are computed and checked before any of them is written.
     """
     streams, base, end, qpos, qend, hpos, hend, first, count, last_chunk, inside = chunk_span(words, row, c)
     qwords, lwords, hwords, swords = streams
@@ -229,6 +239,10 @@ def walk_chunk(words, row, c, op, begin, visit):
     if not begin(op, base, end, numel):
         return ERR_BOUNDS
     mask_low = (np.int64(1) << width) - 1
+    whole = 0  # for a width of 2^j bits (j < 6), 6 - j: the log2 of the fields in a word
+    for j in range(6):
+        if width == 1 << j:
+            whole = 6 - j
     qmax = numel // m  # q above this cannot land inside the tensor; also keeps q * m from overflowing
     nlwords = lwords.shape[0]
     hlast = hwords.shape[0] - 1
@@ -236,52 +250,76 @@ def walk_chunk(words, row, c, op, begin, visit):
     hindex = hpos >> 6
     hbuf = hwords[U(hindex)] >> np.uint64(hpos & 63) if hindex <= hlast else np.uint64(0)
     hleft = 64 - (hpos & 63)
-    # unary stream: walk its one bits word by word (each terminates one quotient)
+    # unary stream: walk its one bits word by word (each terminates one quotient); the bits of the
+    # last word from qend on are masked off, so that no one bit found lies past qend
+    qlast = (qend - 1) >> 6
+    tail = np.uint64(0xFFFFFFFFFFFFFFFF) >> np.uint64(63 - ((qend - 1) & 63))
     wi = qpos >> 6
     word = qwords[U(wi)] & (np.uint64(0xFFFFFFFFFFFFFFFF) << np.uint64(qpos & 63))
+    if wi == qlast:
+        word &= tail
     last_one = qpos - 1
-    qwords_end = (qend + 63) >> 6
     nxt = base
-    for i in range(count):
-        while word == 0:
-            wi += 1
-            if wi >= qwords_end:
-                return ERR_QUOTIENT_OVERRUN
-            word = qwords[U(wi)]
-        one = (wi << 6) + np.int64(trailing_zeros(word))
-        if one >= qend:
+    filled = base
+    positions = np.empty(min(BLOCK, count), dtype=np.int64)
+    for start in range(0, count, BLOCK):
+        n = min(BLOCK, count - start)
+        bad = False  # some q > qmax: each q is checked, the positions only once per block
+        overrun = -1
+        for i in range(n):
+            while word == 0:
+                wi += 1
+                if wi > qlast:
+                    break
+                word = qwords[U(wi)]
+                if wi == qlast:
+                    word &= tail
+            if word == 0:
+                overrun = i
+                break
+            one = (wi << 6) + np.int64(trailing_zeros(word))
+            word &= word - np.uint64(1)
+            q = one - last_one - 1
+            last_one = one
+            bad |= q > qmax
+            r = 0
+            if b > 0:
+                x = np.int64(0)
+                if whole > 0:  # the fixed-width low field: its place follows from the entry index
+                    e = first + start + i  # width 2^j fields never straddle words: word e >> (6 - j)
+                    x = np.int64(lwords[U(e >> whole)] >> np.uint64((e & ((1 << whole) - 1)) << (6 - whole)))
+                    x &= mask_low
+                elif width > 0:
+                    lpos = (first + start + i) * width
+                    lw = lpos >> 6
+                    off = lpos & 63
+                    x = np.int64(lwords[U(lw)] >> np.uint64(off))
+                    if off + width > 64 and lw + 1 < nlwords:
+                        x |= np.int64(lwords[U(lw + 1)] << np.uint64(64 - off))
+                    x &= mask_low
+                long_form = np.int64(x >= cut)
+                r = x + (np.int64(hbuf & np.uint64(1)) & long_form) * half
+                hbuf >>= np.uint64(long_form)
+                hleft -= long_form
+                hpos += long_form
+                if hleft == 0:
+                    hindex += 1
+                    hbuf = hwords[U(hindex)] if hindex <= hlast else np.uint64(0)
+                    hleft = 64
+            # no overflow before the check below: q * m <= numel < 2^48 and r < m < 2^48 per entry
+            nxt += q * m + r
+            positions[i] = nxt
+            nxt += 1
+        if bad or nxt > end:  # an entry before the overrun (if any) left the chunk: the walk's order
+            return ERR_POSITION_RANGE
+        if overrun >= 0:
             return ERR_QUOTIENT_OVERRUN
-        word &= word - np.uint64(1)
-        q = one - last_one - 1
-        last_one = one
-        if q > qmax:
-            return ERR_POSITION_RANGE
-        r = 0
-        if b > 0:
-            x = np.int64(0)
-            if width > 0:  # the fixed-width low field: its place follows from the entry index
-                lpos = (first + i) * width
-                lw = lpos >> 6
-                off = lpos & 63
-                x = np.int64(lwords[U(lw)] >> np.uint64(off))
-                if off + width > 64 and lw + 1 < nlwords:
-                    x |= np.int64(lwords[U(lw + 1)] << np.uint64(64 - off))
-                x &= mask_low
-            long_form = np.int64(x >= cut)
-            r = x + (np.int64(hbuf & np.uint64(1)) & long_form) * half
-            hbuf >>= np.uint64(long_form)
-            hleft -= long_form
-            hpos += long_form
-            if hleft == 0:
-                hindex += 1
-                hbuf = hwords[U(hindex)] if hindex <= hlast else np.uint64(0)
-                hleft = 64
-        pos = nxt + q * m + r
-        if pos >= end:
-            return ERR_POSITION_RANGE
-        nxt = pos + 1
-        e = first + i
-        visit(op, U(pos), e, np.int64((swords[U(e >> 6)] >> np.uint64(e & 63)) & np.uint64(1)))
+        fill(op, filled, nxt)
+        filled = nxt
+        for i in range(n):
+            e = first + start + i
+            visit(op, U(positions[i]), e, np.int64((swords[U(e >> 6)] >> np.uint64(e & 63)) & np.uint64(1)))
+    fill(op, filled, end)
     if last_one + 1 != qend:
         return ERR_QUOTIENT_END
     if hpos != hend:
@@ -329,51 +367,51 @@ def tally_chunk(words, row, c):
 
 @njit(cache=True)
 def check_chunk(words, row, c):
-    return walk_chunk(words, row, c, (0,), begin_nothing, visit_nothing)
+    return walk_chunk(words, row, c, (0,), begin_nothing, fill_nothing, visit_nothing)
 
 
 @njit(cache=True)
 def dense_chunk(words, row, c, out):
-    return walk_chunk(words, row, c, (out, row[P_POSITIVE], row[P_POSITIVE] ^ row[P_NEGATIVE]), begin_zeroed,
-                      visit_pattern)
+    return walk_chunk(words, row, c, (out, row[P_POSITIVE], row[P_POSITIVE] ^ row[P_NEGATIVE]), begin_out,
+                      fill_zeros, visit_pattern)
 
 
 @njit(cache=True)
 def scatter_chunk(words, row, c, out):
     return walk_chunk(words, row, c, (out, row[P_POSITIVE], row[P_POSITIVE] ^ row[P_NEGATIVE]), begin_out,
-                      visit_pattern)
+                      fill_nothing, visit_pattern)
 
 
 @njit(cache=True)
 def add_f32_chunk(words, row, c, out, step):
-    return walk_chunk(words, row, c, (out, step), begin_out, visit_add_f32)
+    return walk_chunk(words, row, c, (out, step), begin_out, fill_nothing, visit_add_f32)
 
 
 @njit(cache=True)
 def add_bf16_chunk(words, row, c, out, step):
-    return walk_chunk(words, row, c, (out, step), begin_out, visit_add_bf16)
+    return walk_chunk(words, row, c, (out, step), begin_out, fill_nothing, visit_add_bf16)
 
 
 @njit(cache=True)
 def add_f16_chunk(words, row, c, out, step, f16_lut):
-    return walk_chunk(words, row, c, (out, step, f16_lut), begin_out, visit_add_f16)
+    return walk_chunk(words, row, c, (out, step, f16_lut), begin_out, fill_nothing, visit_add_f16)
 
 
 @njit(cache=True)
 def ties_chunk(words, row, c, out, aux, step):
-    return walk_chunk(words, row, c, (out, aux, step, row[P_NUMEL]), begin_ties, visit_ties)
+    return walk_chunk(words, row, c, (out, aux, step, row[P_NUMEL]), begin_ties, fill_nothing, visit_ties)
 
 
 @njit(cache=True)
 def add_f32_dare_chunk(words, row, c, out, step):
     op = (out, step, U(row[P_DROP_KEY]), U(row[P_DROP_CUT]))
-    return walk_chunk(words, row, c, op, begin_out, visit_add_f32_dare)
+    return walk_chunk(words, row, c, op, begin_out, fill_nothing, visit_add_f32_dare)
 
 
 @njit(cache=True)
 def ties_dare_chunk(words, row, c, out, aux, step):
     op = (out, aux, step, row[P_NUMEL], U(row[P_DROP_KEY]), U(row[P_DROP_CUT]))
-    return walk_chunk(words, row, c, op, begin_ties, visit_ties_dare)
+    return walk_chunk(words, row, c, op, begin_ties, fill_nothing, visit_ties_dare)
 
 
 # ... and one parallel driver per operation over (tensor, chunk) pairs.
