@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import CorruptPayloadError, InvalidArgumentError
 from ..format.header import ENCODING_GOLOMB, ENCODING_PACKED, MAX_GOLOMB_M, golomb_fields, golomb_payload_length
-from . import encode_kernels, kernels
+from . import encode_kernels, kernels, packed
 from .floats import F16_TO_F32
 
 DEFAULT_CHUNK_SIZE = 16384
@@ -155,7 +155,7 @@ def unpack(payload: bytes | bytearray | memoryview | np.ndarray, nnz: int, chunk
     size = memoryview(payload).nbytes
     src = np.zeros(size // 8 + 2, dtype=np.uint64)  # whole words, one to spare: the kernel reads by word
     src.view(np.uint8)[:size] = np.frombuffer(payload, dtype=np.uint8)
-    kernels.unpack_streams(src, bits, out, starts)
+    packed.unpack_streams(src, bits, out, starts)
     return out
 
 

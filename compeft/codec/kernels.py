@@ -12,8 +12,7 @@ high fields, positions, signs and every validity check, written once); an operat
 of functions it is given, ``begin`` (check the chunk's output range), ``fill`` (prepare a part of
 it: dense decoding zeroes it) and ``visit`` (write one kept entry), from
 :mod:`compeft.codec.decode_ops`. One cached kernel per operation (``*_chunk``) inlines the walker
-with its triple, so every hot loop is specialised to its
-operation: no per-entry branch on it is left. One parallel driver per operation (``*_chunks``,
+with its triple, so every hot loop is specialised to its operation: no per-entry branch on it is left. One parallel driver per operation (``*_chunks``,
 see :data:`DRIVERS`) runs that kernel over (tensor, chunk) pairs.
 
 Bit streams are arrays of little-endian uint64 words; bit ``i`` of a stream is bit ``i % 64`` of
@@ -96,33 +95,6 @@ def golomb_fields(m):
         return 0, 0, np.int64(1), np.int64(0)
     cut = (np.int64(1) << b) - m
     return b, b - 1, cut, (np.int64(1) << (b - 1)) - cut
-
-
-# ---------------------------------------------------------------------------------------------
-# decoding: packed payloads (spec/FORMAT.md 5.5)
-
-
-@njit(cache=True)
-def unpack_streams(src, bits, out, starts):
-    """Copy the bit-contiguous streams of a packed payload into words: ``src`` (uint64) holds the
-    payload's bytes from its first word, zero-filled, with at least one word to spare; stream s
-    holds ``bits[s]`` bits and goes to ``out[starts[s]:]`` from bit 0, and bits past its end are
-    zero (the caller checked that the streams fit in the payload)."""
-    at = 0
-    for s in range(bits.size):
-        nbits = bits[s]
-        for j in range((nbits + 63) >> 6):
-            first = at + 64 * j
-            k = first >> 6
-            shift = np.uint64(first & 63)
-            v = src[k] >> shift
-            if shift:
-                v |= src[k + 1] << (np.uint64(64) - shift)
-            left = nbits - 64 * j
-            if left < 64:
-                v &= (np.uint64(1) << np.uint64(left)) - np.uint64(1)
-            out[starts[s] + j] = v
-        at += nbits
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,24 +182,18 @@ def chunk_span(words, row, c):
     return (qwords, lwords, hwords, swords), base, end, qpos, qend, hpos, hend, first, count, last, inside
 
 
-# Entries a walk decodes into positions before it writes any of them: a block's positions are
-# checked once (they only grow, so its last one is checked against the chunk's end), and its
-# output range is prepared (zeroed, for dense) while still in the L1 cache just before the visits.
-BLOCK = 256
+BLOCK = 256  # entries a walk decodes into positions, checked at once, before it writes any of them
 
 
 @njit(inline="always")  # inlined into each *_chunk kernel, where begin, fill and visit resolve statically
 def walk_chunk(words, row, c, op, begin, fill, visit):
     """Decode chunk ``c`` of the tensor whose parameter row (int64[N_PARAMS], see ``P_*``) is
-    ``row``: call ``begin(op, base, end, numel)`` once (False: the output cannot take the chunk's
-    range), then for each block of up to ``BLOCK`` entries ``fill(op, start, stop)`` over the
-    output range up to its last position and ``visit(op, position, entry, negative)`` for each of
-    its entries in order, and ``fill`` once more up to the chunk's end.
-
-    Every read is bounds-checked against the arrays given (and every write by ``begin``); a
-    positive return is an ``ERR_*`` code, the one the first bad entry meets in order: writes made
-    before it are discarded by the caller, or were preceded by a successful check pass over the
-    same payload. A block's positions are computed and checked before any of them is written.
+    ``row``: ``begin(op, base, end, numel)`` once (False: the output cannot take the chunk's range),
+    then per block of ``BLOCK`` entries ``fill(op, start, stop)`` up to its last position and
+    ``visit(op, position, entry, negative)`` per entry in order; ``fill`` up to the chunk's end.
+    Reads are bounds-checked against the arrays given (writes by ``begin``); a positive return is
+    the ``ERR_*`` code of the first bad entry: writes made before it are discarded by the caller,
+    or were preceded by a successful check pass over the same payload.
     """
     streams, base, end, qpos, qend, hpos, hend, first, count, last_chunk, inside = chunk_span(words, row, c)
     qwords, lwords, hwords, swords = streams
@@ -239,10 +205,7 @@ def walk_chunk(words, row, c, op, begin, fill, visit):
     if not begin(op, base, end, numel):
         return ERR_BOUNDS
     mask_low = (np.int64(1) << width) - 1
-    whole = 0  # for a width of 2^j bits (j < 6), 6 - j: the log2 of the fields in a word
-    for j in range(6):
-        if width == 1 << j:
-            whole = 6 - j
+    whole = 6 - np.int64(trailing_zeros(U(width))) if 0 < width < 64 and not width & (width - 1) else 0
     qmax = numel // m  # q above this cannot land inside the tensor; also keeps q * m from overflowing
     nlwords = lwords.shape[0]
     hlast = hwords.shape[0] - 1
@@ -250,8 +213,7 @@ def walk_chunk(words, row, c, op, begin, fill, visit):
     hindex = hpos >> 6
     hbuf = hwords[U(hindex)] >> np.uint64(hpos & 63) if hindex <= hlast else np.uint64(0)
     hleft = 64 - (hpos & 63)
-    # unary stream: walk its one bits word by word (each terminates one quotient); the bits of the
-    # last word from qend on are masked off, so that no one bit found lies past qend
+    # unary stream: its one bits word by word (each ends a quotient); bits from qend on masked off
     qlast = (qend - 1) >> 6
     tail = np.uint64(0xFFFFFFFFFFFFFFFF) >> np.uint64(63 - ((qend - 1) & 63))
     wi = qpos >> 6
@@ -274,7 +236,7 @@ def walk_chunk(words, row, c, op, begin, fill, visit):
                 word = qwords[U(wi)]
                 if wi == qlast:
                     word &= tail
-            if word == 0:
+            if word == 0:  # past qend
                 overrun = i
                 break
             one = (wi << 6) + np.int64(trailing_zeros(word))
