@@ -359,6 +359,7 @@ def _fuzz_child(target: str) -> None:
     import compeft.codec.encode_kernels  # noqa: F401
     import compeft.codec.floats  # noqa: F401
     import compeft.codec.kernels  # noqa: F401
+    import compeft.codec.packed  # noqa: F401
     import compeft.codec.select_kernels  # noqa: F401
     if target == "adapter_config":
         import peft.mapping  # noqa: F401 - PEFT itself is not instrumented
