@@ -137,3 +137,35 @@ def test_codec_and_gpu_are_leaves():
 def test_readme_is_a_front_page():
     lines = (ROOT / "README.md").read_text(encoding="utf-8").count("\n")
     assert lines <= README_LINES, f"README.md has {lines} lines (at most {README_LINES})"
+
+
+def fuzz_uninstrumented_imports() -> list[str]:
+    """The compeft modules tools/fuzz.py imports before ``atheris.instrument_imports``."""
+    tree = ast.parse((ROOT / "tools" / "fuzz.py").read_text())
+    child = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "_fuzz_child")
+    names = []
+    for stmt in child.body:
+        if isinstance(stmt, ast.With):  # the instrumented imports start here
+            break
+        if isinstance(stmt, ast.Import):
+            names += [a.name for a in stmt.names if a.name.startswith("compeft.")]
+    return names
+
+
+def test_fuzzer_imports_every_numba_module_uninstrumented():
+    """atheris's instrumented bytecode does not compile under Numba: a module defining kernels that
+    the fuzzer imports instrumented crashes its target at the first input reaching that kernel (as
+    codec/packed.py once did). Every such module must be loaded, directly or through another, by
+    the imports tools/fuzz.py makes before instrumenting."""
+    import subprocess
+    import sys
+
+    kernel_modules = sorted(name for name, path in MODULES.items() if "@njit" in path.read_text())
+    assert "compeft.codec.kernels" in kernel_modules
+    early = fuzz_uninstrumented_imports()
+    assert early, "tools/fuzz.py's uninstrumented imports were not found"
+    code = f"import sys\nfor m in {early!r}: __import__(m)\nprint(' '.join(sorted(sys.modules)))"
+    loaded = set(subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                                check=True).stdout.split())
+    missing = [m for m in kernel_modules if m not in loaded]
+    assert not missing, f"import these in tools/fuzz.py before atheris.instrument_imports: {missing}"

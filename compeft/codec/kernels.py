@@ -227,7 +227,7 @@ def walk_chunk(words, row, c, op, begin, fill, visit):
     for start in range(0, count, BLOCK):
         n = min(BLOCK, count - start)
         bad = False  # some q > qmax: each q is checked, the positions only once per block
-        overrun = -1
+        overrun = False
         for i in range(n):
             while word == 0:
                 wi += 1
@@ -237,7 +237,7 @@ def walk_chunk(words, row, c, op, begin, fill, visit):
                 if wi == qlast:
                     word &= tail
             if word == 0:  # past qend
-                overrun = i
+                overrun = True
                 break
             one = (wi << 6) + np.int64(trailing_zeros(word))
             word &= word - np.uint64(1)
@@ -247,8 +247,8 @@ def walk_chunk(words, row, c, op, begin, fill, visit):
             r = 0
             if b > 0:
                 x = np.int64(0)
-                if whole > 0:  # the fixed-width low field: its place follows from the entry index
-                    e = first + start + i  # width 2^j fields never straddle words: word e >> (6 - j)
+                if whole > 0:  # 2^j-bit fields never straddle words (walk -11 % at w = 2, benchmarks/README)
+                    e = first + start + i  # the field's word is e >> (6 - j)
                     x = np.int64(lwords[U(e >> whole)] >> np.uint64((e & ((1 << whole) - 1)) << (6 - whole)))
                     x &= mask_low
                 elif width > 0:
@@ -274,7 +274,7 @@ def walk_chunk(words, row, c, op, begin, fill, visit):
             nxt += 1
         if bad or nxt > end:  # an entry before the overrun (if any) left the chunk: the walk's order
             return ERR_POSITION_RANGE
-        if overrun >= 0:
+        if overrun:
             return ERR_QUOTIENT_OVERRUN
         fill(op, filled, nxt)
         filled = nxt
