@@ -88,8 +88,14 @@ def test_ties_and_dare_match_naive(seed, n, density, p, key):
     cut = int(p * 2 ** 63)
     drop = dropped(key, cut, pos.size)
     rng = np.random.default_rng(seed + 1)
-    step = np.float32(rng.choice([0.5, 1e-3, 3.0]))
+    step = np.float32(rng.choice([0.5, 1e-3, 3.0, 0.0]))  # a zero step adds -0.0 for negative entries
     start = rng.standard_normal(n).astype(np.float32)
+    # Entries that do not count (dropped, or against the elected sign) leave every bit as it was,
+    # -0.0 and NaN payloads included: the kernels add -0.0 there instead of branching.
+    special = np.array([-0.0, 0.0, np.inf, -np.inf, np.nan], np.float32)
+    special = np.append(special, np.uint32(0xFFC00123).view(np.float32))  # a negative quiet NaN with a payload
+    odd = rng.random(n) < 0.2
+    start[odd] = rng.choice(special, int(odd.sum()))
     signed = np.where(neg, -step, step).astype(np.float32)
 
     # add_f32 with drops
@@ -103,6 +109,7 @@ def test_ties_and_dare_match_naive(seed, n, density, p, key):
     # TIES with drops: where the sign agrees with the elected one (a zero sum elects +)
     aux = rng.standard_normal(n).astype(np.float32)
     aux[rng.random(n) < 0.1] = 0.0
+    aux[rng.random(n) < 0.05] = -0.0  # not below zero: elects +, like 0.0
     acc = np.concatenate([start, np.zeros(n, np.float32)])
     out = acc.copy().view(np.uint32)
     golomb.decode(s, n, kernels.MODE_TIES, out, delta=float(step), aux=aux, drop_key=key, drop_cut=cut, where="t",
