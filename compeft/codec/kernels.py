@@ -263,7 +263,6 @@ def walk_chunk(words, row, c, op, begin, fill, visit):
                 r = x + (np.int64(hbuf & np.uint64(1)) & long_form) * half
                 hbuf >>= np.uint64(long_form)
                 hleft -= long_form
-                hpos += long_form
                 if hleft == 0:
                     hindex += 1
                     hbuf = hwords[U(hindex)] if hindex <= hlast else np.uint64(0)
@@ -284,7 +283,7 @@ def walk_chunk(words, row, c, op, begin, fill, visit):
     fill(op, filled, end)
     if last_one + 1 != qend:
         return ERR_QUOTIENT_END
-    if hpos != hend:
+    if (hindex << 6) + 64 - hleft != hend:  # the bits read: hindex * 64 + 64 - hleft throughout
         return ERR_HIGH_END
     if not last_chunk and nxt != end:
         return ERR_NEXT_BASE
