@@ -122,7 +122,9 @@ def parse_payload(payload: bytes | bytearray | memoryview | np.ndarray, *, nnz: 
     """
     if nnz == 0 and (unary_bits or high_bits):
         raise CorruptPayloadError(f"{where}: a tensor with nnz 0 has empty streams", path)
-    expected = golomb_payload_length(nnz, chunk_size, golomb_m, unary_bits, high_bits, encoding)
+    sizes = stream_words(nnz, chunk_size, golomb_m, unary_bits, high_bits)
+    expected = (8 * sum(sizes) if encoding != ENCODING_PACKED else
+                golomb_payload_length(nnz, chunk_size, golomb_m, unary_bits, high_bits, encoding))
     size = memoryview(payload).nbytes
     if size != expected:
         raise CorruptPayloadError(f"{where}: payload is {size} bytes, expected {expected}", path)
@@ -131,14 +133,14 @@ def parse_payload(payload: bytes | bytearray | memoryview | np.ndarray, *, nnz: 
             raise CorruptPayloadError(f"{where}: a packed tensor is one chunk", path)
         payload = unpack(payload, nnz, chunk_size, golomb_m, unary_bits, high_bits)
     words = np.frombuffer(payload, dtype="<u8") if not isinstance(payload, np.ndarray) else payload.view("<u8")
-    bounds = [0]
-    for n in stream_words(nnz, chunk_size, golomb_m, unary_bits, high_bits):
-        bounds.append(bounds[-1] + n)
-    table = words[:bounds[1]].view(np.int64).reshape(bounds[1] // 3, 3)
-    streams = GolombStreams(nnz, golomb_m, chunk_size, unary_bits, high_bits, table,
-                            *(words[bounds[i]:bounds[i + 1]] for i in range(1, 5)),
-                            owner=payload.obj if isinstance(payload, memoryview) else None,
-                            address=words.__array_interface__["data"][0])
+    t, u, low, h, n = sizes
+    u += t
+    low += u
+    h += low
+    table = words[:t].view(np.int64).reshape(t // 3, 3)
+    streams = GolombStreams(nnz, golomb_m, chunk_size, unary_bits, high_bits, table, words[t:u], words[u:low],
+                            words[low:h], words[h:h + n], payload.obj if isinstance(payload, memoryview) else None,
+                            words.ctypes.data)
     if check:
         _check_table(streams, numel, where, path)
     return streams

@@ -6,6 +6,7 @@ heavier neighbours, torch or numba.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import struct
@@ -78,6 +79,7 @@ class GolombFields(NamedTuple):
     half: int  # a high bit of 1 adds this to x: 2**(b - 1) - cut
 
 
+@functools.lru_cache(maxsize=256)  # (files use a few values of m; every tensor of every open asks)
 def golomb_fields(m: int) -> GolombFields:
     """(b, w, cut, half) of Golomb parameter m >= 1: the one Python definition, shared by the
     header checks, the codec and the GPU launcher (``compeft.codec.kernels.golomb_fields`` is its
@@ -366,10 +368,6 @@ def _is_float32(value: float) -> bool:
     return _to_float32(value) == value
 
 
-def _is_int(value: Any, limit: int) -> bool:
-    return type(value) is int and 0 <= value <= limit
-
-
 # Keys every entry must hold, and those a ternary-golomb entry holds besides (spec/FORMAT.md 3.2).
 ENTRY_KEYS = ("name", "dtype", "shape", "encoding", "role", "init", "offset", "length", "crc32")
 GOLOMB_KEYS = ("nnz", "scale", "golomb_m", "chunk_size", "unary_bits", "high_bits")
@@ -377,98 +375,108 @@ ENCODING_KEYS = {ENCODING_DENSE: (), ENCODING_GOLOMB: GOLOMB_KEYS,
                  ENCODING_PACKED: tuple(k for k in GOLOMB_KEYS if k != "chunk_size")}
 
 
+def _entry_error(name: str, message: str, path: object, kind: type[Exception] = HeaderError) -> Exception:
+    return kind(f"tensor {name!r}: {message}", path)
+
+
+def _integer(raw: dict[str, Any], key: str, name: str, path: object, limit: int = MAX_INTEGER) -> int:
+    value = raw[key]
+    if type(value) is not int or not 0 <= value <= limit:
+        raise _entry_error(name, f"field {key!r} must be an integer in [0, {limit}], got {value!r:.40}", path)
+    return value
+
+
+_REQUIRED = {encoding: frozenset(ENTRY_KEYS + keys) for encoding, keys in ENCODING_KEYS.items()}  # one subset test
+
+
 def _parse_entry(raw: Any, index: int, version: int, path: object) -> TensorEntry:
+    # (written for speed, without closures or generator calls: every open parses every entry)
     if not isinstance(raw, dict):
         raise HeaderError(f"tensor #{index} is not a JSON object", path)
     name = raw.get("name")
     # (a lone surrogate, which UTF-8 cannot encode, was refused with the JSON)
     if not isinstance(name, str) or not name or len(name.encode("utf-8")) > MAX_NAME_BYTES:
         raise HeaderError(f"tensor #{index}: name must be a non-empty string of at most {MAX_NAME_BYTES} bytes", path)
-
-    def bad(message: str, kind: type[HeaderError] | type[UnsupportedVersionError] = HeaderError) -> Exception:
-        return kind(f"tensor {name!r}: {message}", path)
-
-    def integer(key: str, limit: int = MAX_INTEGER) -> int:
-        value = raw[key]
-        if not _is_int(value, limit):
-            raise bad(f"field {key!r} must be an integer in [0, {limit}], got {value!r:.40}")
-        return value
-
     encoding = raw.get("encoding")  # first: an entry of a later encoding may hold other fields
     if not isinstance(encoding, str):
-        raise bad(f"encoding must be a string, got {encoding!r:.40}")
+        raise _entry_error(name, f"encoding must be a string, got {encoding!r:.40}", path)
     if encoding not in ENCODINGS[version]:
-        raise bad(f"unknown encoding {encoding!r:.80} (in a version {version} file)", UnsupportedVersionError)
-    missing = [k for k in ENTRY_KEYS + ENCODING_KEYS[encoding] if k not in raw]
-    if missing:
-        raise bad(f"lacks the key{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
+        raise _entry_error(name, f"unknown encoding {encoding!r:.80} (in a version {version} file)", path,
+                           UnsupportedVersionError)
+    if not raw.keys() >= _REQUIRED[encoding]:
+        missing = [k for k in ENTRY_KEYS + ENCODING_KEYS[encoding] if k not in raw]
+        raise _entry_error(name, f"lacks the key{'s' if len(missing) > 1 else ''} {', '.join(missing)}", path)
     dtype = raw["dtype"]
     if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:  # (a list or object is not even hashable)
-        raise bad(f"unknown dtype {dtype!r:.40}")
+        raise _entry_error(name, f"unknown dtype {dtype!r:.40}", path)
     shape = raw["shape"]
-    if type(shape) is not list or len(shape) > MAX_NDIM or not all(_is_int(d, MAX_NUMEL) for d in shape):
-        raise bad(f"shape must be a list of at most {MAX_NDIM} integers in [0, {MAX_NUMEL}]")
+    if type(shape) is not list or len(shape) > MAX_NDIM or not all(
+            [type(d) is int and 0 <= d <= MAX_NUMEL for d in shape]):
+        raise _entry_error(name, f"shape must be a list of at most {MAX_NDIM} integers in [0, {MAX_NUMEL}]", path)
     # Every accepted shape must be allocatable (numpy, torch): [0, 2**48, 2**48] holds no element,
     # but its strides would overflow. So the limit bounds the product of the non-zero dimensions.
-    extent = math.prod(d for d in shape if d)
-    if extent > MAX_NUMEL:
-        raise bad(f"{extent} elements (the product of the non-zero dimensions) exceed the limit of {MAX_NUMEL}")
     numel = math.prod(shape)
+    extent = numel if numel else math.prod([d for d in shape if d])
+    if extent > MAX_NUMEL:
+        raise _entry_error(name, f"{extent} elements (the product of the non-zero dimensions) exceed the limit of "
+                           f"{MAX_NUMEL}", path)
     role = raw["role"]
     if not isinstance(role, str) or role not in ROLES:
-        raise bad(f"role {role!r:.40} is not one of {ROLES}")
+        raise _entry_error(name, f"role {role!r:.40} is not one of {ROLES}", path)
     init = raw["init"]
-    if init is not None and not _number(init):
-        raise bad("init must be a finite number or null")
-    entry = TensorEntry(name=name, dtype=dtype, shape=tuple(shape), encoding=encoding, role=role,
-                        init=None if init is None else float(init), offset=integer("offset"),
-                        length=integer("length"), crc32=integer("crc32", 0xFFFFFFFF))
+    if init is not None and type(init) not in (int, float):
+        raise _entry_error(name, "init must be a finite number or null", path)
+    entry = TensorEntry(name, dtype, tuple(shape), encoding, role, _integer(raw, "offset", name, path),
+                        _integer(raw, "length", name, path), _integer(raw, "crc32", name, path, 0xFFFFFFFF),
+                        None if init is None else float(init))
     if encoding == ENCODING_DENSE:
         expected = numel * DTYPE_SIZES[dtype]
         if entry.length != expected:
-            raise bad(f"dense payload of {entry.length} bytes, shape and dtype need {expected}")
+            raise _entry_error(name, f"dense payload of {entry.length} bytes, shape and dtype need {expected}", path)
         return entry
     if dtype not in COMPRESSIBLE_DTYPES:
-        raise bad(f"encoding {encoding} needs a floating dtype, not {dtype}")
+        raise _entry_error(name, f"encoding {encoding} needs a floating dtype, not {dtype}", path)
     if role != "delta":
-        raise bad(f"encoding {encoding} stores a delta, its role must be 'delta'")
-    nnz = entry.nnz = integer("nnz")
-    m = entry.golomb_m = integer("golomb_m", MAX_GOLOMB_M)
+        raise _entry_error(name, f"encoding {encoding} stores a delta, its role must be 'delta'", path)
+    nnz = entry.nnz = _integer(raw, "nnz", name, path)
+    m = entry.golomb_m = _integer(raw, "golomb_m", name, path, MAX_GOLOMB_M)
     if encoding == ENCODING_PACKED:  # one chunk of all its entries
         chunk_size = entry.chunk_size = max(nnz, 1)
     else:
-        chunk_size = entry.chunk_size = integer("chunk_size", MAX_CHUNK_SIZE)
-    unary_bits = entry.unary_bits = integer("unary_bits")
-    high_bits = entry.high_bits = integer("high_bits")
+        chunk_size = entry.chunk_size = _integer(raw, "chunk_size", name, path, MAX_CHUNK_SIZE)
+    unary_bits = entry.unary_bits = _integer(raw, "unary_bits", name, path)
+    high_bits = entry.high_bits = _integer(raw, "high_bits", name, path)
     scale = raw["scale"]
-    if not _number(scale):
-        raise bad(f"scale {scale!r:.40} must be a number")
+    if type(scale) not in (int, float):
+        raise _entry_error(name, f"scale {scale!r:.40} must be a number", path)
     if version == 1:
         # copysign: -0.0 (and the number -0) would decode every kept entry to -0, whatever its sign bit
         if math.copysign(1.0, scale) < 0 or not _is_float32(scale):
-            raise bad(f"scale {scale!r:.40} must be a finite, non-negative float32 value (-0.0 is negative)")
+            raise _entry_error(name, f"scale {scale!r:.40} must be a finite, non-negative float32 value "
+                               "(-0.0 is negative)", path)
         entry.scale = float(scale)
     else:  # version 2: the number rounded to float32; the result must be finite and its sign bit clear
         rounded = _to_float32(float(scale))
         if math.copysign(1.0, rounded) < 0 or math.isinf(rounded):
-            raise bad(f"scale {scale!r:.40} must round to a finite, non-negative float32 value "
-                      "(-0.0 is negative)")
+            raise _entry_error(name, f"scale {scale!r:.40} must round to a finite, non-negative float32 value "
+                               "(-0.0 is negative)", path)
         entry.scale = rounded
     if nnz > numel:
-        raise bad(f"nnz {nnz} exceeds the {numel} elements of shape {list(shape)}")
+        raise _entry_error(name, f"nnz {nnz} exceeds the {numel} elements of shape {list(shape)}", path)
     if encoding == ENCODING_PACKED and nnz > MAX_PACKED_NNZ:
-        raise bad(f"a packed tensor holds at most {MAX_PACKED_NNZ} entries (one chunk), not {nnz}")
+        raise _entry_error(name, f"a packed tensor holds at most {MAX_PACKED_NNZ} entries (one chunk), not {nnz}",
+                           path)
     if m < 1 or chunk_size < 1:
-        raise bad("golomb_m and chunk_size must be at least 1")
+        raise _entry_error(name, "golomb_m and chunk_size must be at least 1", path)
     if nnz == 0 and (unary_bits or high_bits):
-        raise bad("a tensor with nnz 0 has empty streams (unary_bits and high_bits must be 0)")
+        raise _entry_error(name, "a tensor with nnz 0 has empty streams (unary_bits and high_bits must be 0)", path)
     if not nnz <= unary_bits <= nnz + numel // m:
-        raise bad(f"unary_bits {unary_bits} is impossible for nnz {nnz} and {numel} elements")
+        raise _entry_error(name, f"unary_bits {unary_bits} is impossible for nnz {nnz} and {numel} elements", path)
     if high_bits > (nnz if m > 1 else 0):
-        raise bad(f"high_bits {high_bits} is impossible for nnz {nnz} and m {m}")
+        raise _entry_error(name, f"high_bits {high_bits} is impossible for nnz {nnz} and m {m}", path)
     expected = golomb_payload_length(nnz, chunk_size, m, unary_bits, high_bits, encoding)
     if entry.length != expected:
-        raise bad(f"payload of {entry.length} bytes, its stream sizes need {expected}")
+        raise _entry_error(name, f"payload of {entry.length} bytes, its stream sizes need {expected}", path)
     return entry
 
 
