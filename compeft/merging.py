@@ -169,9 +169,10 @@ def merged_names(experts: Sequence[CompressedExpert], union: bool = False) -> li
 
 
 def check_compatible(experts: Sequence[CompressedExpert], check_base: bool, names: Sequence[str] | None = None,
-                     union: bool = False) -> None:
+                     union: bool = False, values: bool = False) -> None:
     """Experts merge when they hold the same tensors (``union``: any tensors) with the same shapes,
-    carry the same base fingerprint (unless not ``check_base``) and hold only deltas (of ``names``)."""
+    carry the same base fingerprint (unless not ``check_base``) and hold only deltas (of ``names``);
+    with ``values`` (a merge onto weights), also tensors every expert holding them stores as a value."""
     first = experts[0]
     for other in experts[1:]:
         if other.names != first.names and not union:
@@ -189,9 +190,38 @@ def check_compatible(experts: Sequence[CompressedExpert], check_base: bool, name
             check_same_base(first, other)
     for e in experts:
         for name in e.names if names is None else names:  # values outside ``names`` (a head) are not merged
-            if name in e and e.entry(name).role != "delta":
-                raise InvalidArgumentError(f"tensor {name!r} is stored as a value, not a delta: only task "
-                                           "vectors can be merged", e.path)
+            if name not in e or e.entry(name).role == "delta":
+                continue
+            if not values:
+                raise InvalidArgumentError(f"tensor {name!r} is stored as a value, not a delta: only task vectors "
+                                           "can be merged (merging onto a base copies the values every expert "
+                                           "agrees on; or leave it out with names=)", e.path)
+            other = next((x for x in experts if name in x and x.entry(name).role == "delta"), None)
+            if other is not None:
+                raise InvalidArgumentError(f"tensor {name!r} is stored as a value here and as a delta in "
+                                           f"{other.path}: they cannot be merged", e.path)
+
+
+def agreed_values(experts: Sequence[CompressedExpert], names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """name -> the value every expert holding it stores (their bytes equal), for tensors stored as
+    values (an integer buffer such as ``position_ids``, which a full fine-tune leaves as it was):
+    a merge onto a base copies them, as ``apply`` does. Experts storing different values raise."""
+    out: dict[str, torch.Tensor] = {}
+    for name in names:
+        first = holder(experts, name)
+        value = first.payloads([name])[name]
+        assert isinstance(value, torch.Tensor)  # (a value is stored dense)
+        for other in experts:
+            if other is first or name not in other:
+                continue
+            theirs = other.payloads([name])[name]
+            assert isinstance(theirs, torch.Tensor)
+            if (theirs.dtype != value.dtype or theirs.shape != value.shape
+                    or not torch.equal(theirs.view(-1).view(torch.uint8), value.view(-1).view(torch.uint8))):
+                raise InvalidArgumentError(f"tensor {name!r} is stored as a value, and the experts store different "
+                                           f"values ({first.path} and here): a merge cannot choose one", other.path)
+        out[name] = value
+    return out
 
 
 def check_same_base(first: CompressedExpert, other: CompressedExpert) -> None:
@@ -302,7 +332,7 @@ def merge(experts: Sequence[CompressedExpert | str | os.PathLike[str]], *, metho
         if total == 0:
             raise InvalidArgumentError("linear merge weights sum to zero; pass normalize=False")
         coefficients = [w / total for w in coefficients]
-    check_compatible(opened, check_base, names, union)
+    check_compatible(opened, check_base, names, union, values=into is not None)
     selected = merged_names(opened, union) if names is None else list(names)
     if len(set(selected)) != len(selected):
         raise InvalidArgumentError("names holds a tensor twice")
@@ -311,6 +341,8 @@ def merge(experts: Sequence[CompressedExpert | str | os.PathLike[str]], *, metho
     if into is not None:
         for e in opened if union else opened[:1]:
             check_state(e, into, check_base, [n for n in selected if n in e])
+    values = agreed_values(opened, [n for n in selected if holder(opened, n).entry(n).role == "value"])
+    selected = [n for n in selected if n not in values]
     result = MergeResult()
     result.metadata = {"method": method, "weights": coefficients, "lambda": float(scale), "drop_rate": drop_rate,
                        "seed": seed, "experts": [e.path for e in opened], **({"union": True} if union else {})}
@@ -319,11 +351,11 @@ def merge(experts: Sequence[CompressedExpert | str | os.PathLike[str]], *, metho
         run_on = gpu.kernel_device(device)  # (interpreted: the GPU kernels' CPU test mode)
     groups = tensor_groups(opened, selected, GROUP_PARAMETERS if run_on is None else GPU_GROUP_PARAMETERS)
     scratch = scratch or Scratch()
-    largest = max(sum(holder(opened, n).entry(n).numel for n in g) for g in groups)
+    largest = max([0, *(sum(holder(opened, n).entry(n).numel for n in g) for g in groups)])
     if into is not None and len(groups) > 1:  # a corrupt later group must not find earlier ones written
         for e in opened:
             e.payloads([n for n in selected if n in e])
-    for e in opened:  # experts read from URLs: all start fetching the first group at once
+    for e in opened if groups else ():  # experts read from URLs: all start fetching the first group at once
         e.prefetch([n for n in groups[0] if n in e])
     for k, group in enumerate(progress_bar(groups, "merging", progress)):
         if k + 1 < len(groups):  # the next group downloads while this one decodes
@@ -343,6 +375,10 @@ def merge(experts: Sequence[CompressedExpert | str | os.PathLike[str]], *, metho
                 weight = into[name]
                 with torch.no_grad():
                     weight.copy_(added(weight, merged[name].to(weight.device)))
+    if into is not None:  # (last: a corrupt payload above leaves them unwritten too)
+        with torch.no_grad():
+            for name, value in values.items():
+                into[name].copy_(value.to(into[name].device))
     return result
 
 

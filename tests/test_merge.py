@@ -978,3 +978,74 @@ def test_config_outputs_model_tv_and_cpeft(saved, same):
     assert json.loads(expert.metadata["user"]["merge"])["method"] == "ties"
     with pytest.raises(InvalidArgumentError, match="scales the base"):
         merge_from_config({**config(paths, method="linear", normalize=False)}, root / "x.safetensors", base=base)
+
+
+# ---------------------------------------------------------------------------------------------
+# tensors stored as values (an integer buffer such as position_ids, which a full fine-tune keeps)
+
+
+def experts_with_a_buffer(ids: list[torch.Tensor]) -> list[CompressedExpert]:
+    g = torch.Generator().manual_seed(7)
+    return [compeft.compress({"w": torch.randn(64, 32, generator=g), "ids": i}, density=0.3) for i in ids]
+
+
+def test_merge_onto_weights_copies_the_value_every_expert_stores():
+    experts = experts_with_a_buffer([torch.arange(16), torch.arange(16)])
+    assert [e.entry("ids").role for e in experts] == ["value", "value"]
+    base = {"w": torch.randn(64, 32), "ids": torch.zeros(16, dtype=torch.int64)}
+    into = {n: t.clone() for n, t in base.items()}
+    compeft.merge(experts, method="ties", into=into)
+    assert torch.equal(into["ids"], torch.arange(16))
+    tau = compeft.merge(experts, method="ties", names=["w"])["w"]
+    assert torch.equal(into["w"], base["w"] + tau)
+
+
+def test_merge_without_weights_refuses_a_value_and_says_what_to_do():
+    experts = experts_with_a_buffer([torch.arange(16), torch.arange(16)])
+    with pytest.raises(InvalidArgumentError, match=r"'ids' is stored as a value.*onto a base.*names="):
+        compeft.merge(experts)
+    assert set(compeft.merge(experts, names=["w"])) == {"w"}
+
+
+def test_experts_storing_different_values_do_not_merge_and_leave_the_weights_alone():
+    experts = experts_with_a_buffer([torch.arange(16), torch.arange(16).flip(0)])
+    into = {"w": torch.randn(64, 32), "ids": torch.zeros(16, dtype=torch.int64)}
+    before = {n: t.clone() for n, t in into.items()}
+    with pytest.raises(InvalidArgumentError, match=r"'ids'.*different values"):
+        compeft.merge(experts, into=into)
+    assert all(torch.equal(into[n], before[n]) for n in into)
+
+
+def test_a_value_in_one_expert_and_a_delta_in_another_do_not_merge():
+    a = compeft.compress({"w": torch.randn(8, 8), "b": torch.arange(8)}, density=0.5)
+    b = compeft.compress({"w": torch.randn(8, 8), "b": torch.randn(8)}, density=0.5)
+    into = {"w": torch.zeros(8, 8), "b": torch.zeros(8)}
+    with pytest.raises(InvalidArgumentError, match=r"'b' is stored as a value here and as a delta"):
+        compeft.merge([a, b], into=into, check_base=False)
+
+
+def test_cli_merge_onto_a_base_directory_with_an_integer_buffer(tmp_path):
+    """What failed on two real MiniLM fine-tunes (their embeddings.position_ids): `compeft merge
+    A B --method ties --base BASE -o OUT` on full fine-tunes compressed with the defaults."""
+    from compeft.cli import main
+
+    g = torch.Generator().manual_seed(3)
+    base = {"w": torch.randn(64, 32, generator=g), "position_ids": torch.arange(32).unsqueeze(0)}
+    (tmp_path / "base").mkdir()
+    save_file(base, tmp_path / "base" / "model.safetensors")
+    paths = []
+    for i in (1, 2):
+        ft = {"w": base["w"] + 0.1 * torch.randn(64, 32, generator=g), "position_ids": base["position_ids"]}
+        (tmp_path / f"ft{i}").mkdir()
+        save_file(ft, tmp_path / f"ft{i}" / "model.safetensors")
+        assert main(["compress", str(tmp_path / f"ft{i}"), "--base", str(tmp_path / "base"),
+                     "-o", str(tmp_path / f"ft{i}.cpeft"), "-q"]) == 0
+        paths.append(str(tmp_path / f"ft{i}.cpeft"))
+    assert compeft.open(paths[0]).entry("position_ids").role == "value"
+    assert main(["merge", *paths, "--method", "ties", "--base", str(tmp_path / "base"),
+                 "-o", str(tmp_path / "merged"), "-q"]) == 0
+    from safetensors.torch import load_file
+    merged = load_file(tmp_path / "merged" / "model.safetensors")
+    assert torch.equal(merged["position_ids"], base["position_ids"])
+    tau = compeft.merge([compeft.open(p) for p in paths], method="ties", names=["w"])["w"]
+    assert torch.equal(merged["w"], base["w"] + tau)
