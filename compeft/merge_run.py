@@ -25,7 +25,7 @@ from .expert import CompressedExpert, open as open_expert
 from .export import merge_to, onto_base
 from .merge_config import MergeConfig, TensorParams, layer_positions, load_config, resolve, uses_gradient
 from .merge_methods import Operands, base_coefficient, check_tensor, combine
-from .merging import MergeResult, Scratch, check_compatible, holder, merged_names, tensor_groups
+from .merging import MergeResult, Scratch, agreed_values, check_compatible, holder, merged_names, tensor_groups
 from .progress import progress_bar
 from .sources import base_dtype_shape, safetensors_files, safetensors_tensors
 from .weights import write_safetensors
@@ -54,6 +54,7 @@ class ConfigPlan:
     seed: int = 0
     union: bool = False
     check_base: bool = True
+    values: list[str] = field(default_factory=list)  # tensors stored as values: copied (the experts agree)
     scratch: Scratch = field(default_factory=lambda: Scratch(POOL_ROWS))  # kept across calls (parts)
 
     def coefficient(self, name: str) -> float:
@@ -104,9 +105,11 @@ def plan_config(config: str | os.PathLike[str] | Mapping[str, Any] | MergeConfig
         catalog = open_library(where, storage_options=storage_options, cache=cache)
     experts = [catalog[i.model] if catalog is not None and i.model in catalog
                else open_expert(i.model, storage_options=storage_options, cache=cache) for i in cfg.experts]
-    check_compatible(experts, check_base, None, union)
-    names = merged_names(experts, union)
     model_output = output is not None and Path(output).suffix not in (".safetensors", ".cpeft")
+    check_compatible(experts, check_base, None, union, values=model_output)  # a model copies agreed values
+    names = merged_names(experts, union)
+    values = [n for n in names if holder(experts, n).entry(n).role == "value"]
+    names = [n for n in names if n not in values]
     base_names: list[str] = []
     if model_output:
         if base_path is None:
@@ -133,7 +136,8 @@ def plan_config(config: str | os.PathLike[str] | Mapping[str, Any] | MergeConfig
     for n in names:
         params[n] = resolve(cfg, n, positions[n])
         check_tensor(cfg.method, n, holder(experts, n).entry(n).shape, params[n], [i.model for i in cfg.operands])
-    return ConfigPlan(cfg, experts, operands, indices, names, params, base_path, base_names, seed, union, check_base)
+    return ConfigPlan(cfg, experts, operands, indices, names, params, base_path, base_names, seed, union, check_base,
+                      values)
 
 
 def check_base_holds(base: Path, experts: list[CompressedExpert], names: list[str]) -> dict[str, Any]:
@@ -253,14 +257,17 @@ def merge_from_config(config: str | os.PathLike[str] | Mapping[str, Any] | Merge
         return out
     assert out is not None and plan.base is not None
     chosen = plan.config.out_dtype or plan.config.dtype
-    return onto_base(plan.experts, plan.base, out, check_base, progress, lambda part, names: write_part(plan, part),
+    values = agreed_values(plan.experts, plan.values)  # (read and compared before anything is written)
+    return onto_base(plan.experts, plan.base, out, check_base, progress,
+                     lambda part, names: write_part(plan, part, values),
                      config_over(plan), lambda name, dtype: DTYPES[chosen] if chosen and dtype.is_floating_point else dtype)
 
 
-def write_part(plan: ConfigPlan, shard: dict[str, torch.Tensor]) -> None:
+def write_part(plan: ConfigPlan, shard: dict[str, torch.Tensor], values: Mapping[str, torch.Tensor]) -> None:
     """A part of a base shard, in place, one tensor group at a time: each merged tensor becomes
-    dtype(c·base + τ) computed in float32 (float64 for a float64 output), every other floating
-    tensor dtype(c·base); dtype is out_dtype, else dtype, else the base's."""
+    dtype(c·base + τ) computed in float32 (float64 for a float64 output), a tensor the experts
+    store as a value becomes that value (in the output's dtype when floating), every other
+    floating tensor dtype(c·base); dtype is out_dtype, else dtype, else the base's."""
     chosen = plan.config.out_dtype or plan.config.dtype
 
     def update(name: str, change: torch.Tensor | None) -> None:
@@ -285,7 +292,10 @@ def write_part(plan: ConfigPlan, shard: dict[str, torch.Tensor]) -> None:
         for name in group:
             update(name, merged.pop(name))
     for name in set(shard) - set(wanted):
-        if shard[name].is_floating_point():
+        if name in values:
+            weight = shard[name]
+            shard[name] = values[name].to(DTYPES[chosen] if chosen and weight.is_floating_point() else weight.dtype)
+        elif shard[name].is_floating_point():
             update(name, None)
 
 

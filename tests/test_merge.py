@@ -1049,3 +1049,31 @@ def test_cli_merge_onto_a_base_directory_with_an_integer_buffer(tmp_path):
     assert torch.equal(merged["position_ids"], base["position_ids"])
     tau = compeft.merge([compeft.open(p) for p in paths], method="ties", names=["w"])["w"]
     assert torch.equal(merged["w"], base["w"] + tau)
+
+
+def test_config_merge_onto_a_base_copies_agreed_values(tmp_path):
+    from safetensors.torch import load_file
+
+    from compeft.merge_run import merge_from_config
+
+    g = torch.Generator().manual_seed(5)
+    base = {"w": torch.randn(64, 32, generator=g), "position_ids": torch.arange(32).unsqueeze(0)}
+    (tmp_path / "base").mkdir()
+    save_file(base, tmp_path / "base" / "model.safetensors")
+    paths = []
+    for i in (1, 2):
+        ft = {"w": base["w"] + 0.1 * torch.randn(64, 32, generator=g), "position_ids": base["position_ids"]}
+        save_file(ft, tmp_path / f"ft{i}.safetensors")
+        e = compeft.compress(tmp_path / f"ft{i}.safetensors", base=tmp_path / "base" / "model.safetensors",
+                             density=0.3)
+        e.save(tmp_path / f"ft{i}.cpeft")
+        paths.append(str(tmp_path / f"ft{i}.cpeft"))
+    config = {"merge_method": "task_arithmetic", "base_model": str(tmp_path / "base"),
+              "models": [{"model": p, "parameters": {"weight": 1.0}} for p in paths]}
+    merge_from_config(config, output=tmp_path / "merged")
+    merged = load_file(tmp_path / "merged" / "model.safetensors")
+    assert torch.equal(merged["position_ids"], base["position_ids"])
+    tau = compeft.merge([compeft.open(p) for p in paths], method="task_arithmetic", names=["w"])["w"]
+    assert torch.allclose(merged["w"], base["w"] + tau, atol=1e-6)
+    with pytest.raises(InvalidArgumentError, match="stored as a value"):  # a task vector holds deltas only
+        merge_from_config({"merge_method": "linear", "models": config["models"]}, output=tmp_path / "tau.safetensors")
