@@ -46,38 +46,32 @@ from compeft.dtypes import flat_bits  # noqa: E402
 from run import MAIN_DENSITY, REPO, git_info, lora_set, machine_info, table_row, versions, write_report  # noqa: E402
 
 
-@njit
-def walk_all(words, params, work):  # type: ignore[no-untyped-def]
-    bad = 0
-    for j in range(work.shape[0]):
-        bad += kernels.check_chunk(words, params[work[j, 0]], work[j, 1]) != kernels.OK
-    return bad
+def over_chunks(kernel):  # type: ignore[no-untyped-def]
+    """A compiled loop of ``kernel(words, row, chunk)`` over every (tensor, chunk) of ``work``:
+    the number of chunks it did not find OK."""
+    @njit
+    def run(words, params, work):  # type: ignore[no-untyped-def]
+        bad = 0
+        for j in range(work.shape[0]):
+            bad += kernel(words, params[work[j, 0]], work[j, 1]) != kernels.OK
+        return bad
+    return run
 
 
-@njit
-def tally_all(words, params, work):  # type: ignore[no-untyped-def]
-    bad = 0
-    for j in range(work.shape[0]):
-        bad += kernels.tally_chunk(words, params[work[j, 0]], work[j, 1]) != kernels.OK
-    return bad
+def writing_over_chunks(kernel):  # type: ignore[no-untyped-def]
+    """The same for ``kernel(words, row, chunk, out)``, tensor t writing ``outs``' array t."""
+    @njit
+    def run(words, params, work, outs, like):  # type: ignore[no-untyped-def]
+        bad = 0
+        for j in range(work.shape[0]):
+            t = work[j, 0]
+            bad += kernel(words, params[t], work[j, 1], array_at(outs, t, like)) != kernels.OK
+        return bad
+    return run
 
 
-@njit
-def dense_all(words, params, work, outs, like):  # type: ignore[no-untyped-def]
-    bad = 0
-    for j in range(work.shape[0]):
-        t = work[j, 0]
-        bad += kernels.dense_chunk(words, params[t], work[j, 1], array_at(outs, t, like)) != kernels.OK
-    return bad
-
-
-@njit
-def scatter_all(words, params, work, outs, like):  # type: ignore[no-untyped-def]
-    bad = 0
-    for j in range(work.shape[0]):
-        t = work[j, 0]
-        bad += kernels.scatter_chunk(words, params[t], work[j, 1], array_at(outs, t, like)) != kernels.OK
-    return bad
+walk_all, tally_all = over_chunks(kernels.check_chunk), over_chunks(kernels.tally_chunk)
+dense_all, scatter_all = writing_over_chunks(kernels.dense_chunk), writing_over_chunks(kernels.scatter_chunk)
 
 
 @njit

@@ -1024,12 +1024,12 @@ def test_a_value_in_one_expert_and_a_delta_in_another_do_not_merge():
         compeft.merge([a, b], into=into, check_base=False)
 
 
-def test_cli_merge_onto_a_base_directory_with_an_integer_buffer(tmp_path):
-    """What failed on two real MiniLM fine-tunes (their embeddings.position_ids): `compeft merge
-    A B --method ties --base BASE -o OUT` on full fine-tunes compressed with the defaults."""
+def full_finetunes(tmp_path: Path, seed: int) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """A base directory with an integer buffer (as BERT's position_ids) and two full fine-tunes of
+    it, each compressed with `compeft compress FT --base BASE` and the default options."""
     from compeft.cli import main
 
-    g = torch.Generator().manual_seed(3)
+    g = torch.Generator().manual_seed(seed)
     base = {"w": torch.randn(64, 32, generator=g), "position_ids": torch.arange(32).unsqueeze(0)}
     (tmp_path / "base").mkdir()
     save_file(base, tmp_path / "base" / "model.safetensors")
@@ -1042,9 +1042,19 @@ def test_cli_merge_onto_a_base_directory_with_an_integer_buffer(tmp_path):
                      "-o", str(tmp_path / f"ft{i}.cpeft"), "-q"]) == 0
         paths.append(str(tmp_path / f"ft{i}.cpeft"))
     assert compeft.open(paths[0]).entry("position_ids").role == "value"
+    return base, paths
+
+
+def test_cli_merge_onto_a_base_directory_with_an_integer_buffer(tmp_path):
+    """What failed on two real MiniLM fine-tunes (their embeddings.position_ids): `compeft merge
+    A B --method ties --base BASE -o OUT` on full fine-tunes compressed with the defaults."""
+    from safetensors.torch import load_file
+
+    from compeft.cli import main
+
+    base, paths = full_finetunes(tmp_path, 3)
     assert main(["merge", *paths, "--method", "ties", "--base", str(tmp_path / "base"),
                  "-o", str(tmp_path / "merged"), "-q"]) == 0
-    from safetensors.torch import load_file
     merged = load_file(tmp_path / "merged" / "model.safetensors")
     assert torch.equal(merged["position_ids"], base["position_ids"])
     tau = compeft.merge([compeft.open(p) for p in paths], method="ties", names=["w"])["w"]
@@ -1056,18 +1066,7 @@ def test_config_merge_onto_a_base_copies_agreed_values(tmp_path):
 
     from compeft.merge_run import merge_from_config
 
-    g = torch.Generator().manual_seed(5)
-    base = {"w": torch.randn(64, 32, generator=g), "position_ids": torch.arange(32).unsqueeze(0)}
-    (tmp_path / "base").mkdir()
-    save_file(base, tmp_path / "base" / "model.safetensors")
-    paths = []
-    for i in (1, 2):
-        ft = {"w": base["w"] + 0.1 * torch.randn(64, 32, generator=g), "position_ids": base["position_ids"]}
-        save_file(ft, tmp_path / f"ft{i}.safetensors")
-        e = compeft.compress(tmp_path / f"ft{i}.safetensors", base=tmp_path / "base" / "model.safetensors",
-                             density=0.3)
-        e.save(tmp_path / f"ft{i}.cpeft")
-        paths.append(str(tmp_path / f"ft{i}.cpeft"))
+    base, paths = full_finetunes(tmp_path, 5)
     config = {"merge_method": "task_arithmetic", "base_model": str(tmp_path / "base"),
               "models": [{"model": p, "parameters": {"weight": 1.0}} for p in paths]}
     merge_from_config(config, output=tmp_path / "merged")
