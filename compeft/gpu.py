@@ -206,6 +206,8 @@ class DeviceExecutor:
             if plan.name in self.dense:
                 run_dense(plan, self.dense[plan.name])
                 continue
+            if plan.fresh:  # (the Triton kernels add: zero first, the same result bit for bit)
+                plan.out.zero_()
             t = self.tensors[plan.name]
             values: dict[str, Any] = dict(out=plan.out.data_ptr())
             if plan.operation == DECODE:

@@ -60,8 +60,8 @@ class Scratch:
         """Hand out up to ``rows`` × ``numel`` values, from the start again."""
         self.size, self.used, self.path = max(self.size, self.rows * numel), 0, path
 
-    def take(self, numel: int) -> torch.Tensor | None:
-        """``numel`` zeroed float32 values, or None when they do not fit."""
+    def take(self, numel: int, zero: bool = True) -> torch.Tensor | None:
+        """``numel`` float32 values (zeroed unless not ``zero``), or None when they do not fit."""
         if self.used + numel > self.size:
             return None
         if self.memory is None or self.memory.numel() < self.size:
@@ -70,7 +70,7 @@ class Scratch:
             self.memory = allocate(entry, (self.size,), torch.float32, self.path)
         out = self.memory[self.used:self.used + numel]
         self.used += numel
-        return out.zero_()
+        return out.zero_() if zero else out
 
 
 class Accumulator:
@@ -88,22 +88,27 @@ class Accumulator:
         self.cut = int(drop_rate * 2.0 ** 63)
         self.scratch = scratch
 
-    def _buffer(self, e: TensorEntry, rows: int, final: bool) -> torch.Tensor:
-        got = None if final or self.scratch is None else self.scratch.take(rows * e.numel)
+    def _buffer(self, e: TensorEntry, rows: int, final: bool, zero: bool) -> torch.Tensor:
+        got = None if final or self.scratch is None else self.scratch.take(rows * e.numel, zero)
         if got is not None:
             return got.view(rows, e.numel)
-        return allocate(e, (rows, e.numel), torch.float32, self.experts[0].path, zero=True, device=self.device)
+        return allocate(e, (rows, e.numel), torch.float32, self.experts[0].path, zero=zero, device=self.device)
 
     def _run(self, operation: str, scales: Sequence[float], elected: dict[str, torch.Tensor] | None = None,
              final: bool = True) -> dict[str, torch.Tensor]:
         rows = 2 if operation == TIES else 1  # TIES also counts, in a second row
         entries = {n: holder(self.experts, n).entry(n) for n in self.group}
-        out = {n: self._buffer(e, rows, final) for n, e in entries.items()}
+        # A sum is written whole by the first expert holding its tensor (a fresh ACCUMULATE), so its
+        # memory is not zero-filled first: that pass over fresh pages cost ~0.1 s per 400 MB.
+        fresh = operation == ACCUMULATE
+        out = {n: self._buffer(e, rows, final, zero=not fresh) for n, e in entries.items()}
+        first = {n: next(i for i, x in enumerate(self.experts) if n in x) for n in self.group}
         for i, expert in enumerate(self.experts):
             scale = scales[i] / self.keep
             self.executors[i].run([  # (with union=True, an expert lacking a tensor adds nothing to it)
                 TensorPlan(n, operation, out[n], scale, None if elected is None else elected[n],
-                           drop_key(self.seed, i, n) if self.cut else 0, self.cut) for n in self.group if n in expert])
+                           drop_key(self.seed, i, n) if self.cut else 0, self.cut, fresh and first[n] == i)
+                for n in self.group if n in expert])
         shapes = {n: e.shape for n, e in entries.items()}
         return {n: out[n].reshape((rows, *shapes[n])) if rows > 1 else out[n].reshape(shapes[n]) for n in self.group}
 

@@ -12,6 +12,8 @@ Operations (the float rule is :func:`compeft.dtypes.added`; step = scale × magn
 * ``ADD``: ``out`` is a weight: ``w = dtype(float32(w) ± step)`` at each kept entry (a value tensor
   is copied over the weight);
 * ``ACCUMULATE``: ``out`` is a float32 accumulator: ``+= ±step`` at each kept entry DARE keeps;
+  with ``fresh``, ``out`` holds nothing yet and receives what accumulating into zeros gives, bit for
+  bit (every element written: a merge's first expert per tensor, so nobody zero-fills first);
 * ``TIES``: ``out`` is float32 [2, numel]: where the entry's sign is that of ``aux`` (the elected
   sums; >= 0 elects +), row 0 ``+= ±step`` and row 1 ``+= 1``.
 """
@@ -75,12 +77,21 @@ class TensorPlan:
     aux: torch.Tensor | None = None  # TIES: the elected sums, float32 with the tensor's numel
     drop_key: int = 0  # DARE: entry e is dropped when splitmix64(key + e) >> 1 < cut (cut 0: no drops)
     drop_cut: int = 0
+    fresh: bool = False  # ACCUMULATE: ``out`` is not zeroed yet (see the module docstring)
 
 
 def drop_key(seed: int, expert: int, name: str) -> int:
     """The DARE key of tensor ``name`` of the ``expert``-th expert of a merge (spec: merging)."""
     digest = hashlib.sha256(f"{seed}:{expert}:{name}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
+
+
+def added_to_zero(step: float) -> tuple[int, int]:
+    """The float32 bits of 0.0 + step and 0.0 + (-step): what accumulating one kept entry into a
+    zeroed accumulator leaves there (a DECODE of a fresh accumulator writes them directly)."""
+    s = np.float32(step)
+    zero = np.float32(0.0)
+    return int((zero + s).view(np.uint32)), int((zero + -s).view(np.uint32))
 
 
 def run_dense(plan: TensorPlan, tensor: StreamTensor) -> None:
@@ -99,6 +110,8 @@ def run_dense(plan: TensorPlan, tensor: StreamTensor) -> None:
         return
     values = value.to(out.device).float().reshape(-1)
     if not values.numel():
+        if plan.fresh:
+            out.zero_()
         return
     kept = values != 0
     if plan.drop_cut:  # drawn on the CPU whatever the device, so that drops do not depend on it
@@ -106,6 +119,8 @@ def run_dense(plan: TensorPlan, tensor: StreamTensor) -> None:
         kept &= (torch.rand(values.shape, generator=generator) >= plan.drop_cut / 2.0 ** 63).to(out.device)
     zeros = torch.zeros_like(values)
     rows = out.reshape(-1, values.numel())
+    if plan.fresh:
+        out.zero_()
     if plan.operation == ACCUMULATE:
         rows[0].add_(torch.where(kept, values * np.float32(plan.scale), zeros))
         return
@@ -123,6 +138,8 @@ def check_plans(plans: Sequence[TensorPlan], tensors: Mapping[str, StreamTensor]
     for plan in plans:
         if plan.operation not in OPERATIONS:
             raise InvalidArgumentError(f"unknown operation {plan.operation!r}", path)
+        if plan.fresh and plan.operation != ACCUMULATE:
+            raise InvalidArgumentError(f"tensor {plan.name!r}: only {ACCUMULATE} takes a fresh output", path)
         if plan.name not in tensors:
             raise InvalidArgumentError(f"tensor {plan.name!r} is not held by this executor", path)
         t, out = tensors[plan.name], plan.out
@@ -171,9 +188,15 @@ class CpuExecutor:
                 run_dense(plan, t)
                 continue
             mode = kernel_mode(plan, zeroed=False)
-            if plan.operation == DECODE:
+            if plan.fresh and not plan.drop_cut:  # written whole: ±step where kept, 0 elsewhere
+                mode = kernels.MODE_DENSE
+                job = golomb.DecodeJob(t.streams, t.numel, flat_bits(plan.out), f"tensor {plan.name!r}",
+                                       *added_to_zero(step(plan.scale, t.magnitude)))
+            elif plan.operation == DECODE:
                 job = golomb.DecodeJob(t.streams, t.numel, flat_bits(plan.out), f"tensor {plan.name!r}", *t.patterns())
             else:
+                if plan.fresh:  # (DARE: drops are drawn per entry, by the add kernels only)
+                    plan.out.zero_()
                 job = golomb.DecodeJob(t.streams, t.numel, flat_bits(plan.out), f"tensor {plan.name!r}", 0, 0,
                                        step(plan.scale, t.magnitude),
                                        None if plan.aux is None else plan.aux.reshape(-1).numpy(),

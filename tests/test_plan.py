@@ -74,3 +74,26 @@ def test_dare_drops_depend_on_the_key_only(expert):
     kept = int((expert.to_dense("w") != 0).sum())
     survivors = int((runs[0] != 0).sum())
     assert torch.equal(runs[0], runs[1]) and 0.3 * kept < survivors < 0.7 * kept  # p = 0.5
+
+
+@pytest.mark.parametrize("name", ["w", "d"])
+@pytest.mark.parametrize("scale", [1.0, -2.5, 0.0, 3e38, float("nan")])
+@pytest.mark.parametrize("cut", [0, 1 << 62])
+def test_a_fresh_accumulate_leaves_what_accumulating_into_zeros_leaves(expert, name, scale, cut):
+    """A merge's first expert per tensor writes its sum whole (fresh) instead of adding into
+    zero-filled memory: the same bits, whatever the step (0 gives +0.0 where -0.0 would be wrong,
+    an infinite or NaN step), with DARE drops (those zero first) and for dense-stored tensors."""
+    numel = 2000 if name == "w" else 7
+    key = drop_key(0, 0, name) if cut else 0
+    zeros = torch.zeros(numel)
+    expert.executor().run([TensorPlan(name, ACCUMULATE, zeros, scale, None, key, cut)])
+    garbage = torch.full((numel,), -0.0)
+    garbage[::3] = float("nan")
+    garbage[1::3] = 12345.0
+    expert.executor().run([TensorPlan(name, ACCUMULATE, garbage, scale, None, key, cut, True)])
+    assert torch.equal(garbage.view(torch.int32), zeros.view(torch.int32))
+
+
+def test_only_accumulate_takes_a_fresh_output(expert):
+    with pytest.raises(InvalidArgumentError, match="only accumulate takes a fresh output"):
+        expert.executor().run([TensorPlan("w", ADD, torch.zeros(40, 50), 1.0, fresh=True)])
