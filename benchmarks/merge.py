@@ -323,9 +323,23 @@ def mergekit_case(work: Path, quick: bool, n: int, seed: int, density: float, ro
 # parent
 
 
+# The workers are forked from a small launcher, not from this process, for the same reason as
+# LAUNCHER: a worker exec'd straight from here started with this process's peak RSS (which grows
+# as it generates the experts) as its own ru_maxrss, and reported it when its merge used less.
+WORKER_LAUNCHER = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[1], sys.argv[1:])
+_, status, _ = os.wait4(pid, 0)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def run_worker(spec: dict[str, Any], env: dict[str, str] | None = None) -> dict[str, Any]:
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)],
+    proc = subprocess.run([sys.executable, "-S", "-c", WORKER_LAUNCHER, sys.executable, str(Path(__file__).resolve()),
+                           "--worker", json.dumps(spec)],
                           capture_output=True, text=True, cwd=REPO, check=False,
                           env=None if env is None else {**os.environ, **env})
     if proc.returncode != 0:
