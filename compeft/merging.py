@@ -99,7 +99,7 @@ class Accumulator:
         rows = 2 if operation == TIES else 1  # TIES also counts, in a second row
         entries = {n: holder(self.experts, n).entry(n) for n in self.group}
         # A sum is written whole by the first expert holding its tensor (a fresh ACCUMULATE), so its
-        # memory is not zero-filled first: that pass over fresh pages cost ~0.1 s per 400 MB.
+        # memory is not zero-filled first (task arithmetic of 8 × 100M: ~3 % faster in a new process).
         fresh = operation == ACCUMULATE
         out = {n: self._buffer(e, rows, final, zero=not fresh) for n, e in entries.items()}
         first = {n: next(i for i, x in enumerate(self.experts) if n in x) for n in self.group}
