@@ -108,10 +108,10 @@ def run_dense(plan: TensorPlan, tensor: StreamTensor) -> None:
         else:
             out.copy_(added(out, float(np.float32(plan.scale)) * value.to(out.device).float()))
         return
+    if plan.fresh:
+        out.zero_()
     values = value.to(out.device).float().reshape(-1)
     if not values.numel():
-        if plan.fresh:
-            out.zero_()
         return
     kept = values != 0
     if plan.drop_cut:  # drawn on the CPU whatever the device, so that drops do not depend on it
@@ -119,8 +119,6 @@ def run_dense(plan: TensorPlan, tensor: StreamTensor) -> None:
         kept &= (torch.rand(values.shape, generator=generator) >= plan.drop_cut / 2.0 ** 63).to(out.device)
     zeros = torch.zeros_like(values)
     rows = out.reshape(-1, values.numel())
-    if plan.fresh:
-        out.zero_()
     if plan.operation == ACCUMULATE:
         rows[0].add_(torch.where(kept, values * np.float32(plan.scale), zeros))
         return
