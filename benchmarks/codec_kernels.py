@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """compeft kernel benchmark: the codec's per-chunk kernels alone, on one thread.
 
-    python benchmarks/kernels.py            # the 160M-parameter LoRA set of run.py at k = 0.1
-    python benchmarks/kernels.py --quick    # 2 layers
+    python benchmarks/codec_kernels.py            # the 160M-parameter LoRA set of run.py at k = 0.1
+    python benchmarks/codec_kernels.py --quick    # 2 layers
 
 Every (tensor, chunk) pair of the file goes through one kernel in a plain compiled loop: no
 parallel region, no Python per tensor, no file reading. So the figures are the walk's own cost per
