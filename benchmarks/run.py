@@ -575,25 +575,84 @@ print(json.dumps({"tensor": name, "numel": x.numel(), "import_and_open_s": t1 - 
 """
 
 
+# Numba's CPU target imports scipy.linalg when scipy is installed (numba.np.linalg's BLAS probe):
+# ~0.4 s of a fresh process. compeft does not depend on scipy, so `pip install compeft` leaves it out;
+# this benchmark's environment has it (mergekit, sentence-transformers). Cases 6 and 2p also time
+# our side with scipy made unimportable, as a user's plain install runs.
+WITHOUT_SCIPY = "import sys; sys.modules['scipy'] = None\n"
+
+
 def case_first_decode(path: Path, repeats: int) -> dict[str, Any]:
-    """Case 6: open + decode one tensor in a fresh process, Numba cache warm, vs `import torch`."""
+    """Case 6: open + decode one tensor in a fresh process, Numba cache warm, vs `import torch`;
+    also with scipy absent (see WITHOUT_SCIPY)."""
     first_t, first_out = run_python(FIRST_DECODE_CODE, str(path))  # run 1: makes sure the cache is warm
+    run_python(WITHOUT_SCIPY + FIRST_DECODE_CODE, str(path))
     if repeats > 1:
         run_python("import torch")  # (run 1 above already warmed torch's files in the page cache)
-    ours, ref, inner = [], [], []
+    ours, bare, ref, inner = [], [], [], []
     for _ in range(repeats):
         t, out = run_python(FIRST_DECODE_CODE, str(path))
         ours.append(t)
         inner.append(json.loads(out.strip().splitlines()[-1]))
+        bare.append(run_python(WITHOUT_SCIPY + FIRST_DECODE_CODE, str(path))[0])
         ref.append(run_python("import torch")[0])
     res: dict[str, Any] = {"warmup": 1, "reference_warmup": int(repeats > 1), "repeats": repeats,
                            "first_run_wall_s": first_t,
                            "first_run_inner": json.loads(first_out.strip().splitlines()[-1]),
                            "second_run_wall_s": ours[0], "ours": summary(ours), "inner": inner,
+                           "ours_without_scipy": summary(bare),
                            "references": {"python -c 'import torch'": summary(ref)}}
     r = res["references"]["python -c 'import torch'"]
     r["ratio_median"] = res["ours"]["median"] / r["median"]
     r["ratio_min"] = res["ours"]["min"] / r["min"]
+    r["ratio_median_without_scipy"] = res["ours_without_scipy"]["median"] / r["median"]
+    return res
+
+
+DECOMPRESS_CODE = """
+import sys
+from compeft.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+LOAD_SAVE_CODE = """
+import sys
+from safetensors.torch import load_file, save_file
+save_file(load_file(sys.argv[1]), sys.argv[2])
+"""
+
+
+def case_whole_process(path: Path, dense_path: Path, work: Path, repeats: int) -> dict[str, Any]:
+    """Case 2p: `compeft decompress FILE -o OUT.safetensors` as a whole process (interpreter, imports,
+    Numba's first call, decode, an atomic fsynced write) vs a whole `python -c` that loads the dense
+    file with safetensors and saves it again; also ours with scipy absent (see WITHOUT_SCIPY). The two
+    outputs must be the same bytes."""
+    ours_out, ref_out = work / "decompressed.safetensors", work / "resaved.safetensors"
+
+    def ours(code: str = DECOMPRESS_CODE) -> float:
+        ours_out.unlink(missing_ok=True)
+        return run_python(code, "decompress", str(path), "-o", str(ours_out))[0]
+
+    def ref() -> float:
+        ref_out.unlink(missing_ok=True)
+        return run_python(LOAD_SAVE_CODE, str(dense_path), str(ref_out))[0]
+
+    ours(), ours(WITHOUT_SCIPY + DECOMPRESS_CODE), ref()  # warm-up: caches, page cache
+    if ours_out.read_bytes() != ref_out.read_bytes():
+        raise RuntimeError("case 2p: compeft decompress wrote other bytes than load_file + save_file")
+    t_ours, t_bare, t_ref = [], [], []
+    for _ in range(repeats):
+        t_ours.append(ours())
+        t_bare.append(ours(WITHOUT_SCIPY + DECOMPRESS_CODE))
+        t_ref.append(ref())
+    ours_out.unlink(missing_ok=True)
+    ref_out.unlink(missing_ok=True)
+    res: dict[str, Any] = {"warmup": 1, "repeats": repeats, "ours": summary(t_ours),
+                           "ours_without_scipy": summary(t_bare),
+                           "references": {"python -c 'save_file(load_file(dense))'": summary(t_ref)}}
+    r = res["references"]["python -c 'save_file(load_file(dense))'"]
+    r["ratio_median"] = res["ours"]["median"] / r["median"]
+    r["ratio_min"] = res["ours"]["min"] / r["min"]
+    r["ratio_median_without_scipy"] = res["ours_without_scipy"]["median"] / r["median"]
     return res
 
 
@@ -677,7 +736,17 @@ def build_table(r: dict[str, Any]) -> list[dict[str, str]]:
                  "ratio": f"{i['references']['python -c pass']['ratio_median']:.3f}",
                  "target": "no torch/numba",
                  "pass/fail": "pass" if i["no_torch_no_numba"] else "FAIL"})
-    timing("6 first decode, fresh process", r["first_decode"], "python -c 'import torch'", None)
+    f = r["first_decode"]
+    timing("6 first decode, fresh process", f, "python -c 'import torch'", 1.3)
+    add("6 first decode, fresh process, scipy absent (plain install) vs python -c 'import torch'",
+        fmt_s(f["ours_without_scipy"]["median"]), fmt_s(f["references"]["python -c 'import torch'"]["median"]),
+        f["references"]["python -c 'import torch'"]["ratio_median_without_scipy"], None)
+    if "whole_process" in r:
+        w, ref = r["whole_process"], "python -c 'save_file(load_file(dense))'"
+        timing("2p compeft decompress, whole process", w, ref, 1.3)
+        add(f"2p compeft decompress, whole process, scipy absent (plain install) vs {ref}",
+            fmt_s(w["ours_without_scipy"]["median"]), fmt_s(w["references"][ref]["median"]),
+            w["references"][ref]["ratio_median_without_scipy"], None)
     t = r["threads"]
     if "skipped" in t:
         add("7 decode numba threads 2 vs 1", "-", "-", None, None, "skipped")
@@ -726,7 +795,7 @@ def main(argv: list[str] | None = None) -> int:
     small, big = 5, 3  # repeats: >= 5 for small inputs, >= 3 for big ones
     timing_repeats = small  # decode / apply / threads: cheap enough for 5 even at full size
     encode_repeats = small if args.quick else big
-    process_repeats = 1 if args.quick else 3  # fresh-process runs after one warm-up run
+    process_repeats = 1 if args.quick else 5  # fresh-process runs after one warm-up run (noisy: 5)
     started = time.perf_counter()
     git = git_info()
     date = datetime.datetime.now(datetime.timezone.utc)
@@ -773,6 +842,8 @@ def main(argv: list[str] | None = None) -> int:
     results["inspect"] = case_inspect(main_path, small)
     log("case 6: first decode in a fresh process")
     results["first_decode"] = case_first_decode(main_path, process_repeats)
+    log("case 2p: compeft decompress as a whole process vs load + save of the dense file")
+    results["whole_process"] = case_whole_process(main_path, dense_path, work, process_repeats)
     log("done")
 
     results["load_file_materialisation"] = mat = materialised

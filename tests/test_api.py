@@ -456,6 +456,29 @@ def test_decompress_to_safetensors(make_tv, workdir, same):
     assert sorted(p.name for p in workdir.iterdir()) == ["e.cpeft", "tau.safetensors"]
 
 
+def test_decompress_decodes_group_by_group(workdir, same, monkeypatch):
+    """A pass per group of tensors, not per tensor (a pass per tensor cost 2.5x on a 448-tensor set),
+    with the same bytes as decoding each tensor alone."""
+    import compeft.export
+    g = torch.Generator().manual_seed(3)
+    tv = {f"layer.{i}.weight": torch.randn(16, 8, generator=g) for i in range(7)}
+    expert = compeft.compress(tv, density=0.3)
+    sizes = [expert.entry(n).numel for n in expert.names]
+    monkeypatch.setattr(compeft.export, "DECODE_GROUP", 3 * 128)
+    groups = compeft.export.cut_groups(list(zip(expert.names, sizes)), 3 * 128)
+    assert 1 < len(groups) < len(expert.names)
+    passes = []
+    real = CompressedExpert.state_dict
+    monkeypatch.setattr(CompressedExpert, "state_dict", lambda self, names=None, **kw: passes.append(names)
+                        or real(self, names, **kw))
+    loaded = load_file(str(compeft.decompress(expert, workdir / "tau.safetensors")))
+    assert passes == groups
+    monkeypatch.setattr(CompressedExpert, "state_dict", real)
+    assert list(loaded) == sorted(expert.names)
+    for n in expert.names:
+        assert same(loaded[n], expert.to_dense(n)), n
+
+
 def test_decompress_non_peft_expert_to_directory_is_rejected(make_tv, workdir):
     expert = compeft.compress(make_tv(), density=0.3)
     with pytest.raises(InvalidArgumentError):

@@ -29,7 +29,7 @@ import torch
 from ..applying import apply
 from ..errors import BaseMismatchError, InvalidArgumentError, SourceError
 from ..expert import CompressedExpert, as_expert
-from ..export import restored
+from ..export import decoded
 from ..memory import check_outputs, output_bytes
 from .hotswap import plan_swap
 from .peft_config import checked_config, module_names_of
@@ -50,7 +50,7 @@ def adapter_state_dict(expert: ExpertLike) -> dict[str, torch.Tensor]:
     their saved names: what ``compeft decompress`` writes to ``adapter_model.safetensors``."""
     opened = _peft_expert(expert)
     check_outputs([(e.name, output_bytes(e)) for e in opened.header.tensors], opened.path)  # held together
-    return {name: restored(opened, name) for name in opened.names}
+    return decoded(opened, init=True)
 
 
 # What PEFT raises on a config or a model it cannot use (a ValueError is also how it says that
