@@ -610,10 +610,9 @@ def case_first_decode(path: Path, repeats: int) -> dict[str, Any]:
 
 
 DECOMPRESS_CODE = """
-import sys
-from compeft.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
+from compeft.cli import entry_point
+entry_point()
+"""  # the console script's code: `compeft decompress ...` as a user runs it
 LOAD_SAVE_CODE = """
 import sys
 from safetensors.torch import load_file, save_file

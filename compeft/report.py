@@ -128,3 +128,28 @@ def describe(header: Header) -> dict[str, Any]:
         "fidelity": {k: figures.get(k) for k in ("overall", "lora_overall", "lora")},
         "warnings": figures.get("warnings", []),
     }
+
+
+def inspect_table(summary: dict[str, Any], file: object) -> str:
+    """The text `compeft inspect` prints for :func:`describe`'s ``summary`` of ``file``: a line on
+    the file, a row per tensor and the totals (every name and metadata value through :func:`shown`)."""
+    m = summary["metadata"]
+    alpha = m.get("alpha") if m.get("alpha_rule") is None else m.get("alpha_rule")
+    lines = [f"{shown(file)}: compeft format v{summary['format_version']}, source={shown(m.get('source'))}, "
+             f"scope={shown(m.get('scope'))}, density={m.get('density')}, alpha={shown(alpha)}"]
+    rows = summary["tensors"]
+    names = [shown(r["name"]) for r in rows]
+    width = max([len("name"), *map(len, names)])
+    lines.append(f"{'name':<{width}}  {'dtype':<5} {'shape':<18} {'encoding':<15} {'nnz':>12} {'bytes':>12} "
+                 f"{'bits/param':>10} {'rel.err':>7} {'cosine':>6}")
+    for name, r in zip(names, rows):
+        shape = "x".join(map(str, r["shape"])) or "scalar"
+        rel = "" if r["rel_error"] is None else f"{r['rel_error']:.3f}"
+        cos = "" if r["cosine"] is None else f"{r['cosine']:.3f}"
+        lines.append(f"{name:<{width}}  {r['dtype']:<5} {shape:<18} {r['encoding']:<15} {r['nnz']:>12,} "
+                     f"{r['bytes']:>12,} {r['bits_per_param']:>10.3f} {rel:>7} {cos:>6}")
+    t = summary["totals"]
+    lines.append(f"total: {t['tensors']} tensors, {t['parameters']:,} parameters, {human_size(t['file_bytes'])}, "
+                 f"{t['bits_per_param']:.3f} bits/param, {t['ratio_vs_16bit']:.1f}x vs 16-bit, "
+                 f"{t['ratio_vs_original']:.1f}x vs original dtypes")
+    return "\n".join(lines)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -140,6 +141,28 @@ def test_decompress_to_dir_and_safetensors(expert_file, tmp_path, same):
     for name in expert.names:
         assert same(restored[name], expert.to_dense(name))
         assert same(tau[name], expert.to_dense(name))
+
+
+def test_quick_exit_skips_teardown_but_flushes_output(expert_file, tmp_path, same):
+    """decompress ends with os._exit after flushing (block-buffered pipes included): no exit handler
+    runs, the message and the file are whole; inspect (not in QUICK_EXIT) exits normally."""
+    code = ("import atexit, sys; atexit.register(lambda: print('exit handler ran'))\n"
+            "from compeft.cli import entry_point\nentry_point()")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    out = tmp_path / "tau.safetensors"
+
+    def run(*args: object) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
+                              env=env, timeout=120)
+
+    proc = run("decompress", expert_file, "-o", out)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == f"wrote {out}\n"
+    tau = load_file(str(out))
+    assert all(same(tau[n], compeft.open(expert_file).to_dense(n)) for n in LORA_NAMES)
+    bad = run("decompress", tmp_path / "missing.cpeft", "-o", out)
+    assert bad.returncode == 2 and bad.stderr.startswith("compeft: error:") and bad.stdout == ""
+    assert run("inspect", expert_file).stdout.endswith("exit handler ran\n")
 
 
 def test_full_finetune_compress_and_decompress_with_base(tmp_path, same):
