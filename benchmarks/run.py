@@ -132,14 +132,14 @@ def touch_pages(tensors: dict[str, torch.Tensor]) -> int:
 # sandboxes), an editable install of compeft has no .pyc and every process compiles its modules again
 # (measured: 0.14-0.18 s, against 0.055 s to load them compiled); pip-installed packages such as torch
 # have theirs from the install. Unset here, the warm-up runs write them.
-PROCESS_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+PROCESS_UNSET = ("PYTHONDONTWRITEBYTECODE",)
 
 
 def run_python(code: str, *args: str) -> tuple[float, str]:
     """Wall time of a fresh ``python -c code args...`` and its stdout."""
+    env = {k: v for k, v in os.environ.items() if k not in PROCESS_UNSET}
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=REPO,
-                          env=PROCESS_ENV)
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=REPO, env=env)
     elapsed = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"subprocess failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
@@ -882,7 +882,7 @@ def main(argv: list[str] | None = None) -> int:
         "numba_threads": numba.get_num_threads(), "torch_threads": torch.get_num_threads(),
         "thread_env": {k: os.environ.get(k) for k in ("NUMBA_THREADING_LAYER", "NUMBA_NUM_THREADS", "OMP_NUM_THREADS",
                                                       "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MKL_NUM_THREADS")},
-        "subprocess_env_unset": sorted(set(os.environ) - set(PROCESS_ENV)),
+        "subprocess_env_unset": [k for k in PROCESS_UNSET if k in os.environ],
         "data": {"layers": layers, "modules": [m[0] for m in MODULES], "rank": rank, "dtype": "bfloat16",
                  "distribution": f"Student-t(df={df}) * {scale}", "seed": args.seed, "tensors": len(mapping),
                  "params": n, "dense_bf16_safetensors_bytes": dense_bytes},
