@@ -78,6 +78,17 @@ def summary(times: list[float], faults: list[int] | None = None) -> dict[str, An
     return out
 
 
+def add_ratios(res: dict[str, Any]) -> dict[str, Any]:
+    """Each reference of a process case gets ours / its median and min (and, where ours was also
+    timed with scipy absent, that median's ratio too); returns ``res``."""
+    for r in res["references"].values():
+        r["ratio_median"] = res["ours"]["median"] / r["median"]
+        r["ratio_min"] = res["ours"]["min"] / r["min"]
+        if "ours_without_scipy" in res:
+            r["ratio_median_without_scipy"] = res["ours_without_scipy"]["median"] / r["median"]
+    return res
+
+
 def minor_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
@@ -561,10 +572,7 @@ def case_inspect(path: Path, repeats: int) -> dict[str, Any]:
     clean = all(r["rc"] == 0 and not r["torch"] and not r["numba"] for r in reports)
     res: dict[str, Any] = {"warmup": 1, "repeats": repeats, "ours": summary(ours), "modules": reports[-1],
                            "no_torch_no_numba": clean, "references": {"python -c pass": summary(ref)}}
-    r = res["references"]["python -c pass"]
-    r["ratio_median"] = res["ours"]["median"] / r["median"]
-    r["ratio_min"] = res["ours"]["min"] / r["min"]
-    return res
+    return add_ratios(res)
 
 
 FIRST_DECODE_CODE = """
@@ -610,11 +618,7 @@ def case_first_decode(path: Path, repeats: int) -> dict[str, Any]:
                            "second_run_wall_s": ours[0], "ours": summary(ours), "inner": inner,
                            "ours_without_scipy": summary(bare),
                            "references": {"python -c 'import torch'": summary(ref)}}
-    r = res["references"]["python -c 'import torch'"]
-    r["ratio_median"] = res["ours"]["median"] / r["median"]
-    r["ratio_min"] = res["ours"]["min"] / r["min"]
-    r["ratio_median_without_scipy"] = res["ours_without_scipy"]["median"] / r["median"]
-    return res
+    return add_ratios(res)
 
 
 DECOMPRESS_CODE = """
@@ -660,11 +664,7 @@ def case_whole_process(path: Path, dense_path: Path, work: Path, repeats: int) -
     res: dict[str, Any] = {"warmup": 1, "repeats": repeats, "ours": summary(t_ours),
                            "ours_without_scipy": summary(t_bare),
                            "references": {"python -c 'save_file(load_file(dense))'": summary(t_ref)}}
-    r = res["references"]["python -c 'save_file(load_file(dense))'"]
-    r["ratio_median"] = res["ours"]["median"] / r["median"]
-    r["ratio_min"] = res["ours"]["min"] / r["min"]
-    r["ratio_median_without_scipy"] = res["ours_without_scipy"]["median"] / r["median"]
-    return res
+    return add_ratios(res)
 
 
 # ---------------------------------------------------------------------------------------------
