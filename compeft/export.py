@@ -44,7 +44,7 @@ DECODE_GROUP = 1 << 26  # parameters per parallel decode pass when an expert is 
 def decoded(expert: CompressedExpert, *, init: bool = False, progress: bool = False) -> dict[str, torch.Tensor]:
     """Every tensor of ``expert``, decoded (contiguous) group by group of about ``DECODE_GROUP``
     parameters: one read and one parallel pass per group, where a pass per tensor cost 2.5x as
-    much on the 448 tensors of a 7B LoRA set (benchmarks/README, case 2p). With ``init``, a PEFT
+    much on the 448 tensors of a 7B LoRA set (benchmarks/README, case 2's info row). With ``init``, a PEFT
     adapter's tensors as PEFT saves them: ``init`` + τ̃ (e.g. 1 + τ̃ for (IA)³ vectors)."""
     out: dict[str, torch.Tensor] = {}
     bar = progress_bar(len(expert.names), "decoding", progress)
