@@ -592,7 +592,7 @@ print(json.dumps({"tensor": name, "numel": x.numel(), "import_and_open_s": t1 - 
 
 
 # Numba's CPU target imports scipy.linalg when scipy is installed (numba.np.linalg's BLAS probe):
-# ~0.4 s of a fresh process. compeft does not depend on scipy, so `pip install compeft` leaves it out;
+# 0.14-0.4 s of a fresh process here. compeft does not depend on scipy, so `pip install compeft` leaves it out;
 # this benchmark's environment has it (mergekit, sentence-transformers). Cases 6 and 2p also time
 # our side with scipy made unimportable, as a user's plain install runs.
 WITHOUT_SCIPY = "import sys; sys.modules['scipy'] = None\n"
@@ -747,17 +747,16 @@ def build_table(r: dict[str, Any]) -> list[dict[str, str]]:
                  "ratio": f"{i['references']['python -c pass']['ratio_median']:.3f}",
                  "target": "no torch/numba",
                  "pass/fail": "pass" if i["no_torch_no_numba"] else "FAIL"})
-    f = r["first_decode"]
-    timing("6 first decode, fresh process", f, "python -c 'import torch'", 1.3)
-    add("6 first decode, fresh process, scipy absent (plain install) vs python -c 'import torch'",
-        fmt_s(f["ours_without_scipy"]["median"]), fmt_s(f["references"]["python -c 'import torch'"]["median"]),
-        f["references"]["python -c 'import torch'"]["ratio_median_without_scipy"], None)
+    def process_case(case: str, res: dict[str, Any], ref: str) -> None:  # targeted, then scipy absent (info)
+        timing(case, res, ref, 1.3)
+        x = res["references"][ref]
+        add(f"{case}, scipy absent (plain install) vs {ref}", fmt_s(res["ours_without_scipy"]["median"]),
+            fmt_s(x["median"]), x["ratio_median_without_scipy"], None)
+
+    process_case("6 first decode, fresh process", r["first_decode"], "python -c 'import torch'")
     if "whole_process" in r:
-        w, ref = r["whole_process"], "python -c 'save_file(load_file(dense))'"
-        timing("2p compeft decompress, whole process", w, ref, 1.3)
-        add(f"2p compeft decompress, whole process, scipy absent (plain install) vs {ref}",
-            fmt_s(w["ours_without_scipy"]["median"]), fmt_s(w["references"][ref]["median"]),
-            w["references"][ref]["ratio_median_without_scipy"], None)
+        process_case("2p compeft decompress, whole process", r["whole_process"],
+                     "python -c 'save_file(load_file(dense))'")
     t = r["threads"]
     if "skipped" in t:
         add("7 decode numba threads 2 vs 1", "-", "-", None, None, "skipped")
