@@ -24,8 +24,8 @@ from .expert import CompressedExpert, PathLike, as_expert, check_outputs, output
 from .format import atomic_write
 from .merging import Scratch, cut_groups, merge
 from .progress import progress_bar
-from .sources import (ADAPTER_CONFIG, SAFETENSORS_INDEX, base_dtype_shape, fingerprint, open_safetensors,
-                      safetensors_files, safetensors_tensors)
+from .sources import (ADAPTER_CONFIG, SAFETENSORS_INDEX, base_dtype_shape, fingerprint_of, fingerprint_record,
+                      open_safetensors, safetensors_files, safetensors_tensors)
 from .weights import safetensors_header, safetensors_order, tensor_bytes, write_safetensors
 
 
@@ -291,10 +291,12 @@ def onto_base(experts: Sequence[CompressedExpert], base: Path, out: Path, check_
     :func:`write_shard`; ``dtype_for`` gives output dtypes); ``files_over`` (name -> text) are
     written over the base directory's other files.
 
-    Everything that can be checked is checked before anything is written (the base holds every
-    tensor with the expert's shape in a floating dtype, its fingerprint with ``check_base``, every
-    payload's checksum and structure); a directory output is written under a temporary name
-    beside ``out`` and renamed into place, so a failure leaves nothing behind."""
+    Everything that can be checked without reading the base's weights is checked before anything
+    is written (the base holds every tensor with the expert's shape in a floating dtype, every
+    payload's checksum and structure). The base's fingerprint (``check_base``) is computed from the
+    bytes the write pass reads, so the base is read once, and checked before the output is renamed
+    into place: the output is written under a temporary name beside ``out``, so a failure, this one
+    included, leaves nothing behind."""
     expert = experts[0]
     if not base.exists():
         raise SourceError("no such file or directory", base)
@@ -317,21 +319,31 @@ def onto_base(experts: Sequence[CompressedExpert], base: Path, out: Path, check_
                                     f"(--force skips only the fingerprint check)", path)
         if e.role == "delta" and not dtype.is_floating_point:
             raise BaseMismatchError(f"tensor {name!r}: cannot add a delta into a {dtype} weight", path)
-    wanted = expert.metadata.get("base_fingerprint")
-    if wanted and check_base:
-        got = fingerprint((n, located[n][1].get_tensor(n)) for n in expert.names)
-        if got != wanted:
-            raise BaseMismatchError("the base is not the one this expert was made from; pass --force to apply anyway",
-                                    base)
     for each in experts:
         each.verify()  # every payload checked before the first file is written
     handles = {path: handle for path, handle in located.values()}
+    wanted = expert.metadata.get("base_fingerprint") if check_base else None
+    records: dict[str, bytes] = {}
+
+    def recorded(part: dict[str, torch.Tensor], names: list[str]) -> Any:
+        for name in names:  # the base's bytes, before the update changes them
+            records[name] = fingerprint_record(name, part[name])
+        return update(part, names)
+
+    def check_fingerprint() -> None:
+        """The base's fingerprint, from the bytes the write pass read (one read of the base, not two);
+        raised before the output is renamed into place."""
+        if wanted and fingerprint_of(records[n] for n in expert.names) != wanted:
+            raise BaseMismatchError("the base is not the one this expert was made from; pass --force to apply anyway",
+                                    base)
+
     if base.is_file() and out.suffix == ".safetensors":
-        write_shard(base, out, handles, expert.names, update, dtype_for)
+        write_shard(base, out, handles, expert.names, recorded, dtype_for, check_fingerprint)
         return out
     with staged_directory(out) as stage:  # nothing appears at `out` until every file is written
         for source_file in progress_bar(files, "writing shards", progress):
-            write_shard(source_file, stage / source_file.name, handles, expert.names, update, dtype_for)
+            write_shard(source_file, stage / source_file.name, handles, expert.names, recorded, dtype_for)
+        check_fingerprint()
         if base.is_dir():
             weight_names = {f.name for f in files}
             for item in base.iterdir():
@@ -347,7 +359,8 @@ SHARD_PART_PARAMETERS = 1 << 22  # tensors of a shard read, changed and written 
 
 def write_shard(source_file: Path, dest: Path, handles: Mapping[Path, Any], names: Sequence[str],
                 update: Callable[[dict[str, torch.Tensor], list[str]], Any],
-                dtype_for: Callable[[str, torch.dtype], torch.dtype] | None = None) -> None:
+                dtype_for: Callable[[str, torch.dtype], torch.dtype] | None = None,
+                finish: Callable[[], None] | None = None) -> None:
     """One shard of the base with ``update`` applied to the expert's tensors in it, written
     atomically and streamed: the output's header comes from the base's (``dtype_for(name, dtype)``
     gives each tensor's output dtype; default unchanged), then the tensors in file order, a part of
@@ -355,7 +368,8 @@ def write_shard(source_file: Path, dest: Path, handles: Mapping[Path, Any], name
     passed to ``update(part, changed)`` and written before the next is read. Memory holds one part,
     not the shard. ``update`` sees every part of a shard that holds a tensor of ``names`` (as it saw
     the whole shard before), also parts without one: it may convert them, or merge tensors that
-    only other experts hold."""
+    only other experts hold. ``finish`` runs after the last byte and before the file is named: what
+    it raises leaves no file."""
     handle = handles.get(source_file) or open_safetensors(source_file)  # a shard the expert leaves alone
     shard_meta = handle.metadata() or None
     specs = {}
@@ -380,6 +394,8 @@ def write_shard(source_file: Path, dest: Path, handles: Mapping[Path, Any], name
                                                f"header says {specs[name][0]} {list(specs[name][1])}", dest)
                 if t.numel():
                     yield tensor_bytes(t)
+        if finish is not None:
+            finish()
 
     atomic_write(dest, chunks())
 

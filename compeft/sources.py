@@ -12,7 +12,7 @@ import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
@@ -234,19 +234,24 @@ def dense_reason(name: str, peft_type: str, modules_to_save: list[str]) -> str |
 # full fine-tunes
 
 
-def fingerprint_update(digest: Any, name: str, tensor: torch.Tensor) -> None:
-    """Add one base tensor to a base fingerprint: name, dtype, shape and a CRC-32 of its bytes."""
+def fingerprint_record(name: str, tensor: torch.Tensor) -> bytes:
+    """One base tensor's record in a base fingerprint: name, dtype, shape and a CRC-32 of its bytes."""
     data = tensor.detach().contiguous().cpu().view(torch.uint8).numpy() if tensor.numel() else b""
     record = [name, dtype_code(tensor.dtype, name), list(tensor.shape), zlib.crc32(data)]
-    digest.update(json.dumps(record, separators=(",", ":")).encode() + b"\n")
+    return json.dumps(record, separators=(",", ":")).encode() + b"\n"
 
 
-def fingerprint(tensors: Iterator[tuple[str, torch.Tensor]]) -> str:
-    """``cpeft-fp1:`` + SHA-256 over the records of ``fingerprint_update``, in name order."""
+def fingerprint_of(records: Iterable[bytes]) -> str:
+    """``cpeft-fp1:`` + SHA-256 over the records of :func:`fingerprint_record`, in name order."""
     digest = hashlib.sha256()
-    for name, tensor in tensors:
-        fingerprint_update(digest, name, tensor)
+    for record in records:
+        digest.update(record)
     return "cpeft-fp1:" + digest.hexdigest()
+
+
+def fingerprint(tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """The base fingerprint of ``(name, tensor)`` pairs given in name order."""
+    return fingerprint_of(fingerprint_record(name, tensor) for name, tensor in tensors)
 
 
 def from_finetuned(finetuned: str | os.PathLike[str], base: str | os.PathLike[str]) -> Source:

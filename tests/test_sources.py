@@ -422,6 +422,41 @@ def test_decompress_onto_base_checks_payloads_before_writing(workdir, models, co
     assert not (workdir / "out").exists() or not any((workdir / "out").iterdir())
 
 
+@pytest.mark.parametrize("part", [1, 1 << 22])  # every tensor in a part of its own; the default
+def test_decompress_onto_base_reads_the_base_once(workdir, models, monkeypatch, part):
+    """The base fingerprint comes from the bytes the write pass reads, so each base tensor is read
+    once; a different base is still refused, with nothing left behind, for a sharded directory and
+    for a single file written to a .safetensors file."""
+    from compeft import export
+    from compeft.weights import SafetensorsFile
+
+    base, tuned, base_dir, tuned_dir = models
+    monkeypatch.setattr(export, "SHARD_PART_PARAMETERS", part)
+    expert = compeft.compress(tuned_dir, base=base_dir, density=0.2)
+    reads: list[str] = []
+    real_get = SafetensorsFile.get_tensor
+    monkeypatch.setattr(SafetensorsFile, "get_tensor", lambda self, name: reads.append(name) or real_get(self, name))
+    out = compeft.decompress(expert, workdir / "out", base=base_dir)
+    assert sorted(reads) == sorted(base)
+    want = {n: t.clone() for n, t in base.items()}
+    compeft.apply(expert, want)
+    got = read_model(out)
+    assert all(torch.equal(got[n], want[n]) for n in want)
+
+    other = {n: t.clone() for n, t in base.items()}
+    other["layers.1.mlp.weight"].view(-1)[-1] += 1  # one weight of a tensor in the last shard
+    other_dir = write_model(workdir / "other", other)
+    single = write_model(workdir / "single", other, sharded=False) / "model.safetensors"
+    before = sorted(p.name for p in workdir.iterdir())
+    for source, target in ((other_dir, workdir / "wrong"), (single, workdir / "wrong.safetensors")):
+        with pytest.raises(BaseMismatchError, match="--force") as caught:
+            compeft.decompress(expert, target, base=source)
+        assert str(source) in str(caught.value)
+        assert sorted(p.name for p in workdir.iterdir()) == before  # no output, no hidden stage or temporary file
+    forced = compeft.decompress(expert, workdir / "forced.safetensors", base=single, check_base=False)
+    assert set(load_file(str(forced))) == set(base)
+
+
 def test_finetune_without_base_is_not_a_peft_dir(models):
     base, tuned, base_dir, tuned_dir = models
     with pytest.raises(SourceError, match="base"):
