@@ -56,8 +56,7 @@ def encode_with_m(values: np.ndarray, threshold: float, m: int, chunk_size: int)
     """The Numba encoder with a forced Golomb parameter (golomb.encode picks its own)."""
     values = np.ascontiguousarray(values, dtype=np.float32)
     thr = np.float32(threshold)
-    costs = np.zeros((1, 2), dtype=np.int64)
-    nnz = int(encode_kernels.count_gap_costs(values, thr, np.array([m], dtype=np.int64), costs))
+    nnz, _, costs = golomb.gap_costs(values, thr, np.array([m], dtype=np.int64))
     unary_bits, high_bits = int(costs[0, 0]), int(costs[0, 1])
     sizes = golomb.stream_words(nnz, chunk_size, m, unary_bits, high_bits)
     assert sizes == (3 * -(-nnz // chunk_size), -(-unary_bits // 64), -(-(nnz * low_width(m)) // 64),
@@ -589,11 +588,31 @@ def test_encode_picks_cheapest_candidate(case, chunk_size):
         counts[m] = (ub, hb)
     assert s.unary_bits + s.nnz * low_width(s.golomb_m) + s.high_bits == costs[s.golomb_m] == min(costs.values())
     # the kernel's per-candidate counts equal the reference's
-    got = np.zeros((len(candidates), 2), dtype=np.int64)
-    assert encode_kernels.count_gap_costs(np.ascontiguousarray(values, np.float32), np.float32(thr),
-                                   np.array(candidates, dtype=np.int64), got) == s.nnz
+    nnz, _, got = golomb.gap_costs(values, thr, np.array(candidates, dtype=np.int64))
+    assert nnz == s.nnz
     assert {m: (int(got[j, 0]), int(got[j, 1])) for j, m in enumerate(candidates)} == counts
     assert s.golomb_m == min(m for m in candidates if costs[m] == costs[s.golomb_m])  # ties: smallest m
+
+
+@pytest.mark.parametrize("short", [1, 5, golomb.SHORT_GAPS])
+def test_gap_costs_count_short_and_long_gaps_exactly(monkeypatch, short):
+    """The encoder's one counting pass: gaps below SHORT_GAPS in a histogram, longer ones listed.
+    Its per-candidate sizes equal the reference encoder's, whichever side each gap falls on
+    (gaps of 0 up to ~9,000 here, a histogram of 1 and 5 entries forcing the list)."""
+    monkeypatch.setattr(golomb, "SHORT_GAPS", short)
+    rng = np.random.default_rng(short)
+    values = np.zeros(40_000, np.float32)
+    kept = np.unique(np.concatenate([[0, 1, 2, 4095, 4096, 4097, 8193, 8194],
+                                     9000 + np.flatnonzero(rng.random(30_000) < 0.05), [39_999]]))
+    values[kept] = (rng.choice([-1, 1], kept.size) * (1.5 + rng.random(kept.size))).astype(np.float32)
+    values[5] = 0.5  # below the threshold: not kept
+    candidates = np.array([1, 2, 3, 5, 8, 19, 64, 4096], dtype=np.int64)
+    nnz, got_candidates, costs = golomb.gap_costs(values, 1.0, candidates)
+    assert nnz == kept.size and got_candidates is candidates
+    for j, m in enumerate(candidates):
+        _, ref_nnz, unary_bits, high_bits = reference.encode_payload(values, 1.0, int(m), 64)
+        assert (ref_nnz, int(costs[j, 0]), int(costs[j, 1])) == (nnz, unary_bits, high_bits), int(m)
+    assert golomb.gap_costs(np.zeros(0, np.float32), 1.0)[0] == 0
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,10 +25,9 @@ def packed(seed: int, numel: int, density: float, chunk_size: int, m: int | None
     streams = golomb.encode(values, 0.0, chunk_size)
     if m is not None and streams.nnz:  # re-encode with a forced parameter: every code shape is reachable
         words_needed = golomb.stream_words
-        costs = np.zeros((1, 2), dtype=np.int64)
         from compeft.codec import encode_kernels
         thr = np.float32(0.0)
-        encode_kernels.count_gap_costs(values, thr, np.array([m], dtype=np.int64), costs)
+        _, _, costs = golomb.gap_costs(values, thr, np.array([m], dtype=np.int64))
         sizes = words_needed(streams.nnz, chunk_size, m, int(costs[0, 0]), int(costs[0, 1]))
         table = np.zeros((sizes[0] // 3, 3), dtype=np.int64)
         unary, low, high, signs = (np.zeros(n, dtype=np.uint64) for n in sizes[1:])

@@ -13,33 +13,58 @@ from .select_kernels import is_kept
 
 
 @njit(cache=True)
-def count_gap_costs(values, threshold, candidates, costs):
-    """Count kept entries of ``values`` (float32[n]) and the exact stream sizes of their gaps.
+def gap_histogram(values, threshold, hist, long_gaps):
+    """One pass over ``values`` (float32[n]): count the kept entries and the gaps before them.
 
-    ``candidates`` (int64[c]) are Golomb parameters m >= 1; ``costs`` (int64[c, 2]) receives per
-    candidate the unary bits (quotients + terminators) and the high bits (remainders in the long
-    form); the low fields add nnz * max(b - 1, 0) bits. Returns nnz.
+    A gap g < ``hist.shape[0]`` adds 1 to ``hist[g]``; a longer one is appended to ``long_gaps``,
+    which needs room for n // (hist.shape[0] + 1) of them (each spans more positions than that).
+    Returns (nnz, number of long gaps).
     """
-    nc = candidates.shape[0]
-    cuts = np.empty(nc, np.int64)
-    for j in range(nc):
-        cuts[j] = golomb_fields(candidates[j])[2]  # m = 1: cut 1, and every remainder is 0
-        costs[j, 0] = 0
-        costs[j, 1] = 0
+    short = hist.shape[0]
     nnz = 0
     nxt = 0
+    n_long = 0
     for i in range(values.shape[0]):
         if is_kept(values[i], threshold):
             gap = i - nxt
             nxt = i + 1
             nnz += 1
-            for j in range(nc):
-                m = candidates[j]
+            if gap < short:
+                hist[gap] += 1
+            else:
+                long_gaps[n_long] = gap
+                n_long += 1
+    return nnz, n_long
+
+
+@njit(cache=True)
+def gap_costs(hist, long_gaps, candidates, costs):
+    """The exact stream sizes of the gaps :func:`gap_histogram` counted, per candidate.
+
+    ``candidates`` (int64[c]) are Golomb parameters m >= 1; ``costs`` (int64[c, 2]) receives per
+    candidate the unary bits (quotients + terminators) and the high bits (remainders in the long
+    form); the low fields add nnz * max(b - 1, 0) bits.
+    """
+    for j in range(candidates.shape[0]):
+        m = candidates[j]
+        cut = golomb_fields(m)[2]  # m = 1: cut 1, and every remainder is 0
+        unary = 0
+        high = 0
+        for gap in range(hist.shape[0]):
+            count = hist[gap]
+            if count:
                 q = gap // m
-                costs[j, 0] += q + 1
-                if gap - q * m >= cuts[j]:
-                    costs[j, 1] += 1
-    return nnz
+                unary += count * (q + 1)
+                if gap - q * m >= cut:
+                    high += count
+        for k in range(long_gaps.shape[0]):
+            gap = long_gaps[k]
+            q = gap // m
+            unary += q + 1
+            if gap - q * m >= cut:
+                high += 1
+        costs[j, 0] = unary
+        costs[j, 1] = high
 
 
 @njit(cache=True)
@@ -48,7 +73,7 @@ def encode_golomb(values, threshold, m, chunk_size, table, qwords, lwords, hword
 
     ``table`` (int64[n_chunks, 3]) receives per chunk (base position, unary bit offset, high bit
     offset); ``qwords``, ``lwords``, ``hwords``, ``swords`` (uint64, zero-filled, sized from
-    :func:`count_gap_costs`) receive the unary, low, high and sign streams.
+    :func:`gap_costs`) receive the unary, low, high and sign streams.
     Returns (nnz, unary bits, high bits).
     """
     b, width, cut, half = golomb_fields(m)

@@ -85,20 +85,31 @@ def golomb_candidates(nnz: int, numel: int) -> np.ndarray:
     return np.array(sorted(v for v in values if v <= MAX_GOLOMB_M), dtype=np.int64)
 
 
-def count_kept(values: np.ndarray, threshold: float) -> int:
-    """Number of entries with ``|v| >= threshold`` and ``v != 0``."""
-    costs = np.zeros((1, 2), dtype=np.int64)
-    return int(encode_kernels.count_gap_costs(values, np.float32(threshold), np.ones(1, np.int64), costs))
+SHORT_GAPS = 1 << 12  # gaps counted in a histogram (32 KB, in L1); longer ones are listed one by one
+
+
+def gap_costs(values: np.ndarray, threshold: float, candidates: np.ndarray | None = None
+              ) -> tuple[int, np.ndarray, np.ndarray]:
+    """(nnz, the candidate Golomb parameters, their exact (unary bits, high bits) as int64[c, 2]) of
+    the kept entries of ``values`` (float32, flat), in one pass over ``values``; ``candidates``
+    default :func:`golomb_candidates`'s for the nnz found."""
+    values = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
+    hist = np.zeros(SHORT_GAPS, dtype=np.int64)
+    long_gaps = np.empty(values.size // (SHORT_GAPS + 1) + 1, dtype=np.int64)
+    nnz, n_long = encode_kernels.gap_histogram(values, np.float32(threshold), hist, long_gaps)
+    nnz = int(nnz)
+    if candidates is None:
+        candidates = golomb_candidates(nnz, values.size)
+    costs = np.zeros((candidates.size, 2), dtype=np.int64)
+    encode_kernels.gap_costs(hist, long_gaps[:n_long], candidates, costs)
+    return nnz, candidates, costs
 
 
 def encode(values: np.ndarray, threshold: float, chunk_size: int = DEFAULT_CHUNK_SIZE) -> GolombStreams:
     """Encode the positions and signs of the kept entries of ``values`` (float32, flat)."""
     values = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
     thr = np.float32(threshold)
-    nnz = count_kept(values, threshold)
-    candidates = golomb_candidates(nnz, values.size)
-    costs = np.zeros((candidates.size, 2), dtype=np.int64)
-    encode_kernels.count_gap_costs(values, thr, candidates, costs)
+    nnz, candidates, costs = gap_costs(values, thr)
     widths = np.array([golomb_fields(int(m)).w for m in candidates], dtype=np.int64)
     best = int(np.argmin(costs.sum(axis=1) + nnz * widths))  # ties: the smallest m (candidates are sorted)
     m = int(candidates[best])
