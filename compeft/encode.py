@@ -222,7 +222,7 @@ def encode_source(src: Source, *, density: float, scope: str, keep_dense: Sequen
         bar.close()
         selections = {t.name: chosen for t in compressed}
         meta.update(sigma=chosen.sigma, threshold=chosen.threshold)
-    meta.update(base_fingerprint=src.base_fingerprint, adapter_config=src.adapter_config, user=user)
+    meta.update(base_fingerprint=None, adapter_config=src.adapter_config, user=user)  # the fingerprint: below
     if src.model_files:
         meta["model_files"] = dict(src.model_files)
 
@@ -240,6 +240,8 @@ def encode_source(src: Source, *, density: float, scope: str, keep_dense: Sequen
             own, pieces = encode_dense(t, src.kind)
         fields.append(own)
         payloads.append(pieces)
+    if src.base_fingerprint is not None:  # after the tensors: from the base bytes their residuals read
+        meta["base_fingerprint"] = src.base_fingerprint()
     places, parts, data_length = lay_out(payloads, [payload_alignment(own["encoding"]) for own in fields])
     entries = [TensorEntry(name=t.name, dtype=dtype_code(t.dtype, t.name), shape=t.shape, offset=place.offset,
                            length=place.length, crc32=place.crc32, **own)

@@ -56,7 +56,9 @@ class Source:
     kind: str  # "tensors" | "peft" | "full"
     tensors: tuple[SourceTensor, ...]  # sorted by name
     adapter_config: dict[str, Any] | None = None
-    base_fingerprint: str | None = None
+    # () -> the base's fingerprint, called once every tensor is encoded (it reuses the base bytes the
+    # residuals read; tensors they did not read are read then)
+    base_fingerprint: Callable[[], str] | None = None
     model_files: dict[str, str] | None = None  # the fine-tune's small JSON files (config.json, ...), verbatim
 
 
@@ -267,6 +269,14 @@ def from_finetuned(finetuned: str | os.PathLike[str], base: str | os.PathLike[st
         detail = (f"{len(missing)} only in the fine-tune (e.g. {missing[:3]})" if missing else "") + \
                  (f"; {len(extra)} only in the base (e.g. {extra[:3]})" if extra else "")
         raise BaseMismatchError(f"fine-tune and base hold different tensors: {detail.strip('; ')}", base_root)
+    records: dict[str, bytes] = {}  # the fingerprint's record of each base tensor read so far
+
+    def base_tensor(handle: Any, name: str) -> torch.Tensor:
+        tensor = handle.get_tensor(name)
+        if name not in records:
+            records[name] = fingerprint_record(name, tensor)
+        return tensor
+
     items = []
     for name in sorted(ft):
         path, handle = ft[name]
@@ -278,11 +288,15 @@ def from_finetuned(finetuned: str | os.PathLike[str], base: str | os.PathLike[st
                                     bpath)
 
         def residual(h: Any = handle, bh: Any = bhandle, n: str = name) -> torch.Tensor:
-            return h.get_tensor(n).float() - bh.get_tensor(n).float()
+            return h.get_tensor(n).float() - base_tensor(bh, n).float()
 
         items.append(SourceTensor(name, dtype, shape, None, residual,
                                   (lambda h=handle, n=name: h.get_tensor(n))))
-    print_fp = fingerprint((n, bs[n][1].get_tensor(n)) for n in sorted(bs))
+
+    def print_fp() -> str:
+        return fingerprint_of(records[n] if n in records else fingerprint_record(n, bs[n][1].get_tensor(n))
+                              for n in sorted(bs))
+
     return Source("full", tuple(items), base_fingerprint=print_fp,
                   model_files=model_files(ft_root) if ft_root.is_dir() else None)
 

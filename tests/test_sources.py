@@ -422,6 +422,28 @@ def test_decompress_onto_base_checks_payloads_before_writing(workdir, models, co
     assert not (workdir / "out").exists() or not any((workdir / "out").iterdir())
 
 
+def test_compress_reads_the_base_once(models, monkeypatch):
+    """The base fingerprint reuses the base bytes the residuals read (a tensor the encoder never
+    reads from the base, the integer position_ids stored as a value, is read for it at the end):
+    each base tensor is read once, and the fingerprint is the one of all of them."""
+    from compeft.sources import fingerprint
+    from compeft.weights import SafetensorsFile
+
+    base, tuned, base_dir, tuned_dir = models
+    reads: list[str] = []
+    real_get = SafetensorsFile.get_tensor
+
+    def counted(self, name):
+        if Path(self.path).parent == base_dir:
+            reads.append(name)
+        return real_get(self, name)
+
+    monkeypatch.setattr(SafetensorsFile, "get_tensor", counted)
+    expert = compeft.compress(tuned_dir, base=base_dir, density=0.2)
+    assert sorted(reads) == sorted(base)
+    assert expert.metadata["base_fingerprint"] == fingerprint((n, base[n]) for n in sorted(base))
+
+
 @pytest.mark.parametrize("part", [1, 1 << 22])  # every tensor in a part of its own; the default
 def test_decompress_onto_base_reads_the_base_once(workdir, models, monkeypatch, part):
     """The base fingerprint comes from the bytes the write pass reads, so each base tensor is read
