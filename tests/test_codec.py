@@ -594,6 +594,28 @@ def test_encode_picks_cheapest_candidate(case, chunk_size):
     assert s.golomb_m == min(m for m in candidates if costs[m] == costs[s.golomb_m])  # ties: smallest m
 
 
+@SETTINGS
+@given(inputs(), chunk_sizes, st.integers(1, 700), st.sampled_from([1, 4, golomb.SHORT_GAPS]))
+def test_encode_in_blocks_writes_the_bytes_of_one_pass(case, chunk_size, block, short):
+    """A tensor cut into blocks of ``block`` values (golomb.ENCODE_BLOCK) is counted and written
+    block by block in parallel, and gives the streams of one serial pass: blocks without a kept
+    entry, gaps and chunks across block edges, words shared by neighbouring blocks, and gaps past
+    the histogram (``short``) included."""
+    values, thr = case
+    saved = golomb.ENCODE_BLOCK, golomb.SHORT_GAPS
+    try:
+        golomb.ENCODE_BLOCK, golomb.SHORT_GAPS = block, short
+        blocked = golomb.encode(values, thr, chunk_size)
+    finally:
+        golomb.ENCODE_BLOCK, golomb.SHORT_GAPS = saved
+    whole = golomb.encode(values, thr, chunk_size)
+    assert (blocked.nnz, blocked.golomb_m, blocked.unary_bits, blocked.high_bits) == \
+        (whole.nnz, whole.golomb_m, whole.unary_bits, whole.high_bits)
+    assert payload_bytes(blocked) == payload_bytes(whole)
+    positions, signs = reference.kept_entries(values, thr)
+    assert whole.nnz == len(positions)
+
+
 @pytest.mark.parametrize("short", [1, 5, golomb.SHORT_GAPS])
 def test_gap_costs_count_short_and_long_gaps_exactly(monkeypatch, short):
     """The encoder's one counting pass: gaps below SHORT_GAPS in a histogram, longer ones listed.

@@ -1,45 +1,71 @@
 """Numba kernels of the ternary-golomb encoder (spec/FORMAT.md 5.1-5.3): the exact stream sizes of
 every candidate Golomb parameter, then the streams themselves. :mod:`compeft.codec.golomb` sizes
 and allocates every array; the decoder's kernels are in :mod:`compeft.codec.kernels`.
+
+A large tensor is encoded in blocks of its values, in parallel. Both passes see a block on its
+own: the counting pass counts every gap but the one before the block's first kept entry (the
+caller adds it from the blocks before), and the writing pass starts from the block's place in the
+streams (its first entry's index, the position after the previous kept entry, its unary and high
+bit offsets) and writes into words of its own, which the caller ORs into the streams. The result
+is the same bytes as one serial pass over the whole tensor.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 from .kernels import golomb_fields
 from .select_kernels import is_kept
+from .threads import serialized
 
 
-@njit(cache=True)
-def gap_histogram(values, threshold, hist, long_gaps):
-    """One pass over ``values`` (float32[n]): count the kept entries and the gaps before them.
+@njit(cache=True, nogil=True)
+def count_gaps(values, lo, hi, threshold, hist, long_gaps):
+    """Count the kept entries of ``values[lo:hi]`` (float32) and the gaps between them.
 
     A gap g < ``hist.shape[0]`` adds 1 to ``hist[g]``; a longer one is appended to ``long_gaps``,
-    which needs room for n // (hist.shape[0] + 1) of them (each spans more positions than that).
-    Returns (nnz, number of long gaps).
+    which needs room for (hi - lo) // (hist.shape[0] + 1) of them (each spans more positions than
+    that). The gap before the first kept entry is not counted: it depends on the values before
+    ``lo``. Returns (nnz, index of the first kept entry or -1, index of the last or -1, long gaps).
     """
     short = hist.shape[0]
     nnz = 0
+    first = -1
     nxt = 0
     n_long = 0
-    for i in range(values.shape[0]):
+    for i in range(lo, hi):
         if is_kept(values[i], threshold):
-            gap = i - nxt
+            if first < 0:
+                first = i
+            else:
+                gap = i - nxt
+                if gap < short:
+                    hist[gap] += 1
+                else:
+                    long_gaps[n_long] = gap
+                    n_long += 1
             nxt = i + 1
             nnz += 1
-            if gap < short:
-                hist[gap] += 1
-            else:
-                long_gaps[n_long] = gap
-                n_long += 1
-    return nnz, n_long
+    return nnz, first, nxt - 1, n_long
 
 
-@njit(cache=True)
+@serialized
+@njit(cache=True, parallel=True, nogil=True)
+def count_gaps_blocks(values, threshold, bounds, hists, long_gaps, ends):
+    """:func:`count_gaps` of each block ``values[bounds[b]:bounds[b + 1]]`` into ``hists[b]`` and
+    ``long_gaps[b]``; ``ends[b]`` receives its four results."""
+    for b in prange(bounds.shape[0] - 1):
+        nnz, first, last, n_long = count_gaps(values, bounds[b], bounds[b + 1], threshold, hists[b], long_gaps[b])
+        ends[b, 0] = nnz
+        ends[b, 1] = first
+        ends[b, 2] = last
+        ends[b, 3] = n_long
+
+
+@njit(cache=True, nogil=True)
 def gap_costs(hist, long_gaps, candidates, costs):
-    """The exact stream sizes of the gaps :func:`gap_histogram` counted, per candidate.
+    """The exact stream sizes of the gaps :func:`count_gaps` counted, per candidate.
 
     ``candidates`` (int64[c]) are Golomb parameters m >= 1; ``costs`` (int64[c, 2]) receives per
     candidate the unary bits (quotients + terminators) and the high bits (remainders in the long
@@ -67,26 +93,28 @@ def gap_costs(hist, long_gaps, candidates, costs):
         costs[j, 1] = high
 
 
-@njit(cache=True)
-def encode_golomb(values, threshold, m, chunk_size, table, qwords, lwords, hwords, swords):
-    """Write the ternary-golomb streams of ``values`` (float32[n]) kept at ``threshold``.
+@njit(cache=True, nogil=True)
+def encode_range(values, lo, hi, threshold, m, chunk_size, start, table, words, shifts):
+    """Write the ternary-golomb streams of the kept entries of ``values[lo:hi]`` (float32).
 
-    ``table`` (int64[n_chunks, 3]) receives per chunk (base position, unary bit offset, high bit
-    offset); ``qwords``, ``lwords``, ``hwords``, ``swords`` (uint64, zero-filled, sized from
-    :func:`gap_costs`) receive the unary, low, high and sign streams.
-    Returns (nnz, unary bits, high bits).
+    ``start`` (int64[4]): the index of the range's first kept entry in the tensor, the position
+    after the kept entry before it (0 for none), and its unary and high bit offsets. Bit p of
+    stream s (unary, low, high, signs) goes to ``words[s][(p >> 6) + shifts[s]]`` (uint64,
+    zero-filled: the streams themselves with shifts 0, or a block's own words). ``table`` (int64[
+    n_chunks, 3]) receives the rows of the chunks that start in the range: (base position, unary
+    bit offset, high bit offset). Returns the end state: (entries, next position, unary bit
+    offset, high bit offset) after the range.
     """
+    qwords, lwords, hwords, swords = words
+    qshift, lshift, hshift, sshift = shifts[0], shifts[1], shifts[2], shifts[3]
     b, width, cut, half = golomb_fields(m)
-    qpos = 0
-    hpos = 0
-    nnz = 0
-    nxt = 0
-    for i in range(values.shape[0]):
+    e, nxt, qpos, hpos = start[0], start[1], start[2], start[3]
+    for i in range(lo, hi):
         v = values[i]
         if not is_kept(v, threshold):
             continue
-        if nnz % chunk_size == 0:
-            c = nnz // chunk_size
+        if e % chunk_size == 0:
+            c = e // chunk_size
             table[c, 0] = nxt
             table[c, 1] = qpos
             table[c, 2] = hpos
@@ -95,7 +123,7 @@ def encode_golomb(values, threshold, m, chunk_size, table, qwords, lwords, hword
         q = gap // m
         r = gap - q * m
         qpos += q
-        qwords[qpos >> 6] |= np.uint64(1) << np.uint64(qpos & 63)
+        qwords[(qpos >> 6) + qshift] |= np.uint64(1) << np.uint64(qpos & 63)
         qpos += 1
         if b > 0:
             if r < cut:
@@ -104,15 +132,39 @@ def encode_golomb(values, threshold, m, chunk_size, table, qwords, lwords, hword
                 j = r - cut
                 low = cut + j % half
                 if j >= half:
-                    hwords[hpos >> 6] |= np.uint64(1) << np.uint64(hpos & 63)
+                    hwords[(hpos >> 6) + hshift] |= np.uint64(1) << np.uint64(hpos & 63)
                 hpos += 1
             if width > 0:
-                lpos = nnz * width
+                lpos = e * width
                 off = lpos & 63
-                lwords[lpos >> 6] |= np.uint64(low) << np.uint64(off)
+                lwords[(lpos >> 6) + lshift] |= np.uint64(low) << np.uint64(off)
                 if off + width > 64:
-                    lwords[(lpos >> 6) + 1] |= np.uint64(low) >> np.uint64(64 - off)
+                    lwords[(lpos >> 6) + 1 + lshift] |= np.uint64(low) >> np.uint64(64 - off)
         if v < 0:
-            swords[nnz >> 6] |= np.uint64(1) << np.uint64(nnz & 63)
-        nnz += 1
-    return nnz, qpos, hpos
+            swords[(e >> 6) + sshift] |= np.uint64(1) << np.uint64(e & 63)
+        e += 1
+    return e, nxt, qpos, hpos
+
+
+@njit(cache=True, nogil=True)
+def encode_golomb(values, threshold, m, chunk_size, table, qwords, lwords, hwords, swords):
+    """The whole of ``values`` (float32[n]) in one pass into the streams themselves (sized from
+    :func:`gap_costs`). Returns (nnz, unary bits, high bits)."""
+    start = np.zeros(4, np.int64)
+    e, _, qpos, hpos = encode_range(values, 0, values.shape[0], threshold, m, chunk_size, start, table,
+                                    (qwords, lwords, hwords, swords), np.zeros(4, np.int64))
+    return e, qpos, hpos
+
+
+@serialized
+@njit(cache=True, parallel=True, nogil=True)
+def encode_blocks(values, threshold, m, chunk_size, bounds, starts, table, words, shifts, ends):
+    """:func:`encode_range` of each block ``values[bounds[b]:bounds[b + 1]]`` from ``starts[b]``
+    with ``shifts[b]`` into ``words`` (each block's own), its end state into ``ends[b]``."""
+    for b in prange(bounds.shape[0] - 1):
+        e, nxt, qpos, hpos = encode_range(values, bounds[b], bounds[b + 1], threshold, m, chunk_size, starts[b],
+                                          table, words, shifts[b])
+        ends[b, 0] = e
+        ends[b, 1] = nxt
+        ends[b, 2] = qpos
+        ends[b, 3] = hpos

@@ -86,6 +86,43 @@ def golomb_candidates(nnz: int, numel: int) -> np.ndarray:
 
 
 SHORT_GAPS = 1 << 12  # gaps counted in a histogram (32 KB, in L1); longer ones are listed one by one
+ENCODE_BLOCK = 1 << 18  # values per block of a parallel encode: a smaller tensor is one serial pass
+
+
+def value_blocks(numel: int) -> np.ndarray:
+    """Bounds (int64[B + 1]) of the blocks a tensor of ``numel`` values is encoded in."""
+    count = max(1, numel // ENCODE_BLOCK)
+    return np.array([numel * b // count for b in range(count + 1)], dtype=np.int64)
+
+
+def count_blocks(values: np.ndarray, threshold: np.float32, bounds: np.ndarray
+                 ) -> tuple[np.ndarray, list[np.ndarray], np.ndarray, np.ndarray]:
+    """The counting pass over each block of ``values`` (in parallel when there are several): per
+    block its gap histogram and long gaps, the gap before its first kept entry included, its kept
+    entries, and the position after the last kept entry before it."""
+    blocks = bounds.size - 1
+    hists = np.zeros((blocks, SHORT_GAPS), dtype=np.int64)
+    room = int((bounds[1:] - bounds[:-1]).max()) // (SHORT_GAPS + 1) + 1
+    found = np.empty((blocks, room), dtype=np.int64)
+    ends = np.zeros((blocks, 4), dtype=np.int64)  # kept, first kept index, last kept index, long gaps
+    if blocks == 1:
+        ends[0] = encode_kernels.count_gaps(values, 0, values.size, threshold, hists[0], found[0])
+    else:
+        encode_kernels.count_gaps_blocks(values, threshold, bounds, hists, found, ends)
+    long_gaps, before = [], np.zeros(blocks, dtype=np.int64)
+    nxt = 0
+    for b in range(blocks):
+        before[b] = nxt
+        gaps = found[b, :ends[b, 3]]
+        if ends[b, 0]:  # the gap before the block's first kept entry, from the blocks before it
+            gap = int(ends[b, 1]) - nxt
+            if gap < SHORT_GAPS:
+                hists[b, gap] += 1
+            else:
+                gaps = np.append(gaps, gap)
+            nxt = int(ends[b, 2]) + 1
+        long_gaps.append(gaps)
+    return hists, long_gaps, ends[:, 0].copy(), before
 
 
 def gap_costs(values: np.ndarray, threshold: float, candidates: np.ndarray | None = None
@@ -94,22 +131,32 @@ def gap_costs(values: np.ndarray, threshold: float, candidates: np.ndarray | Non
     the kept entries of ``values`` (float32, flat), in one pass over ``values``; ``candidates``
     default :func:`golomb_candidates`'s for the nnz found."""
     values = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
-    hist = np.zeros(SHORT_GAPS, dtype=np.int64)
-    long_gaps = np.empty(values.size // (SHORT_GAPS + 1) + 1, dtype=np.int64)
-    nnz, n_long = encode_kernels.gap_histogram(values, np.float32(threshold), hist, long_gaps)
-    nnz = int(nnz)
+    hists, long_gaps, kept, _ = count_blocks(values, np.float32(threshold), value_blocks(values.size))
+    return costs_of(hists, long_gaps, kept, values.size, candidates)
+
+
+def costs_of(hists: np.ndarray, long_gaps: list[np.ndarray], kept: np.ndarray, numel: int,
+             candidates: np.ndarray | None) -> tuple[int, np.ndarray, np.ndarray]:
+    nnz = int(kept.sum())
     if candidates is None:
-        candidates = golomb_candidates(nnz, values.size)
+        candidates = golomb_candidates(nnz, numel)
     costs = np.zeros((candidates.size, 2), dtype=np.int64)
-    encode_kernels.gap_costs(hist, long_gaps[:n_long], candidates, costs)
+    if len(long_gaps) == 1:
+        encode_kernels.gap_costs(hists[0], long_gaps[0], candidates, costs)
+    else:
+        encode_kernels.gap_costs(hists.sum(axis=0), np.concatenate(long_gaps), candidates, costs)
     return nnz, candidates, costs
 
 
 def encode(values: np.ndarray, threshold: float, chunk_size: int = DEFAULT_CHUNK_SIZE) -> GolombStreams:
-    """Encode the positions and signs of the kept entries of ``values`` (float32, flat)."""
+    """Encode the positions and signs of the kept entries of ``values`` (float32, flat): a counting
+    pass (the exact size of every candidate parameter), then a writing pass with the cheapest;
+    both in parallel over blocks of a large tensor (:data:`ENCODE_BLOCK`), with the same bytes."""
     values = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
     thr = np.float32(threshold)
-    nnz, candidates, costs = gap_costs(values, thr)
+    bounds = value_blocks(values.size)
+    hists, long_gaps, kept, before = count_blocks(values, thr, bounds)
+    nnz, candidates, costs = costs_of(hists, long_gaps, kept, values.size, None)
     widths = np.array([golomb_fields(int(m)).w for m in candidates], dtype=np.int64)
     best = int(np.argmin(costs.sum(axis=1) + nnz * widths))  # ties: the smallest m (candidates are sorted)
     m = int(candidates[best])
@@ -117,9 +164,44 @@ def encode(values: np.ndarray, threshold: float, chunk_size: int = DEFAULT_CHUNK
     sizes = stream_words(nnz, chunk_size, m, unary_bits, high_bits)
     table = np.zeros((sizes[0] // 3, 3), dtype=np.int64)
     unary, low, high, signs = (np.zeros(n, dtype=np.uint64) for n in sizes[1:])
-    got = encode_kernels.encode_golomb(values, thr, m, chunk_size, table, unary, low, high, signs)
+    if bounds.size == 2:
+        got = encode_kernels.encode_golomb(values, thr, m, chunk_size, table, unary, low, high, signs)
+    else:
+        got = encode_blocks(values, thr, m, chunk_size, bounds, hists, long_gaps, kept, before, table,
+                            (unary, low, high, signs))
     assert got == (nnz, unary_bits, high_bits), "encoder passes disagree"
     return GolombStreams(nnz, m, chunk_size, unary_bits, high_bits, table, unary, low, high, signs)
+
+
+def encode_blocks(values: np.ndarray, thr: np.float32, m: int, chunk_size: int, bounds: np.ndarray,
+                  hists: np.ndarray, long_gaps: list[np.ndarray], kept: np.ndarray, before: np.ndarray,
+                  table: np.ndarray, streams: tuple[np.ndarray, ...]) -> tuple[int, int, int]:
+    """The writing pass in parallel over the blocks :func:`count_blocks` counted: each block starts
+    from its place in the streams (from the counts of the blocks before it) and writes words of its
+    own, ORed into ``streams`` (unary, low, high, signs) after. Returns (nnz, unary bits, high bits)."""
+    blocks = bounds.size - 1
+    width = golomb_fields(m).w
+    per = np.zeros((blocks, 2), dtype=np.int64)  # each block's unary and high bits at m
+    for b in range(blocks):
+        encode_kernels.gap_costs(hists[b], long_gaps[b], np.array([m], dtype=np.int64), per[b:b + 1])
+    entry = np.cumsum(kept) - kept
+    unary, high = np.cumsum(per[:, 0]) - per[:, 0], np.cumsum(per[:, 1]) - per[:, 1]
+    starts = np.stack([entry, before, unary, high], axis=1)
+    begin = np.stack([unary, entry * width, high, entry], axis=1)  # each block's bits in each stream
+    end = np.stack([unary + per[:, 0], (entry + kept) * width, high + per[:, 1], entry + kept], axis=1)
+    first_word = begin >> 6
+    words = np.where(end > begin, ((end - 1) >> 6) - first_word + 1, 0)
+    offsets = np.cumsum(words, axis=0) - words
+    own = tuple(np.zeros(int(words[:, s].sum()), dtype=np.uint64) for s in range(4))
+    ends = np.zeros((blocks, 4), dtype=np.int64)
+    encode_kernels.encode_blocks(values, thr, m, chunk_size, bounds, starts, table, own, offsets - first_word, ends)
+    if not (np.array_equal(ends[:, 0], entry + kept) and np.array_equal(ends[:, 2:], end[:, [0, 2]])):
+        raise AssertionError("encoder passes disagree")
+    for s, stream in enumerate(streams):
+        for b in np.flatnonzero(words[:, s]):
+            at, n = int(first_word[b, s]), int(words[b, s])
+            stream[at:at + n] |= own[s][offsets[b, s]:offsets[b, s] + n]
+    return int(ends[-1, 0]), int(ends[-1, 2]), int(ends[-1, 3])
 
 
 def parse_payload(payload: bytes | bytearray | memoryview | np.ndarray, *, nnz: int, numel: int, golomb_m: int,

@@ -25,7 +25,7 @@ def is_kept(v, threshold):
 
 
 @serialized
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, nogil=True)
 def histogram_high(values, hist, blocks):
     """Add the histogram of the top 16 bits of |values| (float32[n]) into ``hist`` (int64[65536]).
 
@@ -53,7 +53,7 @@ def histogram_high(values, hist, blocks):
 
 
 @serialized
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, nogil=True)
 def histogram_low(values, high, mean, hist, blocks):
     """Histogram the low 16 bits of |values| whose top 16 bits equal ``high`` into ``hist``.
 
@@ -83,7 +83,7 @@ def histogram_low(values, high, mean, hist, blocks):
 
 
 @serialized
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, nogil=True)
 def kept_stats(values, threshold, blocks):
     """(Σ v², Σ |v| over kept v, number kept) of float32[n] ``values`` in float64, kept meaning
     ``v != 0 and |v| >= threshold``. ``blocks`` fixes the split (its length), not the thread
