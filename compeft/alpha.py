@@ -101,16 +101,19 @@ def tensor_stats(values: np.ndarray, threshold: float, shape: tuple[int, ...], f
     squares, kept_abs, kept = sums
     gram = None
     if factor is not None and len(shape) >= 2 and values.size:
-        x = values.reshape(shape[0], -1).astype(np.float64)
-        s = np.sign(x) * ((np.abs(x) >= np.float32(threshold)) & (x != 0))
-        if factor == "B":  # m × r: work on the transposes so that both factors give r × r
-            x, s = x.reshape(-1, shape[1]).T, s.reshape(-1, shape[1]).T
+        from .codec.select_kernels import kept_signs  # (here, like torch below)
+
+        x, s = np.empty((shape[0], values.size // shape[0])), np.empty((shape[0], values.size // shape[0]))
+        kept_signs(np.ascontiguousarray(values, dtype=np.float32).reshape(-1), np.float32(threshold), x.reshape(-1),
+                   s.reshape(-1))
         # torch's matmul (MKL on the OpenMP pool Numba shares), not numpy's: OpenBLAS's own threads
         # spin for a long while after each call, and on 2 cores they made every later parallel
         # kernel wait (compress of the 160M set 13 s instead of 5 s, a decode after it 2.5 s
         # instead of 0.14 s: benchmarks/README.md "Threads")
         import torch  # (here: `compeft inspect` reads this module and imports neither torch nor numba)
-        tx, ts = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(s))
+        tx, ts = torch.from_numpy(x), torch.from_numpy(s)
+        if factor == "B":  # m × r: the transposes, so that both factors give r × r (views: BLAS reads them as they lie)
+            tx, ts = tx.reshape(-1, shape[1]).T, ts.reshape(-1, shape[1]).T
         gram = Gram(values=(tx @ tx.T).numpy(), cross=(ts @ tx.T).numpy(), signs=(ts @ ts.T).numpy())
     return TensorStats(squares=float(squares), kept=int(kept), kept_abs=float(kept_abs), gram=gram)
 

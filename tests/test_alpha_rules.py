@@ -100,6 +100,25 @@ def test_product_statistics_equal_the_dense_products(r, n, m, seed, ka, kb):
     assert p.signs == pytest.approx(float((s * s).sum()), rel=1e-9, abs=1e-9)
 
 
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(0, 300), k=st.floats(0.0, 1.0))
+def test_kept_signs_are_the_signs_of_the_kept_entries(seed, n, k):
+    """select_kernels.kept_signs (the Gram matrices' operands, one pass) against numpy's
+    ``sign(x) * kept``, signed zeros included."""
+    from compeft.codec.select_kernels import kept_signs
+
+    g = np.random.default_rng(seed)
+    v = g.standard_normal(n).astype(np.float32)
+    v[g.random(n) < 0.1] = 0.0
+    v[g.random(n) < 0.1] = -0.0
+    thr = np.float32(np.quantile(np.abs(v), 1 - k)) if n else np.float32(0.0)
+    x, s = np.empty(n), np.empty(n)
+    kept_signs(v, thr, x, s)
+    want = np.sign(v.astype(np.float64)) * ((np.abs(v) >= thr) & (v != 0))
+    assert np.array_equal(x, v.astype(np.float64))
+    assert np.array_equal(s, want) and np.array_equal(np.signbit(s), np.signbit(want))
+
+
 @pytest.fixture(scope="module")
 def lora_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A LoRA adapter directory as PEFT saves it: A at random init scale, B small and trained-like

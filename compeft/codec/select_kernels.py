@@ -115,3 +115,21 @@ def kept_stats(values, threshold, blocks):
         total_a += kept_abs[j]
         total_c += kept[j]
     return total_s, total_a, total_c
+
+
+@serialized
+@njit(cache=True, parallel=True, nogil=True)
+def kept_signs(values, threshold, x, s):
+    """``x`` = float64(values) and ``s`` = the kept entries' signs (±1.0; 0.0 elsewhere, -0.0
+    where a dropped value is negative), float64[n] both: what ``np.sign(x) * kept`` gives, in one
+    pass (the LoRA factors' Gram matrices are products of these)."""
+    n = values.shape[0]
+    blocks = 64
+    for j in prange(blocks):
+        for i in range(n * j // blocks, n * (j + 1) // blocks):
+            v = values[i]
+            x[i] = np.float64(v)
+            if is_kept(v, threshold):
+                s[i] = 1.0 if v > 0 else -1.0
+            else:
+                s[i] = -0.0 if v < 0 else 0.0
