@@ -99,11 +99,16 @@ class SafetensorsFile:
         code, shape, _, _ = self._entries[name]
         return DTYPE_TO_TORCH[code], shape
 
-    def get_tensor(self, name: str) -> torch.Tensor:
-        """The tensor ``name``, read into memory of its own (a fresh CPU tensor)."""
+    def get_tensor(self, name: str, into: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor ``name``, read into memory of its own (a fresh CPU tensor), or, with ``into``
+        (a uint8 CPU tensor of at least its bytes), into the start of ``into``: a view of it."""
         code, shape, begin, end = self._entries[name]
         dtype = DTYPE_TO_TORCH[code]
-        out = torch.empty(shape, dtype=dtype)
+        if into is None:
+            out = torch.empty(shape, dtype=dtype)
+        else:
+            assert into.dtype == torch.uint8 and into.is_contiguous() and into.numel() >= end - begin
+            out = into[:end - begin].view(dtype).view(shape)
         view = memoryview(out.view(-1).view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
         done = 0
         while done < end - begin:

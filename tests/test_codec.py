@@ -547,6 +547,26 @@ def test_f32_to_bf16_matches_torch():
     assert ((got[nan] & 0x40) != 0).all()  # quiet
 
 
+@pytest.mark.parametrize("a_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("b_dtype", [torch.bfloat16, torch.float16])
+def test_difference_f32_is_torchs_widened_subtraction(a_dtype, b_dtype):
+    """floats.difference_f32 (a full fine-tune's τ from 16-bit weights, one pass) gives the bits of
+    ``a.float() - b.float()``: every 16-bit pattern against random ones, NaN and ±inf included."""
+    rng = np.random.default_rng(17)
+    a_bits = np.concatenate([np.arange(65536), rng.integers(0, 65536, 200_003)]).astype(np.uint16)
+    b_bits = np.concatenate([rng.integers(0, 65536, 65536), a_bits[65536:][::-1]]).astype(np.uint16)
+    b_bits[:1000] = a_bits[:1000]  # equal inputs: zeros of both signs
+    a = torch.from_numpy(a_bits.view(np.int16)).view(a_dtype)
+    b = torch.from_numpy(b_bits.view(np.int16)).view(b_dtype)
+    out = np.empty(a_bits.size, np.float32)
+    floats.difference_f32(a_bits, a_dtype == torch.bfloat16, b_bits, b_dtype == torch.bfloat16, floats.F16_TO_F32,
+                          out)
+    want = (a.float() - b.float()).numpy()
+    nan = np.isnan(want)
+    assert nan.any() and np.array_equal(np.isnan(out), nan)
+    assert np.array_equal(out[~nan].view(np.uint32), want[~nan].view(np.uint32))
+
+
 # ---------------------------------------------------------------------------------------------
 # Golomb parameter selection
 

@@ -7,7 +7,9 @@ Rounding is to nearest even, as torch and numpy round; NaN handling is spelled o
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
+
+from .threads import serialized
 
 F16_TO_F32 = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
 
@@ -51,3 +53,20 @@ def f32_to_f16_bits(f):
     # Re-bias the exponent (127 -> 15) and add the rounding bias in one step.
     ax = ax + np.uint32(0xC8000FFF) + odd
     return np.uint16(sign | (ax >> np.uint32(13)))
+
+
+DIFFERENCE_BLOCKS = 64  # the split of a difference over threads
+
+
+@serialized
+@njit(cache=True, parallel=True, nogil=True)
+def difference_f32(a, a_bf16, b, b_bf16, f16_lut, out):
+    """out = float32(a) - float32(b) for 16-bit floats given as their uint16 bits (bfloat16 where
+    ``*_bf16``, else float16 through ``f16_lut``): exact widening, one IEEE subtraction, as torch's
+    ``a.float() - b.float()``, in one pass."""
+    n = out.shape[0]
+    for j in prange(DIFFERENCE_BLOCKS):
+        for i in range(n * j // DIFFERENCE_BLOCKS, n * (j + 1) // DIFFERENCE_BLOCKS):
+            x = bf16_bits_to_f32(a[i]) if a_bf16 else f16_lut[a[i]]
+            y = bf16_bits_to_f32(b[i]) if b_bf16 else f16_lut[b[i]]
+            out[i] = x - y
