@@ -103,7 +103,8 @@ def tensor_stats(values: np.ndarray, threshold: float, shape: tuple[int, ...], f
     if factor is not None and len(shape) >= 2 and values.size:
         from .codec.select_kernels import kept_signs  # (here, like torch below)
 
-        x, s = np.empty((shape[0], values.size // shape[0])), np.empty((shape[0], values.size // shape[0]))
+        rows = (shape[0], values.size // shape[0])
+        x, s = np.empty(rows, dtype=np.float64), np.empty(rows, dtype=np.float64)
         kept_signs(np.ascontiguousarray(values, dtype=np.float32).reshape(-1), np.float32(threshold), x.reshape(-1),
                    s.reshape(-1))
         # torch's matmul (MKL on the OpenMP pool Numba shares), not numpy's: OpenBLAS's own threads

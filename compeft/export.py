@@ -326,7 +326,7 @@ def onto_base(experts: Sequence[CompressedExpert], base: Path, out: Path, check_
     records: dict[str, bytes] = {}
 
     def recorded(part: dict[str, torch.Tensor], names: list[str]) -> Any:
-        for name in names:  # the base's bytes, before the update changes them
+        for name in names if wanted else ():  # the base's bytes, before the update changes them
             records[name] = fingerprint_record(name, part[name])
         return update(part, names)
 

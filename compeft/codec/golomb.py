@@ -137,6 +137,7 @@ def gap_costs(values: np.ndarray, threshold: float, candidates: np.ndarray | Non
 
 def costs_of(hists: np.ndarray, long_gaps: list[np.ndarray], kept: np.ndarray, numel: int,
              candidates: np.ndarray | None) -> tuple[int, np.ndarray, np.ndarray]:
+    """:func:`gap_costs` from the blocks :func:`count_blocks` counted."""
     nnz = int(kept.sum())
     if candidates is None:
         candidates = golomb_candidates(nnz, numel)
