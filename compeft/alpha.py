@@ -229,23 +229,25 @@ def fidelity(names: Sequence[str], stats: Mapping[str, TensorStats], magnitudes:
 
 
 def fidelity_warnings(header_names: Sequence[str], kept: Mapping[str, int], fidelity_meta: Mapping[str, object],
-                      pairs: Sequence[tuple[str, str]]) -> list[str]:
+                      pairs: Sequence[tuple[str, str]], scope: object = None) -> list[str]:
     """Plain-language warnings: a compressed tensor that keeps no entry although τ ≠ 0, a LoRA
-    module whose B̃·Ã is zero, and an adapter whose update as a whole points elsewhere."""
+    module whose B̃·Ã is zero, and an adapter whose update as a whole points elsewhere. The advice
+    names tensor scope only to a file not written in it."""
+    advice = "use a higher density" if scope == "tensor" else "use tensor scope or a higher density"
     out = []
     rows = fidelity_meta.get("tensors") or []
     empty = [n for n, row in zip(header_names, rows) if kept.get(n) == 0 and isinstance(row, list) and row[0]]
     if empty:
         out.append(f"{len(empty)} compressed tensors keep no entries although their τ is not zero "
-                   f"(e.g. {empty[:3]}): their fine-tune is lost; use tensor scope or a higher density")
+                   f"(e.g. {empty[:3]}): their fine-tune is lost; {advice}")
     lora = fidelity_meta.get("lora") or []
     collapsed = [module_name(a) for (a, _), row in zip(pairs, lora)
                  if isinstance(row, list) and row[0] is not None and row[0] >= 1 and row[1] is None]
     if collapsed:
         out.append(f"{len(collapsed)} LoRA modules lose their whole update (B̃·Ã = 0, e.g. {collapsed[:3]}); "
-                   "use tensor scope or a higher density")
+                   + advice)
     overall = fidelity_meta.get("lora_overall") or fidelity_meta.get("overall")
     if isinstance(overall, list) and len(overall) == 2 and isinstance(overall[1], (int, float)) and overall[1] < 0.2:
         out.append(f"the compressed update keeps little of the original's direction (cosine {overall[1]:.3g}); "
-                   "use tensor scope or a higher density")
+                   + advice)
     return out

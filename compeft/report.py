@@ -89,7 +89,7 @@ def fidelity_of(header: Header) -> dict[str, Any]:
              "lora": [modules[m] for m in modules], "overall": _figure(meta.get("overall")),
              "lora_overall": _figure(meta.get("lora_overall"))}
     return {"overall": clean["overall"], "lora_overall": clean["lora_overall"], "tensors": tensors,
-            "lora": modules, "warnings": fidelity_warnings(compressed, kept, clean, pairs)}
+            "lora": modules, "warnings": fidelity_warnings(compressed, kept, clean, pairs, header.metadata.get("scope"))}
 
 
 def describe(header: Header) -> dict[str, Any]:

@@ -220,6 +220,16 @@ def test_reference_mode_zeroes_lora_b_and_warns(lora_dir):
     assert all(expert.entry(n).nnz == 0 for n in expert.names if "lora_B" in n)
     summary = describe(expert.header)
     assert any("lose their whole update" in w for w in summary["warnings"])
+    assert all(w.endswith("use tensor scope or a higher density") for w in summary["warnings"])
+
+
+def test_fidelity_advice_names_tensor_scope_only_outside_it():
+    """A file written in tensor scope (the default) is not told to use tensor scope."""
+    figures = {"tensors": [[1.0, None]], "lora": [], "overall": [1.0, 0.05], "lora_overall": None}
+    for scope, advice in (("tensor", "; use a higher density"), ("global", "; use tensor scope or a higher density"),
+                          (None, "; use tensor scope or a higher density")):
+        found = rules.fidelity_warnings(["w"], {"w": 0}, figures, [], scope)
+        assert len(found) == 2 and all(w.endswith(advice) for w in found), (scope, found)
 
 
 def test_fidelity_figures_equal_the_dense_computation(lora_dir):
