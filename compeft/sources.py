@@ -276,12 +276,11 @@ class Residuals:
     def room(self, which: int, handle: Any, name: str) -> torch.Tensor:
         dtype, shape = handle.dtype_shape(name)
         wanted = math.prod(shape) * dtype.itemsize
-        rooms = getattr(self.rooms, "buffers", None) or [torch.empty(0, dtype=torch.uint8)] * 2
-        if rooms[which].numel() < wanted:
-            rooms[which] = torch.empty(0, dtype=torch.uint8)  # (freed before the larger one is taken)
-            rooms[which] = torch.empty(wanted, dtype=torch.uint8)
-        self.rooms.buffers = rooms
-        return rooms[which]
+        buffers = self.rooms.__dict__.setdefault("buffers", [torch.empty(0, dtype=torch.uint8)] * 2)  # this thread's
+        if buffers[which].numel() < wanted:
+            buffers[which] = torch.empty(0, dtype=torch.uint8)  # the smaller one freed before the larger is taken
+            buffers[which] = torch.empty(wanted, dtype=torch.uint8)
+        return buffers[which]
 
     def __call__(self, tuned: Any, base: Any, name: str) -> torch.Tensor:
         a = tuned.get_tensor(name, into=self.room(0, tuned, name))

@@ -183,8 +183,9 @@ def encode_blocks(values: np.ndarray, thr: np.float32, m: int, chunk_size: int, 
     blocks = bounds.size - 1
     width = golomb_fields(m).w
     per = np.zeros((blocks, 2), dtype=np.int64)  # each block's unary and high bits at m
+    chosen = np.array([m], dtype=np.int64)
     for b in range(blocks):
-        encode_kernels.gap_costs(hists[b], long_gaps[b], np.array([m], dtype=np.int64), per[b:b + 1])
+        encode_kernels.gap_costs(hists[b], long_gaps[b], chosen, per[b:b + 1])
     entry = np.cumsum(kept) - kept
     unary, high = np.cumsum(per[:, 0]) - per[:, 0], np.cumsum(per[:, 1]) - per[:, 1]
     starts = np.stack([entry, before, unary, high], axis=1)
